@@ -1,0 +1,93 @@
+"""The user cache directory, and the file primitives that keep it consistent.
+
+Everything written into the cache is produced under a temporary name and renamed into place
+once complete, so a killed process never leaves something that looks whole but is not. A
+per-entry lock file serialises processes preparing the same entry (e.g. DDP ranks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+CACHE_ENV = "EXPERTSTEER_CACHE"
+_CHUNK = 1 << 20
+
+
+def cache_dir() -> Path:
+    """Root of the ExpertSteer cache: `$EXPERTSTEER_CACHE`, else `~/.cache/expertsteer`."""
+    root = os.environ.get(CACHE_ENV)
+    path = Path(root).expanduser() if root else Path.home() / ".cache" / "expertsteer"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of one file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def concatenate(parts: list[Path], out: Path) -> str:
+    """Write `parts` end to end into `out` (atomically) and return the sha256 of the result."""
+    digest = hashlib.sha256()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as tmp, open(tmp, "wb") as sink:
+        for part in parts:
+            with open(part, "rb") as source:
+                while block := source.read(_CHUNK):
+                    digest.update(block)
+                    sink.write(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on `path` (created if missing), released on exit."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it onto `final` only if the body succeeds."""
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `final`; rename it to `final` on success.
+
+    An existing `final` is replaced only after the new directory is complete.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
