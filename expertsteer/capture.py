@@ -1,0 +1,84 @@
+"""Capture sequence-level hidden states of chosen decoder blocks through nnsight traces."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import nnsight
+import torch
+from tqdm.auto import tqdm
+
+from expertsteer.decoder import Decoder, block_hidden
+
+log = logging.getLogger(__name__)
+
+Position = Literal["last", "mean"]
+POSITIONS: tuple[str, ...] = ("last", "mean")
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, position: Position) -> torch.Tensor:
+    """Reduce `[B, T, d]` block outputs to `[B, d]` per prompt.
+
+    `last` takes the last prompt token (the right edge, since batches are left-padded); `mean`
+    averages over the prompt's real tokens only.
+    """
+    if position == "last":
+        return hidden[:, -1, :]
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+def capture(
+    decoder: Decoder,
+    prompts: list[str],
+    layers: list[int] | None = None,
+    position: Position = "last",
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> dict[int, torch.Tensor]:
+    """Hidden states of `layers` (default: all) for every prompt: `{layer: [N, d]}` on CPU.
+
+    "Hidden state of layer i" is the residual-stream output of decoder block i (the last
+    block's output is taken before the model's final norm). The forward stops after the deepest
+    requested block, so the LM head is never computed.
+    """
+    if position not in POSITIONS:
+        raise ValueError(f"position must be one of {POSITIONS}, got '{position}'")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not prompts:
+        raise ValueError("capture needs at least one prompt")
+    layers = decoder.check_layers(layers)
+    chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=f"capture {decoder.name}", disable=not progress):
+        batch = capture_batch(decoder, prompts[start:start + batch_size], layers, position)
+        for layer in layers:
+            chunks[layer].append(batch[layer].to("cpu", dtype))
+    return {layer: torch.cat(parts) for layer, parts in chunks.items()}
+
+
+@torch.inference_mode()
+def capture_batch(
+    decoder: Decoder, prompts: list[str], layers: list[int], position: Position
+) -> dict[int, torch.Tensor]:
+    """One traced forward over `prompts`; `layers` must be sorted (model execution order)."""
+    encoding = decoder.encode(prompts)
+    mask = encoding["attention_mask"]
+    blocks = decoder.blocks()
+    with decoder.lm.trace(**encoding) as tracer:
+        # Only values passed to nnsight.save leave the trace.
+        saved = nnsight.save(
+            [pool(block_hidden(blocks[layer].output), mask, position) for layer in layers]
+        )
+        tracer.stop()
+    out = dict(zip(layers, saved, strict=True))
+    for layer, tensor in out.items():
+        if not torch.isfinite(tensor).all():
+            raise FloatingPointError(
+                f"non-finite activations at layer {layer} of '{decoder.name}' (NaN or inf); "
+                "check the model weights and dtype (float16 overflows on some models)"
+            )
+    return out

@@ -1,0 +1,26 @@
+import os
+
+# Set before transformers / huggingface_hub are imported anywhere in the test session.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tests.tiny import save_tiny  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Every default-tier test gets its own empty ExpertSteer cache."""
+    monkeypatch.setenv("EXPERTSTEER_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """Local model directories: an expert (qwen2, 64-d) and a target (llama, 48-d)."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "expert": save_tiny(root / "expert", "qwen2", chat=True, seed=1),
+        "target": save_tiny(root / "target", "llama", chat=False, seed=2),
+    }

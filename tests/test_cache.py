@@ -1,0 +1,72 @@
+import hashlib
+import multiprocessing
+import time
+
+import pytest
+
+from expertsteer.cache import atomic_dir, atomic_file, cache_dir, concatenate, file_lock
+
+
+def test_cache_dir_follows_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXPERTSTEER_CACHE", str(tmp_path / "x"))
+    assert cache_dir() == tmp_path / "x"
+    assert cache_dir().is_dir()
+
+
+def test_concatenate_writes_parts_in_order_and_returns_sha(tmp_path):
+    parts = []
+    for i, content in enumerate([b"GGUF", b"abc" * 1000, b"", b"end"]):
+        parts.append(tmp_path / f"p{i}")
+        parts[-1].write_bytes(content)
+    out = tmp_path / "whole.gguf"
+    digest = concatenate(parts, out)
+    expected = b"GGUF" + b"abc" * 1000 + b"end"
+    assert out.read_bytes() == expected
+    assert digest == hashlib.sha256(expected).hexdigest()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_atomic_file_leaves_nothing_when_the_body_fails(tmp_path):
+    final = tmp_path / "f.bin"
+    with pytest.raises(RuntimeError), atomic_file(final) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_keeps_the_old_version_until_the_new_one_is_complete(tmp_path):
+    final = tmp_path / "model"
+    with atomic_dir(final) as tmp:
+        (tmp / "a").write_text("v1")
+    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
+        (tmp / "a").write_text("v2-partial")
+        raise RuntimeError("killed")
+    assert (final / "a").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with atomic_dir(final) as tmp:
+        (tmp / "a").write_text("v2")
+    assert (final / "a").read_text() == "v2"
+
+
+def _hold_lock(path, log, name):
+    with file_lock(path):
+        with open(log, "a") as handle:
+            handle.write(f"{name}-in\n")
+        time.sleep(0.3)
+        with open(log, "a") as handle:
+            handle.write(f"{name}-out\n")
+
+
+def test_file_lock_serialises_processes(tmp_path):
+    log = tmp_path / "log"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_hold_lock, args=(tmp_path / "l.lock", log, n))
+               for n in "ab"]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(10)
+    lines = log.read_text().split()
+    assert len(lines) == 4
+    # No interleaving: each holder leaves before the other enters.
+    assert lines[0][0] == lines[1][0] and lines[2][0] == lines[3][0]
