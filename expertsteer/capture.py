@@ -54,7 +54,7 @@ def capture(
     chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=f"capture {decoder.name}", disable=not progress):
-        batch = capture_batch(decoder, prompts[start:start + batch_size], layers, position)
+        batch = capture_batch(decoder, prompts[start : start + batch_size], layers, position)
         for layer in layers:
             chunks[layer].append(batch[layer].to("cpu", dtype))
     return {layer: torch.cat(parts) for layer, parts in chunks.items()}

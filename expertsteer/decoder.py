@@ -18,9 +18,23 @@ from expertsteer.errors import UnsupportedArchitectureError
 LAYER_PATHS: dict[str, str] = {
     **dict.fromkeys(
         (
-            "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-            "phi", "phi3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "granite",
-            "starcoder2", "cohere",
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "phi",
+            "phi3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+            "granite",
+            "starcoder2",
+            "cohere",
         ),
         "model.layers",
     ),
@@ -181,5 +195,5 @@ class Decoder:
         kwargs.setdefault("do_sample", False)
         with self.lm.generate(encoding, max_new_tokens=max_new_tokens, **kwargs) as tracer:
             ids = tracer.result.save()
-        new = ids[:, encoding["input_ids"].shape[1]:]
+        new = ids[:, encoding["input_ids"].shape[1] :]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)

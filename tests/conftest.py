@@ -5,9 +5,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
+import pytest
 
-from tests.tiny import save_tiny  # noqa: E402
+from tests.tiny import save_tiny
 
 
 @pytest.fixture(autouse=True)

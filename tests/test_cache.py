@@ -60,8 +60,7 @@ def _hold_lock(path, log, name):
 def test_file_lock_serialises_processes(tmp_path):
     log = tmp_path / "log"
     context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=_hold_lock, args=(tmp_path / "l.lock", log, n))
-               for n in "ab"]
+    workers = [context.Process(target=_hold_lock, args=(tmp_path / "l.lock", log, n)) for n in "ab"]
     for worker in workers:
         worker.start()
     for worker in workers:

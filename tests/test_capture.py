@@ -15,7 +15,9 @@ def _hooked_states(decoder, prompts):
     hooks = [
         block.register_forward_hook(
             lambda _m, _i, out, index=index: captured.__setitem__(
-                index, out[0] if isinstance(out, tuple) else out))
+                index, out[0] if isinstance(out, tuple) else out
+            )
+        )
         for index, block in enumerate(decoder.hf_blocks())
     ]
     encoding = decoder.encode(prompts)
@@ -23,8 +25,9 @@ def _hooked_states(decoder, prompts):
     positions = (encoding["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     try:
         with torch.no_grad():
-            outputs = decoder.hf_model(**encoding, position_ids=positions,
-                                       output_hidden_states=True)
+            outputs = decoder.hf_model(
+                **encoding, position_ids=positions, output_hidden_states=True
+            )
     finally:
         for hook in hooks:
             hook.remove()

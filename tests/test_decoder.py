@@ -12,16 +12,25 @@ def test_every_supported_family_exposes_its_blocks(family):
     decoder = Decoder(model, byte_tokenizer())
     expected = FAMILIES[family].get("num_hidden_layers", FAMILIES[family].get("n_layer"))
     assert decoder.num_layers == expected
-    assert decoder.hidden_size == FAMILIES[family].get("hidden_size", FAMILIES[family].get("n_embd"))
+    assert decoder.hidden_size == FAMILIES[family].get(
+        "hidden_size", FAMILIES[family].get("n_embd")
+    )
     assert len(decoder.hf_blocks()) == expected
 
 
 def test_unknown_layout_is_a_clear_error():
     from transformers import BertConfig, BertLMHeadModel
 
-    model = BertLMHeadModel(BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1,
-                                       num_attention_heads=2, intermediate_size=16,
-                                       is_decoder=True))
+    model = BertLMHeadModel(
+        BertConfig(
+            vocab_size=32,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            is_decoder=True,
+        )
+    )
     with pytest.raises(UnsupportedArchitectureError, match="model_type 'bert'.*supported"):
         layer_path(model)
 
@@ -70,7 +79,8 @@ def test_generate_matches_transformers_greedy():
     prompts = ["short", "a longer prompt"]
     texts = decoder.generate(prompts, max_new_tokens=6)
     encoding = decoder.encode(prompts)
-    reference = model.generate(**encoding, max_new_tokens=6, do_sample=False,
-                               pad_token_id=decoder.tokenizer.pad_token_id)
+    reference = model.generate(
+        **encoding, max_new_tokens=6, do_sample=False, pad_token_id=decoder.tokenizer.pad_token_id
+    )
     width = encoding["input_ids"].shape[1]
     assert texts == decoder.tokenizer.batch_decode(reference[:, width:], skip_special_tokens=True)

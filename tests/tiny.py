@@ -21,20 +21,52 @@ VOCAB_SIZE = 256 + len(SPECIALS)
 
 # Two families per default-tier test run with different hidden sizes (expert wider than target).
 FAMILIES: dict[str, dict] = {
-    "llama": dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=96),
-    "qwen2": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=128),
-    "qwen3": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=64, head_dim=8),
-    "mistral": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=64),
-    "phi": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=64),
-    "gemma2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, intermediate_size=64, head_dim=8),
-    "gemma3_text": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                        num_key_value_heads=2, intermediate_size=64, head_dim=8),
+    "llama": dict(
+        hidden_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+    ),
+    "qwen2": dict(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+    ),
+    "qwen3": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        head_dim=8,
+    ),
+    "mistral": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+    ),
+    "phi": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+    "gemma2": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        head_dim=8,
+    ),
+    "gemma3_text": dict(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        head_dim=8,
+    ),
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4),
 }
 
@@ -64,11 +96,11 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     size = dict(FAMILIES[family])
     ids = dict(bos_token_id=VOCAB_SIZE - 4, eos_token_id=VOCAB_SIZE - 3, pad_token_id=None)
     if family == "gpt2":
-        config = AutoConfig.for_model(family, vocab_size=VOCAB_SIZE, n_positions=256, **size,
-                                      **ids)
+        config = AutoConfig.for_model(family, vocab_size=VOCAB_SIZE, n_positions=256, **size, **ids)
     else:
-        config = AutoConfig.for_model(family, vocab_size=VOCAB_SIZE, max_position_embeddings=256,
-                                      **size, **ids)
+        config = AutoConfig.for_model(
+            family, vocab_size=VOCAB_SIZE, max_position_embeddings=256, **size, **ids
+        )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
