@@ -34,11 +34,15 @@ def capture(
     prompts: list[str],
     layers: list[int] | None = None,
     position: Position = "last",
+    completions: list[str] | None = None,
     batch_size: int = 8,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Hidden states of `layers` (default: all) for every prompt: `{layer: [N, d]}` on CPU.
+
+    With `completions`, each text is the formatted prompt followed by its completion, and
+    `last` is the completion's last token.
 
     "Hidden state of layer i" is the residual-stream output of decoder block i (the last
     block's output is taken before the model's final norm). The forward stops after the deepest
@@ -50,6 +54,8 @@ def capture(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not prompts:
         raise ValueError("capture needs at least one prompt")
+    if completions is not None and len(completions) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     layers = decoder.check_layers(layers)
     chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     starts = range(0, len(prompts), batch_size)
@@ -62,10 +68,14 @@ def capture(
 
 @torch.inference_mode()
 def capture_batch(
-    decoder: Decoder, prompts: list[str], layers: list[int], position: Position
+    decoder: Decoder,
+    prompts: list[str],
+    layers: list[int],
+    position: Position,
+    completions: list[str] | None = None,
 ) -> dict[int, torch.Tensor]:
     """One traced forward over `prompts`; `layers` must be sorted (model execution order)."""
-    encoding = decoder.encode(prompts)
+    encoding = decoder.encode(prompts, completions)
     mask = encoding["attention_mask"]
     blocks = decoder.blocks()
     with decoder.lm.trace(**encoding) as tracer:

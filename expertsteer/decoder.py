@@ -161,24 +161,39 @@ class Decoder:
             raise ValueError(f"empty layer list for '{self.name}'")
         return sorted(resolved)
 
-    def format(self, prompts: list[str]) -> list[str]:
-        """Apply the chat template (one user turn + generation prompt) when in use."""
-        if not self.use_chat_template:
-            return list(prompts)
+    def format(self, prompts: list[str], completions: list[str] | None = None) -> list[str]:
+        """Texts to tokenize: each prompt as one user turn (chat template, with the generation
+        prompt) when in use, followed by its completion, if given, as the assistant's text."""
+        if completions is not None and len(completions) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        if self.use_chat_template:
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+                for prompt in prompts
+            ]
+            joiner = ""
+        else:
+            texts, joiner = list(prompts), "\n"
+        if completions is None:
+            return texts
         return [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-            for prompt in prompts
+            text + joiner + done if done else text
+            for text, done in zip(texts, completions, strict=True)
         ]
 
-    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Format and tokenize `prompts` into a left-padded batch on the model's device."""
+    def encode(
+        self, prompts: list[str], completions: list[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Format and tokenize `prompts` (+ completions) into a left-padded batch."""
         if not prompts:
             raise ValueError("no prompts to encode")
         # A chat template writes its own special tokens; plain text gets the tokenizer's BOS.
         encoding = self.tokenizer(
-            self.format(prompts),
+            self.format(prompts, completions),
             return_tensors="pt",
             padding=True,
             add_special_tokens=not self.use_chat_template,

@@ -9,6 +9,7 @@ that directory and take seconds. The sha256 of every GGUF is recorded and checke
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -187,6 +188,70 @@ def hash_weight_files(directory: Path) -> str:
         digest.update(file.name.encode())
         digest.update(bytes.fromhex(sha256_file(file)))
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=32)
+def _directory_identity(directory: str, stamp: tuple) -> str:
+    return hash_weight_files(Path(directory))
+
+
+@functools.lru_cache(maxsize=32)
+def _file_identity(path: str, stamp: tuple) -> str:
+    return sha256_file(path)
+
+
+def _stamp(path: Path) -> tuple:
+    files = [path] if path.is_file() else sorted(path.iterdir())
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+def weights_identity(name: str) -> str:
+    """The weights checksum `load_model(name)` would report, without loading the model.
+
+    Packaged models give their pinned GGUF sha256; files and directories are hashed (memoised
+    per process while unchanged); a hub id is identified by its name alone.
+    """
+    if name in PACKAGED:
+        return PACKAGED[name].gguf_sha256
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return _file_identity(str(path.resolve()), _stamp(path))
+    if path.is_dir():
+        return _directory_identity(str(path.resolve()), _stamp(path))
+    return f"hub:{name}"
+
+
+def model_dims(name: str) -> tuple[int, int]:
+    """(hidden size, number of decoder blocks) of a model, read without loading weights."""
+    if name in PACKAGED:
+        return PACKAGED[name].hidden_size, PACKAGED[name].num_layers
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        path, _ = prepare_gguf(path)
+    if (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+    elif not path.exists() and "/" in name and not name.startswith((".", "/")):
+        config = _hub_config(name)
+    else:
+        raise ModelNotFoundError(f"cannot read the dimensions of '{name}': no config.json")
+    config = config.get("text_config", config)
+    hidden = config.get("hidden_size", config.get("n_embd"))
+    layers = config.get("num_hidden_layers", config.get("n_layer"))
+    if hidden is None or layers is None:
+        raise ModelNotFoundError(f"config.json of '{name}' names no hidden size / layer count")
+    return int(hidden), int(layers)
+
+
+def _hub_config(name: str) -> dict:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=_hub_offline()).to_dict()
+    except OSError as error:
+        raise ModelNotFoundError(
+            f"cannot read the config of '{name}' (hub offline: {_hub_offline()}); pass a local "
+            "model directory or a packaged model name"
+        ) from error
 
 
 def _hub_offline() -> bool:

@@ -1,0 +1,327 @@
+"""Paired expert / target activations for the same examples, captured through nnsight.
+
+`prepare_data` (local rank 0; the other ranks wait at Lightning's barrier) captures hidden
+states of both models for every steer / dev / test item into a fingerprinted, sharded cache
+(see `expertsteer.activations`); `setup` reads it on every rank. Batches are
+`{expert: [B, L_E, d_E], target: [B, L_T, d_T], label: [B], index: [B], id: list[str]}`.
+
+Exactly-once semantics under DDP: the dataloaders use Lightning's distributed sampler, which
+pads the last batch with duplicates — fine for gradient stages. Closed-form stages (MI, kernel
+ridge regression) must not see duplicates: they call `split_tensors(split)`, which returns the
+whole split, identical on every rank, straight from the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from expertsteer.activations import (
+    STORAGE_DTYPES,
+    CacheMismatchError,
+    ModelKey,
+    fingerprint,
+    load_split,
+    read_meta,
+    shard_name,
+    shard_ranges,
+    write_meta,
+    write_shard,
+)
+from expertsteer.benchmarks import resolve_task
+from expertsteer.cache import cache_dir, file_lock
+from expertsteer.capture import POSITIONS, capture
+from expertsteer.decoder import Decoder
+from expertsteer.prompts import Item, prompt_items, steering_items
+from expertsteer.splits import SPLITS, SplitSizes, make_splits
+from expertsteer.tasks import TaskError, load_task
+from expertsteer.zoo import load_model, model_dims, weights_identity
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERT = "qwen2.5-coder-0.5b-instruct"
+DEFAULT_TARGET = "smollm2-135m-instruct"
+ITEM_KINDS = ("steering", "prompts")
+
+
+class ActivationDataset(Dataset):
+    """Map-style view over one split's cached tensors."""
+
+    def __init__(self, tensors: dict) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors["id"])
+
+    def __getitem__(self, index: int) -> dict:
+        return {
+            "expert": self.tensors["expert"][index].float(),
+            "target": self.tensors["target"][index].float(),
+            "label": self.tensors["label"][index],
+            "index": index,
+            "id": self.tensors["id"][index],
+        }
+
+
+def _check_layers(name: str, layers: list[int] | None, num_layers: int) -> tuple[int, ...]:
+    if layers is None:
+        return tuple(range(num_layers))
+    bad = [layer for layer in layers if not -num_layers <= layer < num_layers]
+    if bad:
+        raise ValueError(
+            f"layer(s) {bad} do not exist in '{name}', which has {num_layers} "
+            f"decoder blocks (valid: 0..{num_layers - 1})"
+        )
+    if not layers:
+        raise ValueError(f"empty layer list for '{name}'")
+    return tuple(sorted({layer % num_layers for layer in layers}))
+
+
+class PairedActivationDataModule(L.LightningDataModule):
+    """Captures, caches and serves paired expert / target hidden states of one task."""
+
+    def __init__(
+        self,
+        expert: str = DEFAULT_EXPERT,
+        target: str = DEFAULT_TARGET,
+        task: str = "arithmetic",
+        data_root: str = "../shared/data/benchmarks",
+        items: str = "steering",
+        expert_layers: list[int] | None = None,
+        target_layers: list[int] | None = None,
+        position: str = "last",
+        steer_size: int = 200,
+        dev_size: int = 100,
+        test_size: int = 200,
+        seed: int = 0,
+        storage_dtype: str = "float32",
+        model_dtype: str = "float32",
+        chat_template: bool | None = None,
+        batch_size: int = 64,
+        capture_batch_size: int = 8,
+        shard_size: int = 256,
+        cache: str | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            expert: Expert model: packaged name, local directory, .gguf file or hub id.
+            target: Target model, same forms.
+            task: Built-in task name or path to a task YAML.
+            data_root: Folder holding the benchmark files of built-in tasks.
+            items: `steering` (prompt + correct / wrong answer, or concept texts) or `prompts`.
+            expert_layers: Expert blocks to capture (default: all).
+            target_layers: Target blocks to capture (default: all).
+            position: `last` prompt token or `mean` over prompt tokens.
+            steer_size: Examples in the steer split (fitting).
+            dev_size: Examples in the dev split (selection).
+            test_size: Examples in the test split (reporting).
+            seed: Seed of the split and of wrong-answer sampling.
+            storage_dtype: Cache dtype: float32, float16 or bfloat16.
+            model_dtype: Dtype the models run in during capture.
+            chat_template: Apply chat templates (default: when the tokenizer has one).
+            batch_size: Batch size of the dataloaders.
+            capture_batch_size: Prompts per traced forward during capture.
+            shard_size: Items per cache shard (the unit of resume).
+            cache: Cache root (default: $EXPERTSTEER_CACHE or ~/.cache/expertsteer).
+            num_workers: Dataloader workers.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if items not in ITEM_KINDS:
+            raise ValueError(f"items must be one of {ITEM_KINDS}, got '{items}'")
+        if position not in POSITIONS:
+            raise ValueError(f"position must be one of {POSITIONS}, got '{position}'")
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got '{storage_dtype}'"
+            )
+        for name, value in (
+            ("batch_size", batch_size),
+            ("capture_batch_size", capture_batch_size),
+            ("shard_size", shard_size),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.sizes = SplitSizes(steer_size, dev_size, test_size)
+        self._splits: dict[str, list[Item]] | None = None
+        self._data: dict[str, dict] = {}
+
+    # -- what will be captured ---------------------------------------------------------------
+
+    def dims(self) -> dict[str, tuple[int, int]]:
+        """(hidden size, layer count) of expert and target, without loading weights."""
+        return {
+            "expert": model_dims(self.hparams.expert),
+            "target": model_dims(self.hparams.target),
+        }
+
+    def split_items(self) -> dict[str, list[Item]]:
+        """Items per split; validated (non-empty, both classes where labels are needed)."""
+        if self._splits is None:
+            hp = self.hparams
+            task = load_task(resolve_task(hp.task), hp.data_root)
+            examples = make_splits(task, self.sizes, hp.seed)
+            maker = steering_items if hp.items == "steering" else None
+            splits = {
+                name: maker(task, examples[name], hp.seed)
+                if maker
+                else prompt_items(task, examples[name])
+                for name in SPLITS
+            }
+            if hp.items == "steering":
+                for name, items in splits.items():
+                    classes = {item.label for item in items}
+                    if classes != {0, 1}:
+                        raise TaskError(
+                            f"task '{task.name}', split '{name}': steering needs "
+                            f"both labels 0 and 1, found {sorted(classes)}"
+                        )
+            self._splits = splits
+        return self._splits
+
+    def keys(self) -> tuple[ModelKey, ModelKey]:
+        dims = self.dims()
+        hp = self.hparams
+        return tuple(
+            ModelKey(
+                model_id=name,
+                weights_sha256=weights_identity(name),
+                layers=_check_layers(name, layers, dims[side][1]),
+                chat_template=hp.chat_template,
+            )
+            for side, name, layers in (
+                ("expert", hp.expert, hp.expert_layers),
+                ("target", hp.target, hp.target_layers),
+            )
+        )
+
+    def cache_path(self) -> Path:
+        """Directory of this configuration's cache entry."""
+        expert, target = self.keys()
+        hp = self.hparams
+        digest = fingerprint(
+            expert, target, hp.position, hp.storage_dtype, hp.shard_size, self.split_items()
+        )
+        root = Path(hp.cache).expanduser() if hp.cache else cache_dir()
+        return root / "activations" / digest
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Capture whatever shards are missing (resumable); a complete entry is reused."""
+        directory = self.cache_path()
+        if read_meta(directory) is not None:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        with file_lock(directory.parent / f"{directory.name}.lock"):
+            if read_meta(directory) is None:
+                self._capture(directory)
+
+    def _capture(self, directory: Path) -> None:
+        hp = self.hparams
+        splits = self.split_items()
+        expert_key, target_key = self.keys()
+        todo = [
+            (split, k, start, stop)
+            for split in SPLITS
+            for k, (start, stop) in enumerate(shard_ranges(len(splits[split]), hp.shard_size))
+            if not (directory / shard_name(split, k)).is_file()
+        ]
+        log.info("activation cache %s: %d shard(s) to capture", directory, len(todo))
+        started = time.perf_counter()
+        if todo:
+            models = {
+                side: Decoder.from_loaded(load_model(name, hp.model_dtype), hp.chat_template)
+                for side, name in (("expert", hp.expert), ("target", hp.target))
+            }
+            dtype = STORAGE_DTYPES[hp.storage_dtype]
+            for split, k, start, stop in tqdm(todo, desc="capture shards"):
+                items = splits[split][start:stop]
+                states = {
+                    side: self._states(models[side], key, items, dtype)
+                    for side, key in (("expert", expert_key), ("target", target_key))
+                }
+                labels = torch.tensor([item.label for item in items], dtype=torch.long)
+                write_shard(
+                    directory / shard_name(split, k),
+                    states["expert"],
+                    states["target"],
+                    labels,
+                    [item.id for item in items],
+                )
+        meta = {
+            "expert": {**vars(expert_key), "hidden_size": self.dims()["expert"][0]},
+            "target": {**vars(target_key), "hidden_size": self.dims()["target"][0]},
+            "splits": {name: len(items) for name, items in splits.items()},
+            "task": hp.task,
+            "items": hp.items,
+            "position": hp.position,
+            "storage_dtype": hp.storage_dtype,
+            "shard_size": hp.shard_size,
+            "capture_seconds": round(time.perf_counter() - started, 2),
+        }
+        write_meta(directory, meta)
+
+    def _states(
+        self, decoder: Decoder, key: ModelKey, items: list[Item], dtype: torch.dtype
+    ) -> torch.Tensor:
+        completions = [item.completion for item in items]
+        states = capture(
+            decoder,
+            [item.prompt for item in items],
+            list(key.layers),
+            self.hparams.position,
+            completions=completions if any(completions) else None,
+            batch_size=self.hparams.capture_batch_size,
+            dtype=dtype,
+        )
+        return torch.stack([states[layer] for layer in key.layers], dim=1)
+
+    def setup(self, stage: str | None = None) -> None:
+        directory = self.cache_path()
+        meta = read_meta(directory)
+        if meta is None:
+            raise CacheMismatchError(
+                f"no complete activation cache at {directory}; run "
+                "prepare_data() (Lightning does it before setup)"
+            )
+        expert_key, target_key = self.keys()
+        for side, key in (("expert", expert_key), ("target", target_key)):
+            if (
+                tuple(meta[side]["layers"]) != key.layers
+                or meta[side]["weights_sha256"] != key.weights_sha256
+            ):
+                raise CacheMismatchError(
+                    f"cache {directory} holds {side} activations of another model or layer set"
+                )
+        self._data = {split: load_split(directory, split, meta) for split in SPLITS}
+
+    def split_tensors(self, split: str) -> dict:
+        """The whole split (every example once, same on every rank): tensors and ids."""
+        if split not in self._data:
+            raise RuntimeError(f"split '{split}' is not loaded; call setup() first")
+        return self._data[split]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            ActivationDataset(self.split_tensors(split)),
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("steer", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("dev", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

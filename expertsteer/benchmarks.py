@@ -1,0 +1,514 @@
+"""Built-in tasks: every benchmark under `shared/data/benchmarks`, plus the generated sets.
+
+File paths are relative to `data_root` (default `../shared/data/benchmarks`). The hub ids in
+`HUB_IDS` are where online users find the same data; point a task YAML at them with `hub:`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from expertsteer.generated import arithmetic_problems, sentiment_concept
+from expertsteer.tasks import (
+    LETTERS,
+    Example,
+    TaskError,
+    TaskSpec,
+    load_rows,
+    parse_number,
+    pool_loader,
+    resolve_paths,
+    row_parser,
+    spec_from_yaml,
+)
+
+# Hub dataset ids with the same content, for users who are online (documented, not used
+# offline): benchmark -> (id, config, field notes).
+HUB_IDS = {
+    "aqua_rat": ("deepmind/aqua_rat", "raw", "question, options ['A)..'], correct"),
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "question, choices.text, answerKey"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "question, choices.text, answerKey"),
+    "asdiv": ("EleutherAI/asdiv", None, "body + question, answer '9 (apples)'"),
+    "boolq": ("google/boolq", None, "question, passage, answer (bool)"),
+    "commonsenseqa": ("tau/commonsense_qa", None, "question, choices.text, answerKey"),
+    "financial_phrasebank": (
+        "takala/financial_phrasebank",
+        "sentences_50agree",
+        "sentence, label 0=negative 1=neutral 2=positive",
+    ),
+    "fiqa_sa": ("TheFinAI/fiqa-sentiment-classification", None, "sentence, score"),
+    "gsm8k": ("openai/gsm8k", "main", "question, answer '... #### 72'"),
+    "headline_price_up": ("FinGPT/fingpt-headline", None, "input, output Yes/No"),
+    "mawps": ("MU-NLPC/Calc-mawps", None, "question, result"),
+    "medmcqa": ("openlifescienceai/medmcqa", None, "question, opa..opd, cop (0-3)"),
+    "mmlu": ("cais/mmlu", "all", "question, choices, answer (0-3)"),
+    "mmlu_medical": ("cais/mmlu", "clinical_knowledge etc.", "question, choices, answer"),
+    "multiarith": ("ChilleD/MultiArith", None, "question, final_ans"),
+    "openbookqa": ("allenai/openbookqa", "main", "question_stem, choices.text, answerKey"),
+    "piqa": ("ybisk/piqa", None, "goal, sol1, sol2, label"),
+    "pubmedqa": ("qiaojin/PubMedQA", "pqa_labeled", "question, context.contexts, final_decision"),
+    "sst2": ("stanfordnlp/sst2", None, "sentence, label 0/1"),
+    "winogrande": (
+        "allenai/winogrande",
+        "winogrande_xl",
+        "sentence, option1, option2, answer '1'/'2'",
+    ),
+}
+
+MMLU_MEDICAL = (
+    "clinical_knowledge",
+    "medical_genetics",
+    "anatomy",
+    "college_medicine",
+    "professional_medicine",
+    "college_biology",
+)
+
+# -- row parsers ------------------------------------------------------------------------------
+
+_LLM_ADAPTERS = re.compile(
+    r"^Please choose the correct answer to the question: (.*)\n\n(Answer1: .*)\n\n"
+    r"Answer format: answer\d(?:/answer\d)*$",
+    re.S,
+)
+
+
+@row_parser("llm_adapters_choice")
+def _llm_adapters_choice(row: dict, index: int, spec: TaskSpec) -> Example:
+    match = _LLM_ADAPTERS.match(row["instruction"])
+    if match is None:
+        raise ValueError("instruction does not follow the 'Answer1: ...' layout")
+    options = tuple(re.split(r" ?Answer\d: ", match.group(2))[1:])
+    return Example(str(index), match.group(1).strip(), options, int(row["answer"][6:]) - 1)
+
+
+_WINOGRANDE = re.compile(
+    r"^Please choose the correct answer to fill in the blank to complete the given sentence: "
+    r"(.*)\n\nOption1: (.*) Option2: (.*) Answer format: option1/option2$",
+    re.S,
+)
+
+
+@row_parser("winogrande")
+def _winogrande(row: dict, index: int, spec: TaskSpec) -> Example:
+    match = _WINOGRANDE.match(row["instruction"])
+    if match is None:
+        raise ValueError("instruction does not follow the 'Option1: ... Option2:' layout")
+    sentence, first, second = match.groups()
+    question = f"Fill in the blank: {sentence.strip()}"
+    return Example(str(index), question, (first, second), int(row["answer"][-1]) - 1)
+
+
+_BOOLQ = re.compile(
+    r"^Please answer the following question with true or false, question: "
+    r"(.*)\n\nAnswer format: true/false$",
+    re.S,
+)
+
+
+@row_parser("boolq")
+def _boolq(row: dict, index: int, spec: TaskSpec) -> Example:
+    match = _BOOLQ.match(row["instruction"])
+    if match is None:
+        raise ValueError("instruction does not follow the BoolQ layout")
+    question = match.group(1).strip()
+    question = question[:1].upper() + question[1:]
+    return Example(str(index), question, tuple(spec.labels), spec.labels.index(row["answer"]))
+
+
+@row_parser("aqua_rat")
+def _aqua_rat(row: dict, index: int, spec: TaskSpec) -> Example:
+    options = tuple(
+        re.match(r"^[A-E]\)\s*(.*)$", option, re.S).group(1).strip() for option in row["options"]
+    )
+    return Example(
+        str(index), row["question"].strip(), options, LETTERS.index(row["correct"].strip())
+    )
+
+
+@row_parser("commonsenseqa")
+def _commonsenseqa(row: dict, index: int, spec: TaskSpec) -> Example:
+    choices = row["question"]["choices"]
+    return Example(
+        row["id"],
+        row["question"]["stem"].strip(),
+        tuple(choice["text"] for choice in choices),
+        [choice["label"] for choice in choices].index(row["answerKey"]),
+    )
+
+
+@row_parser("medmcqa")
+def _medmcqa(row: dict, index: int, spec: TaskSpec) -> Example | None:
+    options = tuple(row["options"][key].strip() for key in "ABCD")
+    if len(set(options)) == 1:
+        return None  # all four options identical: unanswerable
+    return Example(
+        row["realidx"], row["question"].strip(), options, "ABCD".index(row["answer_idx"])
+    )
+
+
+_FINGPT = re.compile(r"^Instruction: .*?\nInput: (.*)\nAnswer: ?$", re.S)
+
+
+@row_parser("sentiment_text")
+def _sentiment_text(row: dict, index: int, spec: TaskSpec) -> Example:
+    """FinGPT test rows (`context`, `target`) or already split rows (`text`, `label`)."""
+    if "context" in row:
+        text, label = _FINGPT.match(row["context"]).group(1).strip(), row["target"]
+    else:
+        text, label = row["text"].strip(), row["label"]
+    question = f"What is the sentiment of this text?\n{text}"
+    return Example(str(index), question, tuple(spec.labels), spec.labels.index(label))
+
+
+@row_parser("gsm8k")
+def _gsm8k(row: dict, index: int, spec: TaskSpec) -> Example:
+    return Example(
+        str(index), row["question"].strip(), answer=parse_number(row["answer"].split("####")[-1])
+    )
+
+
+@row_parser("asdiv")
+def _asdiv(row: dict, index: int, spec: TaskSpec) -> Example | None:
+    gold = re.sub(r"\s*\(.*?\)\s*", "", row["answer"]).strip()
+    if not re.fullmatch(r"-?\d+(?:\.\d+)?", gold):
+        return None  # names, ratios, clock times, yes/no: not a numeric answer
+    question = f"{row['body'].strip()} {row['question'].strip()}"
+    return Example(str(row["idx"]), question, answer=float(gold))
+
+
+@row_parser("multiarith")
+def _multiarith(row: dict, index: int, spec: TaskSpec) -> Example:
+    return Example(str(row["iIndex"]), row["sQuestion"].strip(), answer=float(row["lSolutions"][0]))
+
+
+@row_parser("mmlu")
+def _mmlu(row: dict, index: int, spec: TaskSpec) -> Example:
+    options = tuple(str(row[f"choice{i}"]) for i in range(4))
+    return Example(
+        f"{row['subject']}/{row['row']}", str(row["question"]).strip(), options, int(row["answer"])
+    )
+
+
+@row_parser("sst2")
+def _sst2(row: dict, index: int, spec: TaskSpec) -> Example:
+    label, text = row["text"].split(" ", 1)
+    question = f"What is the sentiment of this movie review?\n{text.strip()}"
+    return Example(str(index), question, tuple(spec.labels), int(label))
+
+
+@row_parser("headline")
+def _headline(row: dict, index: int, spec: TaskSpec) -> Example:
+    question = f"Does this news headline talk about the price going up?\n{row['News'].strip()}"
+    return Example(
+        str(index),
+        question,
+        tuple(spec.labels),
+        spec.labels.index("yes" if str(row["Price Direction Up"]) == "1" else "no"),
+    )
+
+
+@row_parser("concept")
+def _concept(row: dict, index: int, spec: TaskSpec) -> Example:
+    return Example(row["id"], row["text"], answer=int(row["label"]))
+
+
+@row_parser("generated_arithmetic")
+def _generated_arithmetic(row: dict, index: int, spec: TaskSpec) -> Example:
+    return Example(row["id"], row["question"], answer=float(row["answer"]))
+
+
+# -- pool loaders -----------------------------------------------------------------------------
+
+
+def _read_json(spec: TaskSpec, path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise TaskError(f"task '{spec.name}': cannot read {path}: {error}") from error
+
+
+@pool_loader("financial_phrasebank")
+def _fpb_pools(spec: TaskSpec, root: Path) -> dict[str, list[dict]]:
+    test_path, train_path = resolve_paths(
+        spec, [spec.files["test"][0], spec.files["train"][0]], root
+    )
+    train = []
+    for row in load_rows(spec, [train_path], "text", encoding="latin-1"):
+        text, label = row["text"].rsplit("@", 1)
+        train.append({"text": text, "label": label.strip()})
+    return {"test": load_rows(spec, [test_path], "json"), "train": train}
+
+
+def _fiqa_label(score: float) -> str:
+    return "negative" if score < -0.1 else "neutral" if score < 0.1 else "positive"
+
+
+@pool_loader("fiqa_sa")
+def _fiqa_pools(spec: TaskSpec, root: Path) -> dict[str, list[dict]]:
+    test_path, *train_paths = resolve_paths(spec, spec.files["test"] + spec.files["train"], root)
+    train = []
+    for path in train_paths:
+        for record in _read_json(spec, path).values():
+            labels = {_fiqa_label(float(info["sentiment_score"])) for info in record["info"]}
+            if len(labels) == 1:  # sentences whose targets disagree have no single label
+                train.append({"text": record["sentence"], "label": labels.pop()})
+    return {"test": load_rows(spec, [test_path], "json"), "train": train}
+
+
+@pool_loader("pubmedqa")
+def _pubmedqa_pools(spec: TaskSpec, root: Path) -> dict[str, list[dict]]:
+    data_path, truth_path = resolve_paths(spec, spec.files["data"] + spec.files["test_ids"], root)
+    records, test_ids = _read_json(spec, data_path), _read_json(spec, truth_path)
+    pools: dict[str, list[dict]] = {"test": [], "train": []}
+    for pmid, record in records.items():
+        pools["test" if pmid in test_ids else "train"].append(
+            {
+                "id": pmid,
+                "question": record["QUESTION"],
+                "context": " ".join(record["CONTEXTS"]),
+                "answer": record["final_decision"],
+            }
+        )
+    return pools
+
+
+@pool_loader("piqa")
+def _piqa_pools(spec: TaskSpec, root: Path) -> dict[str, list[dict]]:
+    rows_path, labels_path = resolve_paths(spec, spec.files["test"] + spec.files["labels"], root)
+    rows = load_rows(spec, [rows_path], "json")
+    labels = labels_path.read_text().split()
+    if len(labels) != len(rows):
+        raise TaskError(f"task '{spec.name}': {len(rows)} rows but {len(labels)} labels")
+    return {
+        "test": [
+            {
+                "question": row["goal"],
+                "sol1": row["sol1"],
+                "sol2": row["sol2"],
+                "answer": int(label),
+            }
+            for row, label in zip(rows, labels, strict=True)
+        ]
+    }
+
+
+@pool_loader("mmlu")
+def _mmlu_pools(spec: TaskSpec, root: Path) -> dict[str, list[dict]]:
+    subjects = spec.loader_options.get("subjects")
+    pools = {}
+    for pool, folder in (("test", "mmlu/test"), ("train", "mmlu/dev")):
+        directory = root / folder
+        if not directory.is_dir():
+            raise TaskError(
+                f"task '{spec.name}': folder {directory} does not exist (set "
+                "data_root to the folder holding the benchmark files)"
+            )
+        files = sorted(directory.glob("*.csv"))
+        if subjects:
+            files = [f for f in files if f.stem.rsplit("_", 1)[0] in subjects]
+        rows = []
+        for path in files:
+            # keep_default_na=False: some options are the literal text "None".
+            for i, row in enumerate(load_rows(spec, [path], "csv", keep_default_na=False)):
+                rows.append({**row, "subject": path.stem.rsplit("_", 1)[0], "row": i})
+        pools[pool] = rows
+    return pools
+
+
+@pool_loader("generated_arithmetic")
+def _arithmetic_pools(spec: TaskSpec, root: Path) -> dict[str, list[dict]]:
+    return {
+        "all": arithmetic_problems(
+            spec.loader_options.get("count", 1000), spec.loader_options.get("seed", 0)
+        )
+    }
+
+
+@pool_loader("sentiment_concept")
+def _concept_pools(spec: TaskSpec, root: Path) -> dict[str, list[dict]]:
+    return {
+        "all": sentiment_concept(
+            spec.loader_options.get("count", 1000), spec.loader_options.get("seed", 0)
+        )
+    }
+
+
+def _llm_adapters(name: str, folder: str) -> TaskSpec:
+    return TaskSpec(
+        name=name,
+        type="choice",
+        row_parser="llm_adapters_choice",
+        files={"test": f"{folder}/test.json", "train": f"{folder}/train.json"},
+    )
+
+
+SENTIMENT3 = ["negative", "neutral", "positive"]
+
+BUILTIN: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec(
+            name="arithmetic",
+            type="numeric",
+            pool_loader="generated_arithmetic",
+            row_parser="generated_arithmetic",
+        ),
+        TaskSpec(
+            name="sentiment_concept",
+            type="concept",
+            pool_loader="sentiment_concept",
+            row_parser="concept",
+        ),
+        TaskSpec(
+            name="aqua_rat",
+            type="choice",
+            row_parser="aqua_rat",
+            format="json",
+            files={"test": "aqua_rat/test.json", "train": "aqua_rat/dev.json"},
+        ),
+        _llm_adapters("arc_easy", "arc/ARC-Easy"),
+        _llm_adapters("arc_challenge", "arc/ARC-Challenge"),
+        _llm_adapters("openbookqa", "openbookqa"),
+        TaskSpec(
+            name="winogrande",
+            type="choice",
+            row_parser="winogrande",
+            files={"test": "winogrande/test.json"},
+        ),
+        TaskSpec(
+            name="boolq",
+            type="yesno",
+            row_parser="boolq",
+            labels=["false", "true"],
+            files={"test": "boolq/test.json", "train": "boolq/train.json"},
+        ),
+        TaskSpec(
+            name="commonsenseqa",
+            type="choice",
+            row_parser="commonsenseqa",
+            files={
+                "test": "commonsenseqa/dev_rand_split.jsonl",
+                "train": "commonsenseqa/train_rand_split.jsonl",
+            },
+        ),
+        TaskSpec(
+            name="medmcqa",
+            type="choice",
+            row_parser="medmcqa",
+            files={"test": "medmcqa/test.jsonl"},
+        ),
+        TaskSpec(name="mmlu", type="choice", row_parser="mmlu", pool_loader="mmlu"),
+        TaskSpec(
+            name="mmlu_medical",
+            type="choice",
+            row_parser="mmlu",
+            pool_loader="mmlu",
+            loader_options={"subjects": list(MMLU_MEDICAL)},
+        ),
+        TaskSpec(
+            name="piqa",
+            type="choice",
+            pool_loader="piqa",
+            fields={"question": "question", "choices": ["sol1", "sol2"], "answer": "answer"},
+            files={"test": "piqa/valid.jsonl", "labels": "piqa/valid-labels.lst"},
+        ),
+        TaskSpec(
+            name="pubmedqa",
+            type="yesno",
+            pool_loader="pubmedqa",
+            answer_format="text",
+            labels=["yes", "no", "maybe"],
+            fields={"question": "question", "context": "context", "answer": "answer", "id": "id"},
+            files={"data": "pubmedqa/ori_pqal.json", "test_ids": "pubmedqa/test_ground_truth.json"},
+        ),
+        TaskSpec(
+            name="financial_phrasebank",
+            type="classification",
+            labels=SENTIMENT3,
+            pool_loader="financial_phrasebank",
+            row_parser="sentiment_text",
+            files={
+                "test": "financial_phrasebank/fingpt_split/fpb_test.jsonl",
+                "train": "financial_phrasebank/FinancialPhraseBank-v1.0/Sentences_50Agree.txt",
+            },
+        ),
+        TaskSpec(
+            name="fiqa_sa",
+            type="classification",
+            labels=SENTIMENT3,
+            pool_loader="fiqa_sa",
+            row_parser="sentiment_text",
+            files={
+                "test": "fiqa_sa/fingpt_split/fiqa_test.jsonl",
+                "train": [
+                    "fiqa_sa/task1_headline_ABSA_train.json",
+                    "fiqa_sa/task1_post_ABSA_train.json",
+                ],
+            },
+        ),
+        TaskSpec(
+            name="headline_price_up",
+            type="yesno",
+            row_parser="headline",
+            labels=["no", "yes"],
+            format="csv",
+            read_options={"delimiter": "\t"},
+            files={"test": "headline_gold/gold-dataset-sinha-khandait.csv"},
+        ),
+        TaskSpec(
+            name="sst2",
+            type="classification",
+            row_parser="sst2",
+            format="text",
+            labels=["negative", "positive"],
+            files={
+                "test": "sst2/stsa.binary.test",
+                "train": "sst2/stsa.binary.train",
+                "dev": "sst2/stsa.binary.dev",
+            },
+        ),
+        TaskSpec(
+            name="gsm8k",
+            type="numeric",
+            row_parser="gsm8k",
+            files={"test": "gsm8k/test.jsonl", "train": "gsm8k/train.jsonl"},
+        ),
+        TaskSpec(
+            name="asdiv",
+            type="numeric",
+            row_parser="asdiv",
+            files={"test": "asdiv/tora/test.jsonl"},
+        ),
+        TaskSpec(
+            name="mawps",
+            type="numeric",
+            answer_format="number",
+            fields={"question": "input", "answer": "target", "id": "idx"},
+            files={"test": "mawps/test.jsonl"},
+        ),
+        TaskSpec(
+            name="multiarith",
+            type="numeric",
+            row_parser="multiarith",
+            format="json",
+            files={"test": "multiarith/MultiArith.json"},
+        ),
+    )
+}
+
+
+def resolve_task(task: str | TaskSpec) -> TaskSpec:
+    """A built-in task by name, or a user task from a YAML path."""
+    if isinstance(task, TaskSpec):
+        return task
+    if task in BUILTIN:
+        return BUILTIN[task]
+    if task.endswith((".yaml", ".yml")):
+        return spec_from_yaml(task)
+    raise TaskError(
+        f"unknown task '{task}': not a built-in task ({', '.join(sorted(BUILTIN))})"
+        " and not a .yaml task file"
+    )

@@ -1,0 +1,371 @@
+"""Tasks: raw benchmark rows -> `Example`s with a prompt, options or a gold answer, and a type.
+
+A task is described by a `TaskSpec`: where the rows come from (local files read through the
+`datasets` builders, or a hub dataset id when online), how fields map onto an example, and the
+task type. Built-in benchmarks (`expertsteer.benchmarks`) are specs too; a user-defined task is
+a YAML file with the same keys and needs no code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from expertsteer.errors import ExpertSteerError
+
+TASK_TYPES = ("choice", "yesno", "classification", "numeric", "concept")
+ANSWER_FORMATS = ("index", "index1", "letter", "text", "number", "label")
+LETTERS = "ABCDEFGHIJ"
+FORMATS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
+
+
+class TaskError(ExpertSteerError):
+    """A task definition or its data is unusable."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One evaluation or steering item."""
+
+    id: str
+    """Stable identifier, unique within the task."""
+    question: str
+    """Question, instruction or (for concept sets) the text itself."""
+    choices: tuple[str, ...] = ()
+    """Option texts or label words; empty for numeric tasks."""
+    answer: float | int | None = None
+    """Index into `choices`, the numeric gold answer, or the concept label (0/1)."""
+    context: str = ""
+    """Passage shown before the question, if any."""
+
+
+@dataclass
+class FieldMap:
+    """Which raw field holds each part of an example (dotted paths reach nested fields)."""
+
+    question: str = "question"
+    """Field of the question / instruction / text."""
+    context: str | None = None
+    """Field of a passage shown before the question."""
+    choices: str | list[str] | None = None
+    """A field holding a list of options, or a list of fields, one option each."""
+    answer: str = "answer"
+    """Field of the gold answer (see `TaskSpec.answer_format`)."""
+    id: str | None = None
+    """Field of a unique id; default: the row's position in its file."""
+
+
+@dataclass
+class TaskSpec:
+    """Where a task's rows come from and how they become examples."""
+
+    name: str
+    """Task name used in configs and reports."""
+    type: str
+    """One of choice, yesno, classification, numeric, concept."""
+    files: dict[str, list[str]] = field(default_factory=dict)
+    """Pool name (e.g. train, test) -> local files; relative paths resolve against data_root."""
+    hub: dict[str, Any] | None = None
+    """Hub dataset: {path, name (optional), splits: {pool: hub split}}; used when no files."""
+    format: str | None = None
+    """datasets builder (json, csv, parquet, text); default: from the file suffix."""
+    read_options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the datasets builder (e.g. delimiter, encoding)."""
+    fields: FieldMap = field(default_factory=FieldMap)
+    """Field mapping of a raw row."""
+    answer_format: str = "index"
+    """index (0-based), index1 (1-based), letter (A..), text (an option), number, label."""
+    labels: list[str] | None = None
+    """Label words of yesno / classification tasks, in index order."""
+    label_values: list[Any] | None = None
+    """Raw answer values matching `labels` one to one, when the data does not use the words."""
+    instruction: str | None = None
+    """Text placed before every question."""
+    row_parser: str | None = None
+    """Name of a built-in row converter for layouts a field map cannot express."""
+    pool_loader: str | None = None
+    """Name of a built-in reader for files the datasets builders cannot read as rows."""
+    loader_options: dict[str, Any] = field(default_factory=dict)
+    """Parameters of the pool loader (e.g. MMLU subjects, generator count and seed)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fields, dict):
+            self.fields = FieldMap(**self.fields)
+        if self.type not in TASK_TYPES:
+            raise TaskError(
+                f"task '{self.name}': type must be one of {TASK_TYPES}, got '{self.type}'"
+            )
+        if self.answer_format not in ANSWER_FORMATS:
+            raise TaskError(
+                f"task '{self.name}': answer_format must be one of "
+                f"{ANSWER_FORMATS}, got '{self.answer_format}'"
+            )
+        if self.type in ("yesno", "classification") and not self.labels:
+            raise TaskError(f"task '{self.name}': a {self.type} task needs `labels`")
+        if self.label_values is not None and len(self.label_values) != len(self.labels or []):
+            raise TaskError(f"task '{self.name}': label_values and labels differ in length")
+        self.files = {
+            pool: [paths] if isinstance(paths, str) else list(paths)
+            for pool, paths in self.files.items()
+        }
+        if not self.files and not self.hub and self.pool_loader is None:
+            raise TaskError(f"task '{self.name}': give `files` or a `hub` dataset")
+
+
+@dataclass
+class Task:
+    """A loaded task: examples per source pool (e.g. train / test)."""
+
+    name: str
+    """Task name."""
+    type: str
+    """Task type (see `TASK_TYPES`)."""
+    pools: dict[str, list[Example]]
+    """Pool name -> examples, in file order."""
+
+    def all_examples(self) -> list[Example]:
+        return [example for pool in self.pools.values() for example in pool]
+
+
+RowParser = Callable[[dict, int, TaskSpec], Example | None]
+PoolLoader = Callable[[TaskSpec, Path], dict[str, list[dict]]]
+ROW_PARSERS: dict[str, RowParser] = {}
+POOL_LOADERS: dict[str, PoolLoader] = {}
+
+
+def row_parser(name: str) -> Callable[[RowParser], RowParser]:
+    """Register a converter from one raw row to an `Example` (or None to drop the row)."""
+
+    def register(fn: RowParser) -> RowParser:
+        ROW_PARSERS[name] = fn
+        return fn
+
+    return register
+
+
+def pool_loader(name: str) -> Callable[[PoolLoader], PoolLoader]:
+    """Register a reader returning raw rows per pool for files of an unusual layout."""
+
+    def register(fn: PoolLoader) -> PoolLoader:
+        POOL_LOADERS[name] = fn
+        return fn
+
+    return register
+
+
+def _get(row: dict, path: str) -> Any:
+    value: Any = row
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise KeyError(path)
+        value = value[key]
+    return value
+
+
+def _hub_offline() -> bool:
+    flags = (os.environ.get(name, "").lower() for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    return any(flag in {"1", "true", "yes", "on"} for flag in flags)
+
+
+def resolve_paths(spec: TaskSpec, names: list[str], data_root: Path) -> list[Path]:
+    """Absolute, existing data files of `spec`; a missing one is named with the fix."""
+    paths = [Path(name) if Path(name).is_absolute() else data_root / name for name in names]
+    for path in paths:
+        if not path.is_file():
+            raise TaskError(
+                f"task '{spec.name}': data file {path} does not exist (set "
+                "data_root to the folder holding the benchmark files)"
+            )
+    return paths
+
+
+def load_rows(
+    spec: TaskSpec, paths: list[Path], builder: str | None = None, **options: Any
+) -> list[dict]:
+    """Rows of local files through a `datasets` builder (json, csv, parquet, text)."""
+    import datasets
+
+    builder = builder or spec.format or FORMATS.get(paths[0].suffix)
+    if builder is None:
+        raise TaskError(
+            f"task '{spec.name}': cannot tell the format of {paths[0]}; set "
+            "`format` (json, csv, parquet, text)"
+        )
+    try:
+        dataset = datasets.load_dataset(
+            builder,
+            data_files=[str(p) for p in paths],
+            split="train",
+            **{**spec.read_options, **options},
+        )
+    except Exception as error:
+        raise TaskError(
+            f"task '{spec.name}': could not read {', '.join(map(str, paths))} as {builder}: {error}"
+        ) from error
+    return dataset.to_list()
+
+
+def read_rows(spec: TaskSpec, data_root: Path) -> dict[str, list[dict]]:
+    """Raw rows per pool, through the `datasets` builders (or a registered pool loader)."""
+    if spec.pool_loader:
+        if spec.pool_loader not in POOL_LOADERS:
+            raise TaskError(
+                f"task '{spec.name}': unknown pool_loader '{spec.pool_loader}'; "
+                f"known: {sorted(POOL_LOADERS)}"
+            )
+        return POOL_LOADERS[spec.pool_loader](spec, data_root)
+    if not spec.files:
+        return _read_hub(spec)
+    return {
+        pool: load_rows(spec, resolve_paths(spec, names, data_root))
+        for pool, names in spec.files.items()
+    }
+
+
+def _read_hub(spec: TaskSpec) -> dict[str, list[dict]]:
+    import datasets
+
+    hub = spec.hub or {}
+    if _hub_offline():
+        raise TaskError(
+            f"task '{spec.name}' reads the hub dataset '{hub.get('path')}', but the "
+            "hub is offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE); point `files` "
+            "at a local copy instead"
+        )
+    pools = {}
+    for pool, split in hub.get("splits", {"test": "test"}).items():
+        try:
+            dataset = datasets.load_dataset(hub["path"], hub.get("name"), split=split)
+        except Exception as error:
+            raise TaskError(
+                f"task '{spec.name}': could not load hub dataset "
+                f"'{hub['path']}' split '{split}': {error}"
+            ) from error
+        pools[pool] = dataset.to_list()
+    return pools
+
+
+def parse_row(row: dict, index: int, spec: TaskSpec) -> Example | None:
+    """Generic converter driven by the spec's field map and answer format."""
+    fields = spec.fields
+    question = str(_get(row, fields.question)).strip()
+    context = str(_get(row, fields.context)).strip() if fields.context else ""
+    if spec.instruction:
+        question = f"{spec.instruction}\n{question}"
+    if isinstance(fields.choices, list):
+        choices = tuple(str(_get(row, name)).strip() for name in fields.choices)
+    elif fields.choices:
+        choices = tuple(str(option).strip() for option in _get(row, fields.choices))
+    else:
+        choices = tuple(spec.labels or ())
+    raw = _get(row, fields.answer)
+    if raw is None or raw == "":
+        return None
+    answer = resolve_answer(raw, choices, spec)
+    ident = str(_get(row, fields.id)) if fields.id else str(index)
+    return Example(id=ident, question=question, choices=choices, answer=answer, context=context)
+
+
+def resolve_answer(raw: Any, choices: tuple[str, ...], spec: TaskSpec) -> int | float:
+    """Turn a raw answer value into an option index (or a number for numeric tasks)."""
+    if spec.type == "numeric" or spec.answer_format == "number":
+        return parse_number(raw)
+    if spec.label_values is not None:
+        return spec.label_values.index(raw)
+    if spec.answer_format == "index":
+        return int(raw)
+    if spec.answer_format == "index1":
+        return int(raw) - 1
+    if spec.answer_format == "letter":
+        return LETTERS.index(str(raw).strip().upper())
+    text = str(raw).strip().lower()
+    return [choice.lower() for choice in choices].index(text)
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def parse_number(raw: Any) -> float:
+    """A number from a gold answer such as `72`, `1,200`, `3.5 cm` or `#### 18`."""
+    if isinstance(raw, int | float):
+        return float(raw)
+    found = _NUMBER.findall(str(raw))
+    if not found:
+        raise ValueError(f"no number in {raw!r}")
+    return float(found[-1].replace(",", ""))
+
+
+def load_task(spec: TaskSpec, data_root: str | Path = ".") -> Task:
+    """Read and convert every pool of `spec`; rows that fail to convert raise `TaskError`."""
+    if spec.row_parser and spec.row_parser not in ROW_PARSERS:
+        raise TaskError(
+            f"task '{spec.name}': unknown row_parser '{spec.row_parser}'; known: "
+            f"{sorted(ROW_PARSERS)}"
+        )
+    parser = ROW_PARSERS[spec.row_parser] if spec.row_parser else parse_row
+    pools: dict[str, list[Example]] = {}
+    for pool, rows in read_rows(spec, Path(data_root)).items():
+        examples = []
+        for index, row in enumerate(rows):
+            try:
+                example = parser(row, index, spec)
+            except (KeyError, ValueError, IndexError, TypeError) as error:
+                raise TaskError(
+                    f"task '{spec.name}', pool '{pool}', row {index}: cannot "
+                    f"convert ({type(error).__name__}: {error}); check the field "
+                    f"map against the row {sorted(row)}"
+                ) from error
+            if example is not None:
+                examples.append(dataclasses.replace(example, id=f"{pool}/{example.id}"))
+        if not examples:
+            raise TaskError(f"task '{spec.name}': pool '{pool}' has no usable rows")
+        pools[pool] = examples
+    _check_unique_ids(spec.name, pools)
+    return Task(spec.name, spec.type, pools)
+
+
+def _check_unique_ids(name: str, pools: dict[str, list[Example]]) -> None:
+    seen: set[str] = set()
+    for examples in pools.values():
+        for example in examples:
+            if example.id in seen:
+                raise TaskError(f"task '{name}': duplicate example id '{example.id}'")
+            seen.add(example.id)
+
+
+def spec_from_yaml(path: str | Path) -> TaskSpec:
+    """A user-defined task from a YAML file with the `TaskSpec` keys."""
+    import yaml
+
+    path = Path(path)
+    try:
+        settings = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise TaskError(f"cannot read task file {path}: {error}") from error
+    if not isinstance(settings, dict):
+        raise TaskError(f"task file {path} must hold a mapping of TaskSpec keys")
+    known = {f.name for f in dataclasses.fields(TaskSpec)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TaskError(f"task file {path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    files = settings.get("files") or {}
+    settings["files"] = {
+        pool: [
+            str((path.parent / p).resolve()) if not Path(p).is_absolute() else p
+            for p in ([paths] if isinstance(paths, str) else paths)
+        ]
+        for pool, paths in files.items()
+    }
+    return TaskSpec(**settings)

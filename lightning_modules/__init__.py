@@ -1,0 +1,1 @@
+"""LightningModules, one file per stage: thin orchestration over `expertsteer`."""
