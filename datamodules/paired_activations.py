@@ -92,7 +92,7 @@ class PairedActivationDataModule(L.LightningDataModule):
         target: str = DEFAULT_TARGET,
         task: str = "arithmetic",
         data_root: str = "../shared/data/benchmarks",
-        items: str = "steering",
+        item_kind: str = "steering",
         expert_layers: list[int] | None = None,
         target_layers: list[int] | None = None,
         position: str = "last",
@@ -115,7 +115,8 @@ class PairedActivationDataModule(L.LightningDataModule):
             target: Target model, same forms.
             task: Built-in task name or path to a task YAML.
             data_root: Folder holding the benchmark files of built-in tasks.
-            items: `steering` (prompt + correct / wrong answer, or concept texts) or `prompts`.
+            item_kind: `steering` (prompt + correct / wrong answer, or concept texts) or
+                `prompts` (prompt only, unlabelled).
             expert_layers: Expert blocks to capture (default: all).
             target_layers: Target blocks to capture (default: all).
             position: `last` prompt token or `mean` over prompt tokens.
@@ -134,8 +135,8 @@ class PairedActivationDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        if items not in ITEM_KINDS:
-            raise ValueError(f"items must be one of {ITEM_KINDS}, got '{items}'")
+        if item_kind not in ITEM_KINDS:
+            raise ValueError(f"item_kind must be one of {ITEM_KINDS}, got '{item_kind}'")
         if position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got '{position}'")
         if storage_dtype not in STORAGE_DTYPES:
@@ -168,14 +169,14 @@ class PairedActivationDataModule(L.LightningDataModule):
             hp = self.hparams
             task = load_task(resolve_task(hp.task), hp.data_root)
             examples = make_splits(task, self.sizes, hp.seed)
-            maker = steering_items if hp.items == "steering" else None
+            maker = steering_items if hp.item_kind == "steering" else None
             splits = {
                 name: maker(task, examples[name], hp.seed)
                 if maker
                 else prompt_items(task, examples[name])
                 for name in SPLITS
             }
-            if hp.items == "steering":
+            if hp.item_kind == "steering":
                 for name, items in splits.items():
                     classes = {item.label for item in items}
                     if classes != {0, 1}:
@@ -261,7 +262,7 @@ class PairedActivationDataModule(L.LightningDataModule):
             "target": {**vars(target_key), "hidden_size": self.dims()["target"][0]},
             "splits": {name: len(items) for name, items in splits.items()},
             "task": hp.task,
-            "items": hp.items,
+            "item_kind": hp.item_kind,
             "position": hp.position,
             "storage_dtype": hp.storage_dtype,
             "shard_size": hp.shard_size,

@@ -105,8 +105,18 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def save_tiny(directory: Path, family: str, chat: bool = True, seed: int = 0) -> Path:
-    """Save a tiny model + tokenizer as a local model directory; return it."""
-    tiny_model(family, seed).save_pretrained(directory)
-    byte_tokenizer(chat).save_pretrained(directory)
+def save_tiny(
+    directory: Path,
+    family: str,
+    chat: bool = True,
+    seed: int = 0,
+    model: torch.nn.Module | None = None,
+) -> Path:
+    """Save a tiny model (or `model`) + tokenizer as a local model directory; return it."""
+    (model or tiny_model(family, seed)).save_pretrained(directory)
+    tokenizer = byte_tokenizer(chat)
+    # An explicit pad token: otherwise AutoTokenizer may pick the family's default class,
+    # whose default pad token is not in this vocabulary.
+    tokenizer.pad_token = "<|pad|>"
+    tokenizer.save_pretrained(directory)
     return directory
