@@ -1,0 +1,47 @@
+"""Run the paired DataModule under a Lightning Trainer with N CPU processes (gloo).
+
+Usage: python ddp_capture_script.py EXPERT_DIR TARGET_DIR CACHE_DIR DEVICES OUT_DIR
+Each rank writes OUT_DIR/rank<k>.json: the dev ids its dataloader served and the number of
+examples `split_tensors("dev")` returned.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from datamodules.paired_activations import PairedActivationDataModule
+
+
+class Recorder(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def validation_step(self, batch, batch_idx):
+        self.seen.extend(batch["id"])
+
+    def on_validation_end(self) -> None:
+        dev = self.trainer.datamodule.split_tensors("dev")
+        record = {"seen": self.seen, "full_split": len(dev["id"]),
+                  "checksum": float(dev["expert"].double().sum())}
+        out = Path(sys.argv[5]) / f"rank{self.global_rank}.json"
+        out.write_text(json.dumps(record))
+
+
+def main() -> None:
+    expert, target, cache, devices, out = sys.argv[1:6]
+    torch.manual_seed(0)
+    module = PairedActivationDataModule(expert=expert, target=target, task="arithmetic",
+                                        steer_size=10, dev_size=7, test_size=6, shard_size=4,
+                                        batch_size=2, cache=cache)
+    trainer = L.Trainer(accelerator="cpu", devices=int(devices),
+                        strategy="ddp" if int(devices) > 1 else "auto", logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False)
+    trainer.validate(Recorder(), datamodule=module)
+
+
+if __name__ == "__main__":
+    main()
