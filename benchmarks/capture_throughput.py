@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from expertsteer.capture import capture
-from expertsteer.decoder import Decoder
+from expertsteer.decoder import Decoder, left_pad_positions
 from expertsteer.zoo import load_model
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/benchmarks/arc/ARC-Easy/test.json"
@@ -46,7 +46,7 @@ def plain_forward(decoder: Decoder, prompts: list[str], batch_size: int, head: b
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
             encoding = decoder.encode(prompts[start : start + batch_size])
-            positions = (encoding["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            positions = left_pad_positions(encoding["attention_mask"])
             model(**encoding, position_ids=positions, output_hidden_states=True)
 
 

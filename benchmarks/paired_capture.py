@@ -19,7 +19,7 @@ import torch
 
 from datamodules.paired_activations import DEFAULT_EXPERT, DEFAULT_TARGET
 from datamodules.paired_activations import PairedActivationDataModule as DataModule
-from expertsteer.decoder import Decoder
+from expertsteer.decoder import Decoder, left_pad_positions
 from expertsteer.zoo import load_model
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
@@ -29,10 +29,11 @@ def plain_forward_seconds(decoder: Decoder, prompts: list[str], batch_size: int)
     started = time.perf_counter()
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
-            encoding = decoder.encode(prompts[start:start + batch_size])
-            positions = (encoding["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            decoder.hf_model.base_model(**encoding, position_ids=positions,
-                                        output_hidden_states=True)
+            encoding = decoder.encode(prompts[start : start + batch_size])
+            positions = left_pad_positions(encoding["attention_mask"])
+            decoder.hf_model.base_model(
+                **encoding, position_ids=positions, output_hidden_states=True
+            )
     return time.perf_counter() - started
 
 
@@ -45,10 +46,18 @@ def main() -> None:
     args = parser.parse_args()
     steer, dev = args.prompts * 3 // 5, args.prompts // 5
     with tempfile.TemporaryDirectory() as cache:
-        module = DataModule(expert=DEFAULT_EXPERT, target=DEFAULT_TARGET, task=args.task,
-                            data_root=args.data_root, item_kind="prompts", steer_size=steer,
-                            dev_size=dev, test_size=args.prompts - steer - dev,
-                            capture_batch_size=args.batch_size, cache=cache)
+        module = DataModule(
+            expert=DEFAULT_EXPERT,
+            target=DEFAULT_TARGET,
+            task=args.task,
+            data_root=args.data_root,
+            item_kind="prompts",
+            steer_size=steer,
+            dev_size=dev,
+            test_size=args.prompts - steer - dev,
+            capture_batch_size=args.batch_size,
+            cache=cache,
+        )
         for name in (DEFAULT_EXPERT, DEFAULT_TARGET):
             load_model(name)  # conversion is not part of the capture measurement
         started = time.perf_counter()
@@ -61,21 +70,30 @@ def main() -> None:
     rows = []
     for name in (DEFAULT_EXPERT, DEFAULT_TARGET):
         decoder = Decoder.from_loaded(load_model(name))
-        tokens = sum(int(decoder.encode(prompts[i:i + args.batch_size])["attention_mask"].sum())
-                     for i in range(0, len(prompts), args.batch_size))
+        tokens = sum(
+            int(decoder.encode(prompts[i : i + args.batch_size])["attention_mask"].sum())
+            for i in range(0, len(prompts), args.batch_size)
+        )
         rows.append((name, tokens, plain_forward_seconds(decoder, prompts, args.batch_size)))
         del decoder
     tokens = sum(r[1] for r in rows)
     plain_s = sum(r[2] for r in rows)
-    print(f"\n{len(prompts)} {args.task} prompts, both models, all layers, last token, "
-          f"batch {args.batch_size}, {torch.get_num_threads()} threads")
+    print(
+        f"\n{len(prompts)} {args.task} prompts, both models, all layers, last token, "
+        f"batch {args.batch_size}, {torch.get_num_threads()} threads"
+    )
     for name, count, seconds in rows:
-        print(f"  plain forward {name}: {count} tokens in {seconds:.1f} s "
-              f"({count / seconds:.0f} tok/s)")
-    print(f"paired capture (DataModule.prepare_data, incl. model loads): {capture_s:.1f} s, "
-          f"{tokens / capture_s:.0f} tok/s over {tokens} tokens")
-    print(f"plain transformers forwards, same prompts: {plain_s:.1f} s, "
-          f"{tokens / plain_s:.0f} tok/s")
+        print(
+            f"  plain forward {name}: {count} tokens in {seconds:.1f} s "
+            f"({count / seconds:.0f} tok/s)"
+        )
+    print(
+        f"paired capture (DataModule.prepare_data, incl. model loads): {capture_s:.1f} s, "
+        f"{tokens / capture_s:.0f} tok/s over {tokens} tokens"
+    )
+    print(
+        f"plain transformers forwards, same prompts: {plain_s:.1f} s, {tokens / plain_s:.0f} tok/s"
+    )
     print(f"ratio capture / plain wall time: {capture_s / plain_s:.2f}")
     print(f"cache on disk: {disk / 1e6:.1f} MB ({disk} bytes)")
 

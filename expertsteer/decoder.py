@@ -73,6 +73,15 @@ def block_hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counting each left-padded row from its first real token.
+
+    nnsight supplies these in its traces; a plain transformers forward over a left-padded batch
+    needs them passed explicitly (absolute-position models such as gpt2 depend on them).
+    """
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Static facts about a wrapped model."""

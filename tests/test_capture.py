@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from expertsteer.capture import capture, pool
-from expertsteer.decoder import Decoder
+from expertsteer.decoder import Decoder, left_pad_positions
 from tests.tiny import FAMILIES, byte_tokenizer, tiny_model
 
 PROMPTS = ["The capital of France is", "2 + 2 =", "a", "Steering vectors move hidden states."]
@@ -22,7 +22,7 @@ def _hooked_states(decoder, prompts):
     ]
     encoding = decoder.encode(prompts)
     # Each left-padded row counts positions from its first real token.
-    positions = (encoding["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    positions = left_pad_positions(encoding["attention_mask"])
     try:
         with torch.no_grad():
             outputs = decoder.hf_model(

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,7 @@ def test_generated_sets_are_reproducible_from_the_seed():
 def test_generated_arithmetic_answers_are_correct():
     for row in arithmetic_problems(200, seed=7):
         q = row["question"]
-        numbers = [int(n) for n in __import__("re").findall(r"\d+", q)]
+        numbers = [int(n) for n in re.findall(r"\d+", q)]
         if "gives" in q and "more" in q and "buys" not in q:
             assert row["answer"] == numbers[0] + numbers[1]
         elif q.count("boxes"):
@@ -189,3 +190,23 @@ def test_steering_items_pair_correct_and_wrong_answers():
     concept = load_task(BUILTIN["sentiment_concept"])
     concept_items = steering_items(concept, concept.pools["all"][:10])
     assert [item.label for item in concept_items] == [1, 0] * 5
+
+
+def test_user_task_reads_parquet_and_csv(tmp_path):
+    import datasets
+
+    rows = [{"text": f"review {i}", "stars": ["neg", "pos"][i % 2]} for i in range(12)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "reviews.parquet"))
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "reviews.csv"), index=False)
+    for name in ("reviews.parquet", "reviews.csv"):
+        spec = TaskSpec(
+            name="reviews",
+            type="classification",
+            labels=["negative", "positive"],
+            label_values=["neg", "pos"],
+            files={"all": str(tmp_path / name)},
+            fields={"question": "text", "answer": "stars"},
+        )
+        task = load_task(spec)
+        assert [e.answer for e in task.pools["all"]] == [0, 1] * 6
+        assert task.pools["all"][3].choices == ("negative", "positive")

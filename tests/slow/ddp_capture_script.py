@@ -25,21 +25,37 @@ class Recorder(L.LightningModule):
 
     def on_validation_end(self) -> None:
         dev = self.trainer.datamodule.split_tensors("dev")
-        record = {"seen": self.seen, "full_split": len(dev["id"]),
-                  "checksum": float(dev["expert"].double().sum())}
+        record = {
+            "seen": self.seen,
+            "full_split": len(dev["id"]),
+            "checksum": float(dev["expert"].double().sum()),
+        }
         out = Path(sys.argv[5]) / f"rank{self.global_rank}.json"
         out.write_text(json.dumps(record))
 
 
 def main() -> None:
-    expert, target, cache, devices, out = sys.argv[1:6]
+    expert, target, cache, devices = sys.argv[1:5]
     torch.manual_seed(0)
-    module = PairedActivationDataModule(expert=expert, target=target, task="arithmetic",
-                                        steer_size=10, dev_size=7, test_size=6, shard_size=4,
-                                        batch_size=2, cache=cache)
-    trainer = L.Trainer(accelerator="cpu", devices=int(devices),
-                        strategy="ddp" if int(devices) > 1 else "auto", logger=False,
-                        enable_progress_bar=False, enable_checkpointing=False)
+    module = PairedActivationDataModule(
+        expert=expert,
+        target=target,
+        task="arithmetic",
+        steer_size=10,
+        dev_size=7,
+        test_size=6,
+        shard_size=4,
+        batch_size=2,
+        cache=cache,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=int(devices),
+        strategy="ddp" if int(devices) > 1 else "auto",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
     trainer.validate(Recorder(), datamodule=module)
 
 

@@ -19,16 +19,30 @@ def _run(tmp_path, models, devices):
     cache, out = tmp_path / f"cache{devices}", tmp_path / f"out{devices}"
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, str(SCRIPT), str(models["expert"]), str(models["target"]),
-                    str(cache), str(devices), str(out)], check=True, env=env, cwd=ROOT,
-                   timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            str(models["expert"]),
+            str(models["target"]),
+            str(cache),
+            str(devices),
+            str(out),
+        ],
+        check=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
     (entry,) = (cache / "activations").glob("*/meta.json")
     return entry.parent, [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
 
 
 def test_two_process_cache_is_byte_identical_and_stages_see_each_example_once(tmp_path):
-    models = {"expert": save_tiny(tmp_path / "expert", "qwen2", seed=1),
-              "target": save_tiny(tmp_path / "target", "llama", chat=False, seed=2)}
+    models = {
+        "expert": save_tiny(tmp_path / "expert", "qwen2", seed=1),
+        "target": save_tiny(tmp_path / "target", "llama", chat=False, seed=2),
+    }
     single_dir, single = _run(tmp_path, models, 1)
     ddp_dir, ranks = _run(tmp_path, models, 2)
     assert single_dir.name == ddp_dir.name, "same fingerprint"

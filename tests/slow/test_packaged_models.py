@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from expertsteer.capture import capture
+from expertsteer.decoder import left_pad_positions
 from expertsteer.zoo import PACKAGED, load_model
 
 pytestmark = pytest.mark.slow
@@ -16,7 +17,7 @@ def _logits(model, tokenizer):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     encoding = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    positions = (encoding["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    positions = left_pad_positions(encoding["attention_mask"])
     with torch.no_grad():
         return model(**encoding, position_ids=positions).logits
 
@@ -54,7 +55,7 @@ def test_gguf_file_path_loads_like_the_packaged_name(tmp_path):
 def test_capture_matches_output_hidden_states(packaged):
     states = capture(packaged, PROMPTS, position="last", batch_size=2)
     encoding = packaged.encode(PROMPTS)
-    positions = (encoding["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    positions = left_pad_positions(encoding["attention_mask"])
     with torch.no_grad():
         hidden = packaged.hf_model(
             **encoding, position_ids=positions, output_hidden_states=True
