@@ -11,7 +11,29 @@ def isolated_cache():
     """Slow tests use the user's real cache: converting packaged models once is the point."""
 
 
-@pytest.fixture(scope="session", params=PAIR)
-def packaged(request):
-    """A packaged model loaded through the zoo (converted on first use), wrapped for nnsight."""
-    return Decoder.from_loaded(load_model(request.param))
+SECOND_TARGET = "gemma-3-270m"
+
+
+@pytest.fixture(scope="session")
+def decoders():
+    """Packaged models loaded through the zoo (converted on first use), wrapped for nnsight."""
+    loaded: dict[str, Decoder] = {}
+
+    def get(name: str) -> Decoder:
+        if name not in loaded:
+            loaded[name] = Decoder.from_loaded(load_model(name))
+        return loaded[name]
+
+    return get
+
+
+@pytest.fixture(params=PAIR)
+def packaged(request, decoders):
+    """The default instruct pair (SmolLM2 target, Qwen expert)."""
+    return decoders(request.param)
+
+
+@pytest.fixture(params=[*PAIR, SECOND_TARGET])
+def any_packaged(request, decoders):
+    """Every packaged model the default install provides, base model included."""
+    return decoders(request.param)

@@ -52,7 +52,8 @@ def test_gguf_file_path_loads_like_the_packaged_name(tmp_path):
     )
 
 
-def test_capture_matches_output_hidden_states(packaged):
+def test_capture_matches_output_hidden_states(any_packaged):
+    packaged = any_packaged
     states = capture(packaged, PROMPTS, position="last", batch_size=2)
     encoding = packaged.encode(PROMPTS)
     positions = left_pad_positions(encoding["attention_mask"])
