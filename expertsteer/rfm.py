@@ -1,0 +1,284 @@
+"""Recursive Feature Machine: Laplace-kernel ridge regression with a learned Mahalanobis
+metric, updated by the average gradient outer product (AGOP). Pure torch, differentiable.
+
+Per iteration t (M_0 = I):
+    K_M(x, z) = exp(-||x - z||_M / L),  ||v||_M = sqrt(v^T M v)
+    alpha = (K_M(X, X) + lambda I)^-1 y                      (Cholesky, jitter fallback)
+    grad f(x_j) = -(1/L) sum_i alpha_i K_ji / d_ji M (x_j - x_i)   (i with d_ji = 0 excluded)
+    M <- mean_j grad f(x_j) grad f(x_j)^T, divided by its largest absolute entry.
+The iteration with the best validation AUROC is kept; the steering direction is the top
+eigenvector of its M, unit norm, signed so that projections correlate positively with y.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from expertsteer.errors import ExpertSteerError
+
+log = logging.getLogger(__name__)
+
+
+class RFMError(ExpertSteerError):
+    """Data or settings the RFM cannot fit."""
+
+
+@dataclass
+class RFMConfig:
+    """Settings of an RFM fit (SPEC defaults)."""
+
+    iterations: int = 8
+    """Number of AGOP updates T."""
+    ridge: float = 1e-3
+    """KRR regulariser lambda."""
+    bandwidth_scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    """Bandwidth grid as multiples of the median pairwise distance of the training data."""
+    num_directions: int = 4
+    """Leading eigenvectors of M kept (the first is the steering direction)."""
+    jitter: float = 1e-6
+    """First diagonal jitter tried when the Cholesky factorisation fails (then x10 steps)."""
+    center: bool = True
+    """Subtract the training mean before fitting (directions are unaffected)."""
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        if self.ridge <= 0:
+            raise ValueError(f"ridge must be > 0, got {self.ridge}")
+        if not self.bandwidth_scales or min(self.bandwidth_scales) <= 0:
+            raise ValueError(f"bandwidth_scales must be positive, got {self.bandwidth_scales}")
+        if self.num_directions < 1:
+            raise ValueError(f"num_directions must be >= 1, got {self.num_directions}")
+
+
+@dataclass
+class RFMResult:
+    """Outcome of a fit."""
+
+    direction: torch.Tensor
+    """Unit steering direction [d]."""
+    directions: torch.Tensor
+    """Leading eigenvectors of M as rows [k, d], sign-fixed, unit norm."""
+    eigenvalues: torch.Tensor
+    """Their eigenvalues [k]."""
+    metric: torch.Tensor
+    """The selected feature matrix M [d, d]."""
+    bandwidth: float
+    """Selected kernel bandwidth L."""
+    best_iteration: int
+    """Iteration whose M was kept (0 = identity metric)."""
+    val_auroc: list[float] = field(default_factory=list)
+    """Validation AUROC per iteration, for the selected bandwidth."""
+    grid_auroc: dict[float, list[float]] = field(default_factory=dict)
+    """Validation AUROC per iteration for every bandwidth tried."""
+
+
+def mahalanobis_distances(x: torch.Tensor, z: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+    """Pairwise ||x_i - z_j||_M, [n, m]; clamped at zero before the square root."""
+    xm, zm = x @ metric, z @ metric
+    squared = (xm * x).sum(-1)[:, None] + (zm * z).sum(-1)[None, :] - 2 * xm @ z.T
+    return squared.clamp_min(0).sqrt()
+
+
+def laplace_kernel(
+    x: torch.Tensor, z: torch.Tensor, metric: torch.Tensor, bandwidth: torch.Tensor | float
+) -> torch.Tensor:
+    return torch.exp(-mahalanobis_distances(x, z, metric) / bandwidth)
+
+
+def solve_krr(
+    kernel: torch.Tensor, y: torch.Tensor, ridge: torch.Tensor | float, jitter: float = 1e-6
+) -> torch.Tensor:
+    """alpha = (K + ridge I)^-1 y by Cholesky; retries with growing jitter if not PD."""
+    eye = torch.eye(kernel.shape[0], dtype=kernel.dtype, device=kernel.device)
+    extra = 0.0
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(kernel + (ridge + extra) * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(y.reshape(-1, 1).to(kernel.dtype), factor).reshape(-1)
+        extra = jitter if extra == 0.0 else extra * 10
+    raise RFMError(
+        "kernel matrix is not positive definite even with jitter "
+        f"{extra:g}; the data may contain duplicated or non-finite rows"
+    )
+
+
+def predict(
+    x_train: torch.Tensor,
+    alpha: torch.Tensor,
+    metric: torch.Tensor,
+    bandwidth: torch.Tensor | float,
+    x: torch.Tensor,
+) -> torch.Tensor:
+    """KRR predictor f(x) = K_M(x, X) alpha."""
+    return laplace_kernel(x, x_train, metric, bandwidth) @ alpha
+
+
+def predictor_gradients(
+    x_train: torch.Tensor,
+    alpha: torch.Tensor,
+    metric: torch.Tensor,
+    bandwidth: torch.Tensor | float,
+    x: torch.Tensor,
+) -> torch.Tensor:
+    """Closed-form grad f at each row of `x` [m, d]; terms at zero distance are excluded."""
+    distances = mahalanobis_distances(x, x_train, metric)
+    kernel = torch.exp(-distances / bandwidth)
+    safe = distances > 1e-10 * distances.max().clamp_min(1e-30)
+    weights = torch.where(
+        safe, alpha[None, :] * kernel / distances.clamp_min(1e-30), torch.zeros_like(kernel)
+    )
+    differences = x * weights.sum(-1, keepdim=True) - weights @ x_train
+    return -(differences @ metric) / bandwidth
+
+
+def agop(gradients: torch.Tensor) -> torch.Tensor:
+    """Average gradient outer product, normalised by its largest absolute entry."""
+    matrix = gradients.T @ gradients / gradients.shape[0]
+    scale = matrix.abs().max()
+    if not torch.isfinite(scale) or scale <= 0:
+        raise RFMError(
+            "AGOP is zero or non-finite (kernel underflow or constant predictor); "
+            "try a larger bandwidth or check the inputs"
+        )
+    return matrix / scale
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Binary AUROC (ties count half), by the Mann-Whitney statistic."""
+    positive, negative = scores[labels == 1], scores[labels == 0]
+    if len(positive) == 0 or len(negative) == 0:
+        raise RFMError("AUROC needs both classes in the validation labels")
+    greater = (positive[:, None] > negative[None, :]).double().mean()
+    ties = (positive[:, None] == negative[None, :]).double().mean()
+    return float(greater + 0.5 * ties)
+
+
+def median_distance(x: torch.Tensor, max_points: int = 2000) -> float:
+    sample = x[:max_points]
+    distances = torch.cdist(sample, sample)
+    upper = distances[torch.triu(torch.ones_like(distances, dtype=torch.bool), diagonal=1)]
+    value = float(upper.median()) if upper.numel() else 0.0
+    if not math.isfinite(value) or value <= 0:
+        raise RFMError("median pairwise distance is zero: the training rows are identical")
+    return value
+
+
+def check_data(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+        raise RFMError(
+            f"{name}: expected x [n, d] and y [n], got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    if len(x) < 2:
+        raise RFMError(f"{name}: need at least 2 examples, got {len(x)}")
+    if not torch.isfinite(x).all():
+        raise RFMError(f"{name}: activations contain NaN or inf")
+    classes = set(torch.unique(y).tolist())
+    if classes != {0, 1}:
+        raise RFMError(f"{name}: labels must contain both 0 and 1, found {sorted(classes)}")
+
+
+def top_directions(
+    metric: torch.Tensor, x: torch.Tensor, y: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leading eigenvectors of `metric` [k, d], signed to correlate positively with y."""
+    values, vectors = torch.linalg.eigh(metric)
+    order = torch.argsort(values, descending=True)[:count]
+    vectors, values = vectors[:, order].T, values[order]
+    projections = x @ vectors.T
+    centred_y = y.to(x.dtype) - y.to(x.dtype).mean()
+    signs = torch.sign((projections - projections.mean(0)).T @ centred_y)
+    signs[signs == 0] = 1
+    return vectors * signs[:, None], values
+
+
+def fit_rfm(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    config: RFMConfig | None = None,
+) -> RFMResult:
+    """Fit an RFM on (x, y), select bandwidth and iteration by validation AUROC."""
+    config = config or RFMConfig()
+    check_data(x, y, "training data")
+    check_data(x_val, y_val, "validation data")
+    if x.shape[1] != x_val.shape[1]:
+        raise RFMError(f"training and validation widths differ: {x.shape[1]} vs {x_val.shape[1]}")
+    mean = x.mean(0) if config.center else torch.zeros_like(x[0])
+    x, x_val = x - mean, x_val - mean
+    targets = y.to(x.dtype)
+    scale = median_distance(x)
+    best: tuple[float, int, float, torch.Tensor] | None = None
+    grid: dict[float, list[float]] = {}
+    for factor in config.bandwidth_scales:
+        bandwidth = factor * scale
+        metric = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        history = []
+        for iteration in range(config.iterations + 1):
+            alpha = solve_krr(
+                laplace_kernel(x, x, metric, bandwidth), targets, config.ridge, config.jitter
+            )
+            score = auroc(predict(x, alpha, metric, bandwidth, x_val), y_val)
+            history.append(score)
+            if best is None or score > best[0]:
+                best = (score, iteration, bandwidth, metric)
+            if iteration < config.iterations:
+                metric = agop(predictor_gradients(x, alpha, metric, bandwidth, x))
+        grid[bandwidth] = history
+        log.debug("bandwidth %.4g: val AUROC per iteration %s", bandwidth, history)
+    score, iteration, bandwidth, metric = best
+    directions, values = top_directions(metric, x, y, min(config.num_directions, x.shape[1]))
+    return RFMResult(
+        direction=directions[0],
+        directions=directions,
+        eigenvalues=values,
+        metric=metric,
+        bandwidth=bandwidth,
+        best_iteration=iteration,
+        val_auroc=grid[bandwidth],
+        grid_auroc=grid,
+    )
+
+
+def validation_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    metric: torch.Tensor,
+    log_bandwidth: torch.Tensor,
+    log_ridge: torch.Tensor,
+) -> torch.Tensor:
+    """Mean squared error of the KRR predictor on validation data; differentiable in the
+    log-bandwidth and log-ridge (and in the data and metric)."""
+    bandwidth, ridge = log_bandwidth.exp(), log_ridge.exp()
+    alpha = solve_krr(laplace_kernel(x, x, metric, bandwidth), y.to(x.dtype), ridge)
+    return ((predict(x, alpha, metric, bandwidth, x_val) - y_val.to(x.dtype)) ** 2).mean()
+
+
+def tune_hyperparameters(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    metric: torch.Tensor,
+    bandwidth: float,
+    ridge: float,
+    steps: int = 50,
+    lr: float = 0.05,
+) -> tuple[float, float]:
+    """Adjust bandwidth and ridge by gradient descent on the validation loss (Adam on logs)."""
+    log_bandwidth = torch.tensor(math.log(bandwidth), dtype=x.dtype, requires_grad=True)
+    log_ridge = torch.tensor(math.log(ridge), dtype=x.dtype, requires_grad=True)
+    optimizer = torch.optim.Adam([log_bandwidth, log_ridge], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = validation_loss(x, y, x_val, y_val, metric, log_bandwidth, log_ridge)
+        loss.backward()
+        optimizer.step()
+    return float(log_bandwidth.exp()), float(log_ridge.exp())
