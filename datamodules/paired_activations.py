@@ -153,15 +153,19 @@ class PairedActivationDataModule(L.LightningDataModule):
         self.sizes = SplitSizes(steer_size, dev_size, test_size)
         self._splits: dict[str, list[Item]] | None = None
         self._data: dict[str, dict] = {}
+        self._dims: dict[str, tuple[int, int]] | None = None
+        self._keys: tuple[ModelKey, ModelKey] | None = None
 
     # -- what will be captured ---------------------------------------------------------------
 
     def dims(self) -> dict[str, tuple[int, int]]:
         """(hidden size, layer count) of expert and target, without loading weights."""
-        return {
-            "expert": model_dims(self.hparams.expert),
-            "target": model_dims(self.hparams.target),
-        }
+        if self._dims is None:
+            self._dims = {
+                "expert": model_dims(self.hparams.expert),
+                "target": model_dims(self.hparams.target),
+            }
+        return self._dims
 
     def split_items(self) -> dict[str, list[Item]]:
         """Items per split; validated (non-empty, both classes where labels are needed)."""
@@ -169,14 +173,8 @@ class PairedActivationDataModule(L.LightningDataModule):
             hp = self.hparams
             task = load_task(resolve_task(hp.task), hp.data_root)
             examples = make_splits(task, self.sizes, hp.seed)
-            maker = steering_items if hp.item_kind == "steering" else None
-            splits = {
-                name: maker(task, examples[name], hp.seed)
-                if maker
-                else prompt_items(task, examples[name])
-                for name in SPLITS
-            }
             if hp.item_kind == "steering":
+                splits = {name: steering_items(task, examples[name], hp.seed) for name in SPLITS}
                 for name, items in splits.items():
                     classes = {item.label for item in items}
                     if classes != {0, 1}:
@@ -184,13 +182,18 @@ class PairedActivationDataModule(L.LightningDataModule):
                             f"task '{task.name}', split '{name}': steering needs "
                             f"both labels 0 and 1, found {sorted(classes)}"
                         )
+            else:
+                splits = {name: prompt_items(task, examples[name]) for name in SPLITS}
             self._splits = splits
         return self._splits
 
     def keys(self) -> tuple[ModelKey, ModelKey]:
+        """What identifies each side's activations (weights hashed once per instance)."""
+        if self._keys is not None:
+            return self._keys
         dims = self.dims()
         hp = self.hparams
-        return tuple(
+        self._keys = tuple(
             ModelKey(
                 model_id=name,
                 weights_sha256=weights_identity(name),
@@ -202,6 +205,7 @@ class PairedActivationDataModule(L.LightningDataModule):
                 ("target", hp.target, hp.target_layers),
             )
         )
+        return self._keys
 
     def cache_path(self) -> Path:
         """Directory of this configuration's cache entry."""
