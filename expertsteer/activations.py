@@ -29,7 +29,8 @@ from expertsteer.errors import ExpertSteerError
 from expertsteer.prompts import Item
 
 META = "meta.json"
-FORMAT_VERSION = 1
+# 2: completions of steering items are part of the captured text (version 1 dropped them).
+FORMAT_VERSION = 2
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -60,7 +60,14 @@ def capture(
     chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=f"capture {decoder.name}", disable=not progress):
-        batch = capture_batch(decoder, prompts[start : start + batch_size], layers, position)
+        stop = start + batch_size
+        batch = capture_batch(
+            decoder,
+            prompts[start:stop],
+            layers,
+            position,
+            completions[start:stop] if completions is not None else None,
+        )
         for layer in layers:
             chunks[layer].append(batch[layer].to("cpu", dtype))
     return {layer: torch.cat(parts) for layer, parts in chunks.items()}

@@ -196,6 +196,100 @@ def top_directions(
     return vectors * signs[:, None], values
 
 
+class RFMFitter:
+    """An RFM fit over a bandwidth grid, advanced one iteration at a time.
+
+    `solve()` fits the KRR weights for the current metrics, `evaluate()` scores them on the
+    validation data, `update()` replaces each metric by its AGOP; `result()` picks the best
+    (bandwidth, iteration). The Lightning module calls these once per epoch; `fit_rfm` loops.
+    Selection: highest validation AUROC; ties go to the earlier bandwidth in the grid, then to
+    the earlier iteration.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        x_val: torch.Tensor,
+        y_val: torch.Tensor,
+        config: RFMConfig | None = None,
+    ) -> None:
+        self.config = config or RFMConfig()
+        check_data(x, y, "training data")
+        check_data(x_val, y_val, "validation data")
+        if x.shape[1] != x_val.shape[1]:
+            raise RFMError(
+                f"training and validation widths differ: {x.shape[1]} vs {x_val.shape[1]}"
+            )
+        self.mean = x.mean(0) if self.config.center else torch.zeros_like(x[0])
+        self.x, self.x_val = x - self.mean, x_val - self.mean
+        self.y, self.y_val = y, y_val
+        self.targets = y.to(x.dtype)
+        self.median = median_distance(self.x)
+        self.bandwidths = [factor * self.median for factor in self.config.bandwidth_scales]
+        eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        self.metrics = [eye for _ in self.bandwidths]
+        self.alphas: list[torch.Tensor | None] = [None for _ in self.bandwidths]
+        self.iteration = 0
+        self.history: list[list[float]] = [[] for _ in self.bandwidths]
+        self.best: list[tuple[float, int, torch.Tensor] | None] = [None for _ in self.bandwidths]
+
+    def solve(self) -> None:
+        """KRR weights for every bandwidth at the current iteration."""
+        for k, (bandwidth, metric) in enumerate(zip(self.bandwidths, self.metrics, strict=True)):
+            kernel = laplace_kernel(self.x, self.x, metric, bandwidth)
+            self.alphas[k] = solve_krr(kernel, self.targets, self.config.ridge, self.config.jitter)
+
+    def predictions(self) -> list[torch.Tensor]:
+        """Validation predictions of every bandwidth's current predictor."""
+        if any(alpha is None for alpha in self.alphas):
+            raise RuntimeError("call solve() before predictions()")
+        return [
+            predict(self.x, alpha, metric, bandwidth, self.x_val)
+            for alpha, metric, bandwidth in zip(
+                self.alphas, self.metrics, self.bandwidths, strict=True
+            )
+        ]
+
+    def evaluate(self) -> list[float]:
+        """Validation AUROC per bandwidth at the current iteration; records the best."""
+        scores = [auroc(prediction, self.y_val) for prediction in self.predictions()]
+        for k, score in enumerate(scores):
+            self.history[k].append(score)
+            if self.best[k] is None or score > self.best[k][0]:
+                self.best[k] = (score, self.iteration, self.metrics[k])
+        return scores
+
+    def update(self) -> None:
+        """Replace every metric by the normalised AGOP of its predictor."""
+        self.metrics = [
+            agop(predictor_gradients(self.x, alpha, metric, bandwidth, self.x))
+            for alpha, metric, bandwidth in zip(
+                self.alphas, self.metrics, self.bandwidths, strict=True
+            )
+        ]
+        self.alphas = [None for _ in self.bandwidths]
+        self.iteration += 1
+
+    def result(self) -> RFMResult:
+        if any(best is None for best in self.best):
+            raise RuntimeError("call evaluate() at least once before result()")
+        chosen = max(range(len(self.best)), key=lambda k: (self.best[k][0], -k))
+        _, iteration, metric = self.best[chosen]
+        count = min(self.config.num_directions, self.x.shape[1])
+        directions, values = top_directions(metric, self.x, self.y, count)
+        return RFMResult(
+            direction=directions[0],
+            directions=directions,
+            eigenvalues=values,
+            metric=metric,
+            bandwidth=self.bandwidths[chosen],
+            best_iteration=iteration,
+            val_auroc=self.history[chosen],
+            grid_auroc=dict(zip(self.bandwidths, self.history, strict=True)),
+        )
+
+
 def fit_rfm(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -204,45 +298,15 @@ def fit_rfm(
     config: RFMConfig | None = None,
 ) -> RFMResult:
     """Fit an RFM on (x, y), select bandwidth and iteration by validation AUROC."""
-    config = config or RFMConfig()
-    check_data(x, y, "training data")
-    check_data(x_val, y_val, "validation data")
-    if x.shape[1] != x_val.shape[1]:
-        raise RFMError(f"training and validation widths differ: {x.shape[1]} vs {x_val.shape[1]}")
-    mean = x.mean(0) if config.center else torch.zeros_like(x[0])
-    x, x_val = x - mean, x_val - mean
-    targets = y.to(x.dtype)
-    scale = median_distance(x)
-    best: tuple[float, int, float, torch.Tensor] | None = None
-    grid: dict[float, list[float]] = {}
-    for factor in config.bandwidth_scales:
-        bandwidth = factor * scale
-        metric = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-        history = []
-        for iteration in range(config.iterations + 1):
-            alpha = solve_krr(
-                laplace_kernel(x, x, metric, bandwidth), targets, config.ridge, config.jitter
-            )
-            score = auroc(predict(x, alpha, metric, bandwidth, x_val), y_val)
-            history.append(score)
-            if best is None or score > best[0]:
-                best = (score, iteration, bandwidth, metric)
-            if iteration < config.iterations:
-                metric = agop(predictor_gradients(x, alpha, metric, bandwidth, x))
-        grid[bandwidth] = history
+    fitter = RFMFitter(x, y, x_val, y_val, config)
+    for iteration in range(fitter.config.iterations + 1):
+        fitter.solve()
+        fitter.evaluate()
+        if iteration < fitter.config.iterations:
+            fitter.update()
+    for bandwidth, history in zip(fitter.bandwidths, fitter.history, strict=True):
         log.debug("bandwidth %.4g: val AUROC per iteration %s", bandwidth, history)
-    score, iteration, bandwidth, metric = best
-    directions, values = top_directions(metric, x, y, min(config.num_directions, x.shape[1]))
-    return RFMResult(
-        direction=directions[0],
-        directions=directions,
-        eigenvalues=values,
-        metric=metric,
-        bandwidth=bandwidth,
-        best_iteration=iteration,
-        val_auroc=grid[bandwidth],
-        grid_auroc=grid,
-    )
+    return fitter.result()
 
 
 def validation_loss(

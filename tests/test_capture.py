@@ -113,3 +113,17 @@ def test_pool_last_takes_the_right_edge():
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     assert pool(hidden, mask, "last").flatten().tolist() == [2.0, 5.0]
     assert pool(hidden, mask, "mean").flatten().tolist() == [1.5, 4.0]
+
+
+def test_completions_are_part_of_the_captured_text():
+    decoder = Decoder(tiny_model("llama"), byte_tokenizer(chat=False), chat_template=False)
+    prompts = ["Q: 2 + 3 =", "Q: 2 + 3 =", "Q: 7 - 1 =", "Q: 7 - 1 ="]
+    answers = ["The answer is 5.", "The answer is 6.", "The answer is 6.", "The answer is 4."]
+    states = capture(decoder, prompts, completions=answers, batch_size=3)
+    joined = capture(
+        decoder, [p + "\n" + a for p, a in zip(prompts, answers, strict=True)], batch_size=4
+    )
+    for layer, tensor in states.items():
+        _assert_close(tensor, joined[layer])
+        # Same prompt, different answers: the last-token states must differ.
+        assert (tensor[0] - tensor[1]).abs().max() > 1e-4

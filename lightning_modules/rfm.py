@@ -1,0 +1,399 @@
+"""Steering-vector fitting as a Lightning stage: a Recursive Feature Machine advanced one
+iteration per epoch, or a baseline extractor in one epoch.
+
+Epoch t (t = 0..T): at its start every pair's RFM updates its metric by the AGOP of iteration
+t-1 (t > 0) and solves the kernel ridge regression; validation then scores every bandwidth by
+AUROC on the whole dev split (TorchMetrics), and the fit stops itself after iteration T. At the
+end of fitting the best (bandwidth, iteration) of each pair gives the top AGOP eigenvector,
+mapped into the target's space and written to `steering.safetensors`.
+
+Data comes from `PairedActivationDataModule.split_tensors`, the whole split on every rank, so
+under DDP every rank solves the identical problem (no sampler duplicates, no gather needed) and
+rank 0 alone writes the artifact. The closed-form work needs no optimizer step; the module's
+parameters are the kernel hyperparameters (log bandwidth factors of the grid and log ridge),
+which `tune_steps > 0` adjusts by gradient of the validation loss — and which keep DDP, which
+refuses a module with nothing to train, content.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import BinaryAUROC
+
+from expertsteer.alignment import AffineAutoencoders, load_alignment
+from expertsteer.artifacts import ALIGNMENT_FILE, STEERING_FILE, load_json
+from expertsteer.cache import sha256_file
+from expertsteer.extractors import EXTRACTORS, extract
+from expertsteer.rfm import RFMConfig, RFMFitter, top_directions, validation_loss
+from expertsteer.vectors import SteeringVectors, save_steering
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("expert", "target")
+SPACES = ("encoded", "raw")
+FIT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class RFMModule(L.LightningModule):
+    """Fits steering vectors for target layers from expert (or target) hidden states."""
+
+    def __init__(
+        self,
+        method: str = "rfm",
+        source: str = "expert",
+        space: str = "encoded",
+        alignment_file: str | None = None,
+        pairs_file: str | None = None,
+        pairs: list[list[int]] | None = None,
+        iterations: int = 8,
+        ridge: float = 1e-3,
+        bandwidth_scales: list[float] | None = None,
+        num_directions: int = 4,
+        center: bool = True,
+        tune_steps: int = 0,
+        tune_lr: float = 0.05,
+        fit_dtype: str = "float64",
+        seed: int = 0,
+        output_dir: str | None = None,
+    ) -> None:
+        """
+        Args:
+            method: Extractor: `rfm` or a baseline (`mean_diff`, `pca_diff`, `logistic`,
+                `random`).
+            source: Whose states the extractor reads: `expert` (ExpertSteer) or `target`
+                (target-self baselines).
+            space: For the expert: `encoded` (fit on f_i(h^E), the default) or `raw` (fit on
+                h^E, then map the direction by the encoder's linear part).
+            alignment_file: `alignment.safetensors` of the run (required for the expert).
+            pairs_file: `pairs.json` of the run: the [expert layer, target layer] pairs.
+            pairs: Explicit [[expert layer, target layer], ...] instead of `pairs_file`.
+            iterations: RFM iterations T (the fit runs T + 1 epochs: M_0 = I, then T AGOPs).
+            ridge: KRR regulariser lambda.
+            bandwidth_scales: Bandwidth grid as multiples of the median pairwise distance.
+            num_directions: Leading eigenvectors saved per layer.
+            center: Subtract the training mean before the RFM fit.
+            tune_steps: Adam steps tuning the log bandwidths and log ridge on the validation
+                loss before iteration 0 (0: keep the grid as given).
+            tune_lr: Learning rate of that tuning.
+            fit_dtype: Precision of the kernel algebra: float64 or float32.
+            seed: Seed of the `random` baseline.
+            output_dir: Run directory for `steering.safetensors` (default: the trainer's
+                `default_root_dir`).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        scales = bandwidth_scales or list(RFMConfig().bandwidth_scales)
+        self.config = RFMConfig(
+            iterations=iterations,
+            ridge=ridge,
+            bandwidth_scales=tuple(scales),
+            num_directions=num_directions,
+            center=center,
+        )
+        if method not in EXTRACTORS:
+            raise ValueError(f"method must be one of {sorted(EXTRACTORS)}, got '{method}'")
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got '{source}'")
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got '{space}'")
+        if fit_dtype not in FIT_DTYPES:
+            raise ValueError(f"fit_dtype must be one of {sorted(FIT_DTYPES)}, got '{fit_dtype}'")
+        if (pairs_file is None) == (pairs is None):
+            raise ValueError("give exactly one of `pairs_file` (pairs.json) or `pairs`")
+        if pairs is not None and (not pairs or any(len(pair) != 2 for pair in pairs)):
+            raise ValueError(f"pairs must be a non-empty list of [expert, target], got {pairs}")
+        if source == "expert" and alignment_file is None:
+            raise ValueError(
+                f"source 'expert' needs `alignment_file` ({ALIGNMENT_FILE} of the alignment "
+                "stage) to bring expert directions into the target's space"
+            )
+        if tune_steps < 0:
+            raise ValueError(f"tune_steps must be >= 0, got {tune_steps}")
+        self.automatic_optimization = False
+        self.log_bandwidth_scales = nn.Parameter(torch.tensor(scales, dtype=torch.float64).log())
+        self.log_ridge = nn.Parameter(torch.tensor(math.log(ridge), dtype=torch.float64))
+        self.val_auroc = BinaryAUROC(sync_on_compute=False)  # every rank holds the whole split
+        self.aligner: AffineAutoencoders | None = None
+        self.alignment_meta: dict | None = None
+        self.layer_pairs: list[tuple[int, int]] = []
+        self.fitters: list[RFMFitter] = []
+        self.directions: list[torch.Tensor] = []
+
+    # -- data --------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Read the pairs and the alignment (small files), checked against the DataModule."""
+        datamodule = self.trainer.datamodule
+        expert_key, target_key = datamodule.keys()
+        hp = self.hparams
+        expect = {
+            "expert_model_id": expert_key.model_id,
+            "expert_weights_sha256": expert_key.weights_sha256,
+            "target_model_id": target_key.model_id,
+            "target_weights_sha256": target_key.weights_sha256,
+        }
+        if hp.pairs_file is not None:
+            payload = load_json(hp.pairs_file, "pairs")
+            pairs = [(p["expert_layer"], p["target_layer"]) for p in payload["pairs"]]
+        else:
+            pairs = [(int(i), int(j)) for i, j in hp.pairs]
+        for i, j in pairs:
+            if j not in target_key.layers:
+                raise ValueError(f"target layer {j} is not among the captured {target_key.layers}")
+            if hp.source == "expert" and i not in expert_key.layers:
+                raise ValueError(f"expert layer {i} is not among the captured {expert_key.layers}")
+        self.layer_pairs = pairs
+        if hp.source == "expert":
+            self.aligner, self.alignment_meta = load_alignment(hp.alignment_file, expect)
+            if list(self.alignment_meta["expert_layers"]) != list(expert_key.layers):
+                raise ValueError(
+                    f"{hp.alignment_file} was trained on expert layers "
+                    f"{self.alignment_meta['expert_layers']}, the data holds {expert_key.layers}"
+                )
+
+    def _features(self, split: str, pair: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x [n, d], y [n]) of one pair on one split, in the space the extractor runs in."""
+        datamodule = self.trainer.datamodule
+        expert_key, target_key = datamodule.keys()
+        tensors = datamodule.split_tensors(split)
+        dtype = FIT_DTYPES[self.hparams.fit_dtype]
+        i, j = pair
+        if self.hparams.source == "target":
+            x = tensors["target"][:, target_key.layers.index(j)].to(dtype)
+        else:
+            x = tensors["expert"][:, expert_key.layers.index(i)].to(dtype)
+            if self.hparams.space == "encoded":
+                with torch.no_grad():
+                    x = self.aligner.to(dtype).encode(expert_key.layers.index(i), x)
+        return x.detach(), tensors["label"].long()
+
+    def _to_target(self, pair: tuple[int, int], directions: torch.Tensor) -> torch.Tensor:
+        """Directions [k, d] of the extractor's space as unit rows in the target's space."""
+        if self.hparams.source == "expert" and self.hparams.space == "raw":
+            index = self.trainer.datamodule.keys()[0].layers.index(pair[0])
+            with torch.no_grad():
+                directions = self.aligner.to(directions.dtype).encode_direction(index, directions)
+        return directions / directions.norm(dim=-1, keepdim=True)
+
+    # -- Lightning hooks -----------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        needed = self.hparams.iterations + 1 if self.hparams.method == "rfm" else 1
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and 0 <= max_epochs < needed:
+            raise ValueError(
+                f"trainer.max_epochs={max_epochs} is too small: the {self.hparams.method} fit "
+                f"needs {needed} epoch(s) (iterations + 1); the module stops itself when done"
+            )
+
+    def on_train_epoch_start(self) -> None:
+        with torch.no_grad():
+            if self.current_epoch == 0:
+                self._start()
+            elif self.hparams.method == "rfm":
+                for fitter in self.fitters:
+                    fitter.update()
+            for fitter in self.fitters:
+                fitter.solve()
+
+    def _start(self) -> None:
+        hp = self.hparams
+        data = [(self._features("steer", p), self._features("dev", p)) for p in self.layer_pairs]
+        if hp.method != "rfm":
+            self.directions = [
+                extract(hp.method, x, y, x_val, y_val, seed=hp.seed)
+                for (x, y), (x_val, y_val) in data
+            ]
+            return
+        if hp.tune_steps:
+            with torch.enable_grad():
+                self._tune(data)
+        scales = tuple(float(s) for s in self.log_bandwidth_scales.detach().exp())
+        config = RFMConfig(
+            iterations=hp.iterations,
+            ridge=float(self.log_ridge.detach().exp()),
+            bandwidth_scales=scales,
+            num_directions=hp.num_directions,
+            center=hp.center,
+        )
+        self.fitters = [RFMFitter(x, y, xv, yv, config) for (x, y), (xv, yv) in data]
+
+    def _tune(self, data: list) -> None:
+        """Adam on the log bandwidth factors and log ridge, summed validation MSE of every
+        grid point and pair at M = I (identical on every rank: same data, same steps)."""
+        optimizer = torch.optim.Adam(
+            [self.log_bandwidth_scales, self.log_ridge], lr=self.hparams.tune_lr
+        )
+        problems = []
+        for (x, y), (x_val, y_val) in data:
+            mean = x.mean(0) if self.hparams.center else torch.zeros_like(x[0])
+            fitter = RFMFitter(x, y, x_val, y_val, self.config)
+            problems.append((x - mean, y, x_val - mean, y_val, math.log(fitter.median)))
+        for _ in range(self.hparams.tune_steps):
+            optimizer.zero_grad()
+            loss = sum(
+                validation_loss(
+                    x,
+                    y,
+                    x_val,
+                    y_val,
+                    torch.eye(x.shape[1], dtype=x.dtype),
+                    (log_median + log_scale).to(x.dtype),
+                    self.log_ridge.to(x.dtype),
+                )
+                for x, y, x_val, y_val, log_median in problems
+                for log_scale in self.log_bandwidth_scales
+            )
+            loss.backward()
+            optimizer.step()
+        log.info(
+            "tuned bandwidth factors %s, ridge %.3g",
+            [round(float(s), 4) for s in self.log_bandwidth_scales.exp()],
+            float(self.log_ridge.exp()),
+        )
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        """Nothing per batch: the closed-form iteration ran in `on_train_epoch_start` on the
+        whole split (a kernel needs every example exactly once, not the sampler's shard)."""
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Nothing per batch: scoring needs the whole dev split (`on_validation_epoch_end`)."""
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or not (self.fitters or self.directions):
+            return
+        with torch.no_grad():
+            if self.hparams.method == "rfm":
+                self._log_rfm_iteration()
+            else:
+                for index, (pair, direction) in enumerate(
+                    zip(self.layer_pairs, self.directions, strict=True)
+                ):
+                    x_val, y_val = self._features("dev", pair)
+                    score = self._auroc(x_val @ direction, y_val)
+                    self.log(f"val/direction_auroc/pair{index}", score, sync_dist=True)
+        done = self.hparams.method != "rfm" or self.current_epoch >= self.hparams.iterations
+        if done:
+            self.trainer.should_stop = True
+
+    def _auroc(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.val_auroc.update(scores.float(), labels)
+        value = self.val_auroc.compute()
+        self.val_auroc.reset()
+        return value
+
+    def _log_rfm_iteration(self) -> None:
+        best = []
+        for index, fitter in enumerate(self.fitters):
+            fitter.evaluate()
+            predictions = fitter.predictions()
+            scores = [self._auroc(p, fitter.y_val) for p in predictions]
+            for factor, score in zip(self.config.bandwidth_scales, scores, strict=True):
+                self.log(f"val/auroc/pair{index}/bw{factor:g}", score, sync_dist=True)
+            top = max(range(len(scores)), key=lambda k: float(scores[k]))
+            (direction,), _ = top_directions(fitter.metrics[top], fitter.x, fitter.y, 1)
+            x_val = fitter.x_val
+            self.log(
+                f"val/direction_auroc/pair{index}",
+                self._auroc(x_val @ direction, fitter.y_val),
+                sync_dist=True,
+            )
+            best.append(max(scores))
+        self.log("val/auroc", torch.stack(best).mean(), prog_bar=True, sync_dist=True)
+        self.log("rfm/iteration", float(self.current_epoch), sync_dist=True)
+
+    def configure_optimizers(self) -> None:
+        """No optimizer: the fit is closed form (tuning uses its own Adam, see `_tune`)."""
+        return None
+
+    def on_fit_end(self) -> None:
+        if not (self.fitters or self.directions):
+            return
+        steering = self.steering_vectors()
+        if self.trainer.is_global_zero:
+            path = Path(self.hparams.output_dir or self.trainer.default_root_dir) / STEERING_FILE
+            save_steering(path, steering)
+            log.info("steering vectors for target layers %s -> %s", steering.layers, path)
+        self.trainer.strategy.barrier()
+
+    # -- results -------------------------------------------------------------------------------
+
+    def steering_vectors(self) -> SteeringVectors:
+        """The fitted vectors per target layer with their metadata."""
+        datamodule = self.trainer.datamodule
+        expert_key, target_key = datamodule.keys()
+        dev = datamodule.split_tensors("dev")
+        vectors, directions, norm_scale, fits = {}, {}, {}, []
+        for index, pair in enumerate(self.layer_pairs):
+            if self.hparams.method == "rfm":
+                result = self.fitters[index].result()
+                rows = result.directions
+                fits.append(
+                    {
+                        "expert_layer": pair[0],
+                        "target_layer": pair[1],
+                        "best_iteration": result.best_iteration,
+                        "bandwidth": result.bandwidth,
+                        "val_auroc": result.val_auroc,
+                        "grid_auroc": {f"{k:.6g}": v for k, v in result.grid_auroc.items()},
+                        "eigenvalues": [float(v) for v in result.eigenvalues],
+                    }
+                )
+            else:
+                rows = self.directions[index][None, :]
+                fits.append({"expert_layer": pair[0], "target_layer": pair[1]})
+            mapped = self._orient(pair, self._to_target(pair, rows))
+            j = pair[1]
+            if j in vectors:
+                raise ValueError(f"target layer {j} appears in more than one pair")
+            vectors[j], directions[j] = mapped[0].float(), mapped.float()
+            states = dev["target"][:, target_key.layers.index(j)].float()
+            norm_scale[j] = float(states.norm(dim=-1).mean())
+        metadata = {
+            "method": self.hparams.method,
+            "source": self.hparams.source,
+            "space": self.hparams.space if self.hparams.source == "expert" else "target",
+            "expert_model_id": expert_key.model_id,
+            "expert_weights_sha256": expert_key.weights_sha256,
+            "target_model_id": target_key.model_id,
+            "target_weights_sha256": target_key.weights_sha256,
+            "pairs": [list(pair) for pair in self.layer_pairs],
+            "positions": "all",
+            "norm_scale": "mean L2 norm of the target block output on the dev split",
+            "data_fingerprint": datamodule.cache_path().name,
+            "task": datamodule.hparams.task,
+            "alignment_objective": (self.alignment_meta or {}).get("objective"),
+            "alignment_sha256": (
+                sha256_file(self.hparams.alignment_file) if self.aligner is not None else None
+            ),
+            "rfm": {
+                "iterations": self.hparams.iterations,
+                "ridge": float(self.log_ridge.detach().exp()),
+                "bandwidth_scales": [float(s) for s in self.log_bandwidth_scales.detach().exp()],
+                "fit_dtype": self.hparams.fit_dtype,
+            },
+            "fits": fits,
+        }
+        return SteeringVectors(vectors, norm_scale, directions, metadata)
+
+    def _orient(self, pair: tuple[int, int], rows: torch.Tensor) -> torch.Tensor:
+        """Flip rows so that steer-split projections (in the target-space coordinates the
+        vector lives in) are larger for label 1; a linear map can reverse the sign."""
+        x, y = self._features("steer", pair)
+        if self.hparams.source == "expert" and self.hparams.space == "raw":
+            index = self.trainer.datamodule.keys()[0].layers.index(pair[0])
+            with torch.no_grad():
+                x = self.aligner.to(x.dtype).encode(index, x)
+        projections = x @ rows.to(x.dtype).T
+        signs = torch.where(
+            projections[y == 1].mean(0) >= projections[y == 0].mean(0),
+            torch.ones(len(rows), dtype=rows.dtype),
+            -torch.ones(len(rows), dtype=rows.dtype),
+        )
+        return rows * signs[:, None]
