@@ -1,0 +1,53 @@
+"""Fit an RFMModule under a Lightning Trainer with N CPU processes (gloo).
+
+Usage: python ddp_rfm_script.py EXPERT_DIR TARGET_DIR CACHE_DIR DEVICES OUT_DIR
+Writes OUT_DIR/steering.safetensors (rank 0) and OUT_DIR/rank<k>.json: the vector every rank
+holds and the epochs it ran.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from datamodules.paired_activations import PairedActivationDataModule
+from lightning_modules.rfm import RFMModule
+
+
+def main() -> None:
+    expert, target, cache, devices, out = sys.argv[1:6]
+    torch.manual_seed(0)
+    data = PairedActivationDataModule(
+        expert=expert,
+        target=target,
+        task="arithmetic",
+        steer_size=30,
+        dev_size=15,
+        test_size=4,
+        batch_size=8,
+        cache=cache,
+    )
+    module = RFMModule(source="target", pairs=[[0, 1], [0, 2]], iterations=3, output_dir=out)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=int(devices),
+        strategy="ddp" if int(devices) > 1 else "auto",
+        max_epochs=50,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, datamodule=data)
+    steering = module.steering_vectors()
+    record = {
+        "epochs": trainer.current_epoch,
+        "vectors": {str(k): v.tolist() for k, v in steering.vectors.items()},
+        "fits": steering.metadata["fits"],
+    }
+    (Path(out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
