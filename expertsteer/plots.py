@@ -1,0 +1,76 @@
+"""Report figures, drawn with Matplotlib's object API on the Agg canvas (no pyplot state), each
+written atomically as PNG."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from matplotlib import colormaps
+from matplotlib.axis import Axis
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+from expertsteer.cache import atomic_file
+
+log = logging.getLogger(__name__)
+
+DPI = 150
+
+
+def _layer_axis(axis: Axis, labels: Sequence[int]) -> None:
+    """Integer ticks at matrix indices, labelled with the real block numbers."""
+    axis.set_major_locator(MaxNLocator(nbins=12, integer=True))
+    axis.set_major_formatter(
+        FuncFormatter(lambda value, _: str(labels[int(value)]) if 0 <= value < len(labels) else "")
+    )
+
+
+def mi_heatmap(
+    mi: torch.Tensor,
+    pairs: list[tuple[int, int]],
+    path: str | Path,
+    expert_name: str,
+    target_name: str,
+    expert_layers: list[int] | None = None,
+    target_layers: list[int] | None = None,
+) -> Path:
+    """Heatmap of the MI matrix [L_E, L_T] (expert layer on y, target layer on x) with the
+    chosen `pairs` (row, column indices) boxed in red; NaN entries grey. Returns the PNG path."""
+    values = mi.detach().to("cpu", torch.float64).numpy()
+    if values.ndim != 2:
+        raise ValueError(f"MI matrix must be 2-D, got shape {values.shape}")
+    rows, cols = values.shape
+    expert_layers = list(range(rows)) if expert_layers is None else list(expert_layers)
+    target_layers = list(range(cols)) if target_layers is None else list(target_layers)
+    if len(expert_layers) != rows or len(target_layers) != cols:
+        raise ValueError(
+            f"{len(expert_layers)} expert and {len(target_layers)} target layer labels for an "
+            f"MI matrix of shape {values.shape}"
+        )
+    figure = Figure(figsize=(1.5 + min(0.3 * cols, 12.0), 1.5 + min(0.3 * rows, 10.0)))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
+    image = ax.imshow(values, origin="lower", aspect="auto", cmap=cmap, interpolation="nearest")
+    figure.colorbar(image, ax=ax, label="MI (nats)")
+    for i, j in pairs:
+        ax.add_patch(
+            Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.0)
+        )
+    _layer_axis(ax.xaxis, target_layers)
+    _layer_axis(ax.yaxis, expert_layers)
+    ax.set_xlabel(f"target layer ({target_name})")
+    ax.set_ylabel(f"expert layer ({expert_name})")
+    ax.set_title(f"MI between {expert_name} and {target_name} layers (red: chosen pairs)")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=DPI)
+    log.info("MI heatmap written to %s", path)
+    return path

@@ -1,0 +1,536 @@
+"""Stage 1: train the per-layer auto-encoders, then estimate MI and pick intervention pairs.
+
+`trainer.fit(AlignmentModule(...), datamodule=PairedActivationDataModule(...))`:
+
+* `configure_model` builds the auto-encoders from the data module's dims and captured layers
+  and fits their standardisation on the whole steer split (`split_tensors`: every example once,
+  identical on every rank, so every rank computes the same statistics without a collective).
+* Training minimises the reconstruction loss, plus `lambda_tr` times the translation loss on the
+  configured pairs for `objective: recon+translate`.
+* Each validation epoch logs the losses and per-layer explained variance (a TorchMetrics metric
+  whose sums are all-reduced across ranks; Lightning's distributed sampler may pad the last
+  batch with a few duplicates, which this monitoring metric tolerates), then, outside the
+  sanity check, the MI matrix between encoded expert states and target states on the whole dev
+  split (again `split_tensors`, identical on every rank: each rank computes the same matrix and
+  no gather is needed) and the pairs it selects.
+* When fitting ends, the weights of the best checkpoint (if a `ModelCheckpoint` monitors a
+  metric; otherwise the last weights) are restored, MI and pairs are recomputed for exactly
+  those weights, and rank 0 writes `alignment.safetensors`, `mi.safetensors`, `pairs.json` and
+  `mi_heatmap.png` into `output_dir`; the other ranks wait at a barrier.
+
+In `recon+translate` mode the translation pairs are fixed by the configuration (typically the
+`pairs.json` of a paper-faithful `recon` run): the MI computed here is saved for information
+but never feeds back into the objective, which would be circular (the encoder would be trained
+towards the pairs its own codes select).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import Metric
+
+from expertsteer.alignment import (
+    OBJECTIVES,
+    AffineAutoencoders,
+    explained_variance,
+    explained_variance_from_sums,
+    save_alignment,
+)
+from expertsteer.artifacts import (
+    ALIGNMENT_FILE,
+    MI_FILE,
+    MI_HEATMAP_FILE,
+    PAIRS_FILE,
+    load_json,
+    save_artifact,
+    save_json,
+)
+from expertsteer.mi import MIConfig, PairingConfig, mi_matrix, pairs_payload, select_pairs
+from expertsteer.plots import mi_heatmap
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = ("cosine", "none")
+CHECKPOINT_KEY = "expertsteer_alignment"
+"""Checkpoint entry holding the auto-encoder shapes and run metadata (the parameters are built
+from the data, so a checkpoint must say how to rebuild them before its state dict loads)."""
+IDENTITY_FIELDS = (
+    "expert_model_id",
+    "expert_weights_sha256",
+    "target_model_id",
+    "target_weights_sha256",
+    "expert_layers",
+    "target_layers",
+    "expert_dim",
+    "target_dim",
+)
+MODEL_FIELDS = IDENTITY_FIELDS[:4]
+ENCODE_CHUNK = 1024
+
+
+class LayerExplainedVariance(Metric):
+    """Per-layer 1 - SSE / SST of reconstructions in standardised space, from float64 sums."""
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(self, num_layers: int, dim: int) -> None:
+        super().__init__()
+        zeros = torch.zeros(num_layers, dtype=torch.float64)
+        self.add_state("squared_error", zeros.clone(), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(num_layers, dim, dtype=torch.float64), "sum")
+        self.add_state("total_sq", torch.zeros(num_layers, dim, dtype=torch.float64), "sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, reconstruction: torch.Tensor, inputs: torch.Tensor) -> None:
+        """Add a batch: reconstructions and standardised inputs, both [B, L, d]."""
+        x = inputs.detach().double()
+        self.squared_error += (reconstruction.detach().double() - x).pow(2).sum(dim=(0, 2))
+        self.total += x.sum(0)
+        self.total_sq += x.pow(2).sum(0)
+        self.count += x.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        if self.count < 2:
+            return torch.full_like(self.squared_error, float("nan"))
+        return explained_variance_from_sums(
+            self.squared_error, self.total, self.total_sq, float(self.count)
+        )
+
+
+def read_pairs_file(path: str | Path) -> tuple[list[list[int]], dict[str, Any]]:
+    """[expert_layer, target_layer] pairs (real layer numbers) of a `pairs.json`, and the
+    model identity fields it records (checked against the data module later)."""
+    payload = load_json(path, "pairs")
+    try:
+        pairs = [[int(p["expert_layer"]), int(p["target_layer"])] for p in payload["pairs"]]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"{path}: 'pairs' must be a list of {{expert_layer, target_layer}} objects ({error})"
+        ) from error
+    identity = {name: payload[name] for name in MODEL_FIELDS if name in payload}
+    return pairs, identity
+
+
+class AlignmentModule(L.LightningModule):
+    """Affine auto-encoders for every captured expert layer, then MI-based layer pairing."""
+
+    def __init__(
+        self,
+        objective: str = "recon",
+        lambda_tr: float = 1.0,
+        pairs: list[list[int]] | None = None,
+        pairs_file: str | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        scheduler: str = "cosine",
+        output_dir: str | None = None,
+        mi_estimator: str = "gaussian",
+        mi_rank: int = 16,
+        top_k: int = 1,
+        window: tuple[float, float] = (0.25, 0.75),
+        select: str = "mi",
+        candidates: int = 4,
+        expert_window: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
+        """
+        Args:
+            objective: `recon` (paper-faithful) or `recon+translate` (adds the translation
+                term on `pairs`).
+            lambda_tr: Weight of the translation term.
+            pairs: [expert_layer, target_layer] pairs (real layer numbers) for the translation
+                term; required for `recon+translate` unless `pairs_file` is given.
+            pairs_file: A `pairs.json` (e.g. of a `recon` run) to take the pairs from.
+            lr: AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            scheduler: `cosine` (per step, over the whole fit) or `none`.
+            output_dir: Where the artifacts go (default: the trainer's `default_root_dir`).
+            mi_estimator: MI estimator (`gaussian` or `ksg`).
+            mi_rank: PCA dimensions kept per side before estimating MI.
+            top_k: Number of (expert, target) pairs selected.
+            window: Allowed relative depth of the target layer, (low, high) in [0, 1].
+            select: `mi` (the `top_k` lowest-MI pairs) or `dev` (`candidates` lowest-MI
+                pairs are saved, for the steering stage to choose among on the dev split).
+            candidates: Number of candidate pairs kept with `select: dev`.
+            expert_window: Allowed relative depth of the expert layer.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got '{objective}'")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got '{scheduler}'")
+        for name, value in (("lr", lr), ("lambda_tr", lambda_tr)):
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if pairs is not None and pairs_file is not None:
+            raise ValueError("give either pairs or pairs_file, not both")
+        self.pairs_identity: dict[str, Any] = {}
+        if pairs_file is not None:
+            pairs, self.pairs_identity = read_pairs_file(pairs_file)
+        if pairs is not None and (
+            not pairs
+            or any(len(pair) != 2 or not all(isinstance(x, int) for x in pair) for pair in pairs)
+        ):
+            raise ValueError(
+                f"pairs must be a non-empty list of [expert_layer, target_layer], got {pairs}"
+            )
+        if objective == "recon+translate" and pairs is None:
+            raise ValueError(
+                "objective 'recon+translate' needs the translation pairs: set pairs "
+                "[[expert_layer, target_layer], ...] or pairs_file (the pairs.json of a "
+                "'recon' run)"
+            )
+        if objective == "recon" and pairs is not None:
+            log.warning("objective 'recon' ignores the translation pairs %s", pairs)
+        self.translation_layers: list[tuple[int, int]] = (
+            [(int(i), int(j)) for i, j in pairs] if objective == "recon+translate" else []
+        )
+        self.mi_config = MIConfig(estimator=mi_estimator, mi_rank=mi_rank)
+        self.pairing_config = PairingConfig(
+            top_k=top_k,
+            window=tuple(window),
+            select=select,
+            candidates=candidates,
+            expert_window=tuple(expert_window),
+        )
+        self.autoencoders: AffineAutoencoders | None = None
+        self.val_explained_variance: LayerExplainedVariance | None = None
+        self.run_metadata: dict[str, Any] = {}
+        self.translation_pairs: list[tuple[int, int]] = []
+        self.mi: torch.Tensor | None = None
+        self.selected_pairs: list[tuple[int, int]] = []
+
+    # -- building ----------------------------------------------------------------------------
+
+    def _build(self, num_layers: int, expert_dim: int, target_dim: int) -> None:
+        self.autoencoders = AffineAutoencoders(num_layers, expert_dim, target_dim)
+        self.val_explained_variance = LayerExplainedVariance(num_layers, expert_dim)
+
+    def _datamodule(self) -> Any:
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not all(
+            hasattr(datamodule, name) for name in ("split_tensors", "keys", "dims", "cache_path")
+        ):
+            raise TypeError(
+                "AlignmentModule needs a PairedActivationDataModule: call "
+                "trainer.fit(module, datamodule=PairedActivationDataModule(...))"
+            )
+        return datamodule
+
+    @staticmethod
+    def describe(datamodule: Any) -> dict[str, Any]:
+        """What the alignment depends on: models, captured layers, dims and data fingerprint."""
+        expert, target = datamodule.keys()
+        dims = datamodule.dims()
+        return {
+            "expert_model_id": expert.model_id,
+            "expert_weights_sha256": expert.weights_sha256,
+            "target_model_id": target.model_id,
+            "target_weights_sha256": target.weights_sha256,
+            "expert_layers": list(expert.layers),
+            "target_layers": list(target.layers),
+            "expert_dim": int(dims["expert"][0]),
+            "target_dim": int(dims["target"][0]),
+            "expert_num_layers": int(dims["expert"][1]),
+            "target_num_layers": int(dims["target"][1]),
+            "data_fingerprint": datamodule.cache_path().name,
+        }
+
+    def _check_identity(self, found: dict[str, Any], source: str) -> None:
+        for name in IDENTITY_FIELDS:
+            if self.run_metadata.get(name) != found.get(name):
+                raise ValueError(
+                    f"{source} has {name}={found.get(name)!r} but this module was built for "
+                    f"{self.run_metadata.get(name)!r}; use the matching data module / checkpoint"
+                )
+
+    def _pair_indices(self, metadata: dict[str, Any]) -> list[tuple[int, int]]:
+        """Translation pairs as indices into the captured layers (negative numbers count from
+        the last block); each layer must have been captured."""
+        indices = []
+        for i, j in self.translation_layers:
+            for side, layer in (("expert", i), ("target", j)):
+                depth = metadata[f"{side}_num_layers"]
+                captured = metadata[f"{side}_layers"]
+                if not -depth <= layer < depth or layer % depth not in captured:
+                    raise ValueError(
+                        f"translation pair [{i}, {j}]: {side} layer {layer} was not captured "
+                        f"(captured: {captured}); add it to the data module's {side}_layers"
+                    )
+            indices.append(
+                (
+                    metadata["expert_layers"].index(i % metadata["expert_num_layers"]),
+                    metadata["target_layers"].index(j % metadata["target_num_layers"]),
+                )
+            )
+        experts = [i for i, _ in indices]
+        if len(set(experts)) != len(experts):
+            raise ValueError(
+                f"translation pairs {self.translation_layers} use an expert layer twice; each "
+                "encoder is translated into one target layer"
+            )
+        return indices
+
+    def configure_model(self) -> None:
+        """Build the auto-encoders from the data module and fit their standardisation.
+
+        Idempotent. Without a trainer (`load_from_checkpoint`) nothing is built here:
+        `on_load_checkpoint` rebuilds the modules from the shapes stored in the checkpoint.
+        """
+        if self._trainer is None:
+            return
+        datamodule = self._datamodule()
+        metadata = self.describe(datamodule)
+        if self.autoencoders is not None:
+            self._check_identity(metadata, "the data module")
+            return
+        steer = datamodule.split_tensors("steer")
+        expert_states, target_states = steer["expert"].float(), steer["target"].float()
+        for name, value in self.pairs_identity.items():
+            if value != metadata[name]:
+                raise ValueError(
+                    f"pairs_file {self.hparams.pairs_file} was made with {name}={value!r}, "
+                    f"but the data module has {metadata[name]!r}; use the pairs of this model pair"
+                )
+        self.run_metadata = metadata
+        self.translation_pairs = self._pair_indices(metadata)
+        # Fail on depth windows that hold no captured layer now, not after an epoch.
+        self._select(torch.zeros(len(metadata["expert_layers"]), len(metadata["target_layers"])))
+        self._build(len(metadata["expert_layers"]), metadata["expert_dim"], metadata["target_dim"])
+        self.autoencoders.fit_standardisation(expert_states)
+        for i, j in self.translation_pairs:
+            self.autoencoders.fit_target_standardisation(i, target_states[:, j])
+        log.info(
+            "alignment: %d auto-encoders %d -> %d, standardised on %d steer examples",
+            len(metadata["expert_layers"]),
+            metadata["expert_dim"],
+            metadata["target_dim"],
+            expert_states.shape[0],
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "metadata": self.run_metadata,
+            "translation_pairs": [list(pair) for pair in self.translation_pairs],
+            "mi": None if self.mi is None else self.mi.tolist(),
+            "selected_pairs": [list(pair) for pair in self.selected_pairs],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            raise ValueError(
+                f"this checkpoint has no '{CHECKPOINT_KEY}' entry; it was not written by "
+                "AlignmentModule"
+            )
+        metadata = state["metadata"]
+        if self.autoencoders is None:
+            self.run_metadata = metadata
+            self._build(
+                len(metadata["expert_layers"]), metadata["expert_dim"], metadata["target_dim"]
+            )
+            self.translation_pairs = [tuple(pair) for pair in state["translation_pairs"]]
+        else:
+            self._check_identity(metadata, "the checkpoint")
+            if metadata["data_fingerprint"] != self.run_metadata["data_fingerprint"]:
+                log.warning(
+                    "resuming from a checkpoint trained on other data (%s, now %s)",
+                    metadata["data_fingerprint"],
+                    self.run_metadata["data_fingerprint"],
+                )
+        if state["mi"] is not None:
+            self.mi = torch.tensor(state["mi"], dtype=torch.float64)
+        self.selected_pairs = [tuple(pair) for pair in state["selected_pairs"]]
+
+    # -- optimisation ------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        if self.hparams.scheduler == "none":
+            return {"optimizer": optimizer}
+        steps = self.trainer.estimated_stepping_batches
+        if not 0 < steps < float("inf"):
+            raise ValueError(
+                "scheduler 'cosine' needs a finite run: set trainer max_epochs or max_steps, "
+                "or use scheduler 'none'"
+            )
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+
+    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        expert = batch["expert"].to(self.dtype)
+        losses = {"recon_loss": self.autoencoders.reconstruction_loss(expert).mean()}
+        if self.translation_pairs:
+            target = batch["target"].to(self.dtype)
+            losses["translate_loss"] = self.autoencoders.translation_loss(
+                expert, target, self.translation_pairs
+            ).mean()
+        return losses
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self._losses(batch)
+        loss = losses["recon_loss"] + self.hparams.lambda_tr * losses.get("translate_loss", 0.0)
+        size = batch["expert"].shape[0]
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, batch_size=size, prog_bar=True)
+        self.log("train/loss", loss, batch_size=size)
+        return loss
+
+    # -- validation and pairing --------------------------------------------------------------
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        size = batch["expert"].shape[0]
+        for name, value in self._losses(batch).items():
+            self.log(f"val/{name}", value, batch_size=size, sync_dist=True, prog_bar=True)
+        expert = batch["expert"].to(self.dtype)
+        _, reconstruction = self.autoencoders(expert)
+        self.val_explained_variance.update(reconstruction, self.autoencoders.standardise(expert))
+
+    def on_validation_epoch_end(self) -> None:
+        variance = self.val_explained_variance.compute().float()
+        self.val_explained_variance.reset()
+        for layer, value in zip(self.run_metadata["expert_layers"], variance, strict=True):
+            self.log(f"val/explained_variance/layer_{layer}", value, sync_dist=True)
+        self.log("val/explained_variance_min", variance.min(), sync_dist=True)
+        self.log("val/explained_variance_median", variance.quantile(0.5), sync_dist=True)
+        if not self.trainer.sanity_checking:
+            self.compute_pairs()
+
+    @torch.no_grad()
+    def encode_all(self, expert_states: torch.Tensor) -> torch.Tensor:
+        """Codes [n, L_E, d_T] (float32, CPU) of raw expert states [n, L_E, d_E], in chunks."""
+        codes = [
+            self.autoencoders(chunk.to(self.device, self.dtype))[0].float().cpu()
+            for chunk in expert_states.split(ENCODE_CHUNK)
+        ]
+        return torch.cat(codes)
+
+    def compute_pairs(self) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """MI [L_E, L_T] between encoded expert and target states of the whole dev split, and
+        the selected (expert, target) index pairs; stored on the module.
+
+        Every rank reads the same whole split and computes the same matrix: no collective.
+        Runs after every validation epoch; cheap for `gaussian`, one O(n^2) pass per layer
+        pair for `ksg` (set `check_val_every_n_epoch` accordingly).
+        """
+        dev = self._datamodule().split_tensors("dev")
+        codes = self.encode_all(dev["expert"])
+        self.mi = mi_matrix(codes, dev["target"].float(), self.mi_config)
+        self.selected_pairs = self._select(self.mi)
+        log.info(
+            "MI pairing (expert, target layers): %s",
+            [self._real(pair) for pair in self.selected_pairs],
+        )
+        return self.mi, self.selected_pairs
+
+    def _select(self, mi: torch.Tensor) -> list[tuple[int, int]]:
+        meta = self.run_metadata
+        return select_pairs(
+            mi,
+            self.pairing_config,
+            expert_layers=meta["expert_layers"],
+            target_layers=meta["target_layers"],
+            num_expert_layers=meta["expert_num_layers"],
+            num_target_layers=meta["target_num_layers"],
+        )
+
+    def _real(self, pair: tuple[int, int]) -> tuple[int, int]:
+        return (
+            self.run_metadata["expert_layers"][pair[0]],
+            self.run_metadata["target_layers"][pair[1]],
+        )
+
+    # -- artifacts ---------------------------------------------------------------------------
+
+    def _restore_best(self) -> dict[str, Any]:
+        """Load the monitored best checkpoint's weights, if any; say which weights are kept."""
+        callback = self.trainer.checkpoint_callback
+        if callback is None or callback.monitor is None or not callback.best_model_path:
+            return {"weights": "last", "epoch": self.current_epoch}
+        checkpoint = self.trainer.strategy.load_checkpoint(callback.best_model_path)
+        self.load_state_dict(checkpoint["state_dict"])
+        return {
+            "weights": "best",
+            "epoch": int(checkpoint["epoch"]),
+            "monitor": callback.monitor,
+            "best_score": None
+            if callback.best_model_score is None
+            else float(callback.best_model_score),
+            "checkpoint": str(callback.best_model_path),
+        }
+
+    def on_fit_end(self) -> None:
+        kept = self._restore_best()
+        self.compute_pairs()
+        if self.trainer.is_global_zero:
+            directory = Path(self.hparams.output_dir or self.trainer.default_root_dir)
+            self.write_artifacts(directory, kept)
+        self.trainer.strategy.barrier("alignment_artifacts")
+
+    def write_artifacts(self, directory: Path, kept: dict[str, Any]) -> None:
+        """Alignment weights, MI matrix, pairs and heatmap of the current weights."""
+        meta = self.run_metadata
+        identity = {name: meta[name] for name in (*IDENTITY_FIELDS, "data_fingerprint")}
+        dev = self._datamodule().split_tensors("dev")
+        autoencoders = copy.deepcopy(self.autoencoders).float().cpu()
+        variance = explained_variance(autoencoders, dev["expert"].float())
+        save_alignment(
+            directory / ALIGNMENT_FILE,
+            autoencoders,
+            {
+                **identity,
+                "objective": self.hparams.objective,
+                "lambda_tr": self.hparams.lambda_tr,
+                "translation_pairs": [list(self._real(pair)) for pair in self.translation_pairs],
+                "dev_explained_variance": [round(float(v), 6) for v in variance],
+                **kept,
+            },
+        )
+        save_artifact(
+            directory / MI_FILE,
+            "mi",
+            {
+                "mi": self.mi,
+                "expert_layers": torch.tensor(meta["expert_layers"]),
+                "target_layers": torch.tensor(meta["target_layers"]),
+            },
+            {
+                **identity,
+                "estimator": self.mi_config.estimator,
+                "mi_rank": self.mi_config.mi_rank,
+                "states": "encoded expert vs target",
+                "split": "dev",
+                "objective": self.hparams.objective,
+            },
+        )
+        payload = pairs_payload(
+            self.mi,
+            self.selected_pairs,
+            self.mi_config,
+            self.pairing_config,
+            meta["expert_layers"],
+            meta["target_layers"],
+        )
+        save_json(directory / PAIRS_FILE, {**payload, **identity, "kind": "pairs"})
+        mi_heatmap(
+            self.mi,
+            self.selected_pairs,
+            directory / MI_HEATMAP_FILE,
+            Path(meta["expert_model_id"]).name,
+            Path(meta["target_model_id"]).name,
+            expert_layers=meta["expert_layers"],
+            target_layers=meta["target_layers"],
+        )
+        log.info("alignment artifacts written to %s (%s weights)", directory, kept["weights"])

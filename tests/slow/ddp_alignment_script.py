@@ -1,0 +1,52 @@
+"""Fit an AlignmentModule under a Lightning Trainer with N CPU processes (gloo).
+
+Usage: python ddp_alignment_script.py EXPERT_DIR TARGET_DIR CACHE_DIR DEVICES OUT_DIR
+Rank 0 writes the alignment artifacts into OUT_DIR; every rank writes OUT_DIR/rank<k>.json with
+its final dev reconstruction loss (whole dev split) and the MI matrix it computed.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from datamodules.paired_activations import PairedActivationDataModule
+from lightning_modules.alignment import AlignmentModule
+
+
+def main() -> None:
+    expert, target, cache, devices, out = sys.argv[1:6]
+    torch.manual_seed(0)
+    data = PairedActivationDataModule(
+        expert=expert,
+        target=target,
+        task="arithmetic",
+        item_kind="prompts",
+        steer_size=120,
+        dev_size=40,
+        test_size=4,
+        batch_size=16,
+        cache=cache,
+    )
+    module = AlignmentModule(lr=1e-2, output_dir=out)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=int(devices),
+        strategy="ddp" if int(devices) > 1 else "auto",
+        max_epochs=30,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, datamodule=data)
+    dev = data.split_tensors("dev")["expert"].float()
+    with torch.no_grad():
+        loss = float(module.autoencoders.cpu().float().reconstruction_loss(dev).mean())
+    record = {"dev_recon_loss": loss, "mi": module.mi.tolist(), "pairs": module.selected_pairs}
+    (Path(out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
