@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
+from typing import Any
 
 from expertsteer.errors import ExpertSteerError
 
@@ -86,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expertsteer",
         description="Steer a target LLM with steering vectors derived from an expert model.",
+        epilog=(
+            "Lightning stages: `expertsteer fit --config configs/align.yaml`, "
+            "`expertsteer fit --config configs/rfm.yaml`, `expertsteer validate ...` "
+            "(run `expertsteer fit --help` for every option)."
+        ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -121,9 +128,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+STAGE_MODULES = (
+    "datamodules.paired_activations",
+    "lightning_modules.alignment",
+    "lightning_modules.rfm",
+)
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True) -> Any:
+    """LightningCLI over the stage modules and DataModules (`fit`, `validate`, `test`).
+
+    Configs name classes by short name (`class_path: RFMModule`): the stage packages are
+    imported here so that jsonargparse finds them as subclasses. Stages build their own
+    optimizers (`auto_configure_optimizers=False`), so a stray `--optimizer` cannot replace
+    them; the resolved configuration is saved as `config.yaml` in the run's log directory.
+    """
+    from lightning.pytorch.cli import LightningCLI
+
+    # jsonargparse resolves short class names among the imported subclasses of
+    # LightningModule / LightningDataModule, so the stages must be imported first.
+    for module in STAGE_MODULES:
+        importlib.import_module(module)
+
+    return LightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
 def main(args: list[str] | None = None) -> None:
     """Run the `expertsteer` command line with `args` (default: `sys.argv[1:]`)."""
-    namespace = build_parser().parse_args(args)
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s: %(message)s")
+        try:
+            # args=None lets LightningCLI read sys.argv itself (it warns when given both).
+            lightning_cli(args)
+        except ExpertSteerError as error:
+            sys.exit(f"expertsteer: error: {error}")
+        return
+    namespace = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if namespace.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
