@@ -417,17 +417,34 @@ class AlignmentModule(L.LightningModule):
         ]
         return torch.cat(codes)
 
+    @torch.no_grad()
+    def mi_states(self, expert_states: torch.Tensor) -> torch.Tensor:
+        """The codes z_i = f_i(h) as MI sees them: their decoded images g_i(z_i) in
+        standardised expert coordinates [n, L_E, d_E] (float32, CPU), in chunks.
+
+        g_i is injective on the codes' span, so MI(g_i(z_i); h_T) = MI(z_i; h_T). The reason
+        for the detour: the estimators truncate by PCA, and PCA is not invariant to the
+        non-orthogonal basis a reconstruction-only auto-encoder leaves arbitrary — two equally
+        good encoders (e.g. a 1-process and a 2-process fit) would give different MI. In
+        decoded coordinates the estimate depends only on the learned subspace.
+        """
+        images = [
+            self.autoencoders(chunk.to(self.device, self.dtype))[1].float().cpu()
+            for chunk in expert_states.split(ENCODE_CHUNK)
+        ]
+        return torch.cat(images)
+
     def compute_pairs(self) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """MI [L_E, L_T] between encoded expert and target states of the whole dev split, and
-        the selected (expert, target) index pairs; stored on the module.
+        the selected (expert, target) index pairs; stored on the module (codes enter through
+        `mi_states`).
 
         Every rank reads the same whole split and computes the same matrix: no collective.
         Runs after every validation epoch; cheap for `gaussian`, one O(n^2) pass per layer
         pair for `ksg` (set `check_val_every_n_epoch` accordingly).
         """
         dev = self._datamodule().split_tensors("dev")
-        codes = self.encode_all(dev["expert"])
-        self.mi = mi_matrix(codes, dev["target"].float(), self.mi_config)
+        self.mi = mi_matrix(self.mi_states(dev["expert"]), dev["target"].float(), self.mi_config)
         self.selected_pairs = self._select(self.mi)
         log.info(
             "MI pairing (expert, target layers): %s",

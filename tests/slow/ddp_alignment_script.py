@@ -25,17 +25,18 @@ def main() -> None:
         task="arithmetic",
         item_kind="prompts",
         steer_size=120,
-        dev_size=40,
+        dev_size=200,
         test_size=4,
-        batch_size=16,
+        # Same global batch (16) and so the same number of optimiser steps as one process.
+        batch_size=16 // int(devices),
         cache=cache,
     )
-    module = AlignmentModule(lr=1e-2, output_dir=out)
+    module = AlignmentModule(lr=1e-2, mi_rank=4, output_dir=out)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=int(devices),
         strategy="ddp" if int(devices) > 1 else "auto",
-        max_epochs=30,
+        max_epochs=60,
         logger=False,
         enable_progress_bar=False,
         enable_checkpointing=False,
