@@ -1,0 +1,178 @@
+"""Cost of steering on the packaged SmolLM2, in one process.
+
+Generation (batch of ARC-Easy prompts, greedy, exactly `--new-tokens` new tokens each): tokens/s
+unsteered and steered through `expertsteer.steering` (nnsight), against plain transformers
+`generate` unsteered and steered by the `steering-vectors` library (forward hooks), with the same
+vector (a random unit direction at a middle block, alpha * s_j). Scoring: items/s of option
+log-likelihoods (4 options per ARC item) by `steered_logits`, unsteered and steered.
+
+Runs are interleaved and repeated so that load from other processes on a shared CPU hits every
+method alike; medians are reported. `steering-vectors` is a benchmark-only dependency:
+
+    .venv/bin/pip install --no-deps steering-vectors==0.12.2
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/steering_throughput.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from expertsteer.decoder import Decoder
+from expertsteer.steering import (
+    Intervention,
+    mean_residual_norms,
+    prompt_lengths,
+    steered_generate_ids,
+    steered_logits,
+)
+from expertsteer.zoo import load_model
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/benchmarks/arc/ARC-Easy/test.json"
+OPTIONS = [f"the correct answer is answer{k}" for k in range(1, 5)]
+
+
+def arc_prompts(path: Path, count: int) -> list[str]:
+    rows = json.loads(path.read_text())
+    return [row["instruction"] for row in rows[:count]]
+
+
+def interleaved(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per method; each repeat runs every method once, in turn."""
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    for fn in methods.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            started = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - started)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def score(decoder: Decoder, prompts: list[str], intervention: Intervention | None, batch: int):
+    """Summed log-likelihood of each option text after each prompt: [items, options]."""
+    rows = [(prompt, option) for prompt in prompts for option in OPTIONS]
+    totals = []
+    for start in range(0, len(rows), batch):
+        questions, answers = zip(*rows[start : start + batch], strict=True)
+        encoding = decoder.encode(list(questions), list(answers))
+        lengths = prompt_lengths(decoder, list(questions), list(answers))
+        log_probs = steered_logits(decoder, encoding, intervention, lengths)
+        ids = encoding["input_ids"]
+        picked = log_probs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        real = encoding["attention_mask"].sum(-1, keepdim=True)
+        # Column t + 1 of a row is an answer token when its rank among real tokens >= length.
+        rank = encoding["attention_mask"].cumsum(-1)[:, 1:] - 1
+        answer = (rank >= lengths[:, None]) & (rank < real)
+        totals.append((picked * answer).sum(-1))
+    return torch.cat(totals).reshape(len(prompts), len(OPTIONS))
+
+
+def main() -> None:
+    from steering_vectors import SteeringVector
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--items", type=int, default=8, help="ARC items scored (4 options)")
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--layer", type=int, default=None, help="default: the middle block")
+    parser.add_argument("--repeats", type=int, default=5)
+    # On a CPU shared with other busy processes, two OpenMP threads ran a forward 4x slower
+    # than one (threads spin at barriers while a sibling is descheduled).
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    decoder = Decoder.from_loaded(load_model(args.model))
+    layer = decoder.num_layers // 2 if args.layer is None else args.layer
+    prompts = arc_prompts(args.data, max(args.batch_size, args.items))
+    batch = prompts[: args.batch_size]
+    scales = mean_residual_norms(decoder, prompts, [layer])
+    vector = torch.nn.functional.normalize(
+        torch.randn(decoder.hidden_size, generator=torch.Generator().manual_seed(0)), dim=0
+    )
+    ours = Intervention({layer: vector}, scales, alpha=args.alpha, positions="all")
+    peer = SteeringVector({layer: args.alpha * scales[layer] * vector}, "decoder_block")
+
+    encoding = decoder.encode(batch)
+    width = encoding["input_ids"].shape[1]
+    # min_new_tokens: every method generates the same number of tokens, whatever EOS does.
+    fixed = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    pad = decoder.tokenizer.pad_token_id
+
+    def hf_generate() -> torch.Tensor:
+        with torch.inference_mode():
+            ids = decoder.hf_model.generate(**encoding, pad_token_id=pad, **fixed)
+        return ids[:, width:]
+
+    def peer_generate() -> torch.Tensor:
+        with peer.apply(decoder.hf_model):
+            return hf_generate()
+
+    generation = {
+        "transformers, unsteered": hf_generate,
+        "steering-vectors, steered": peer_generate,
+        "expertsteer, unsteered": lambda: steered_generate_ids(
+            decoder, batch, None, args.new_tokens, min_new_tokens=args.new_tokens
+        ),
+        "expertsteer, steered": lambda: steered_generate_ids(
+            decoder, batch, ours, args.new_tokens, min_new_tokens=args.new_tokens
+        ),
+    }
+    same = torch.equal(
+        generation["steering-vectors, steered"](), generation["expertsteer, steered"]()
+    )
+    changed = not torch.equal(hf_generate(), generation["expertsteer, steered"]())
+    gen_s = interleaved(generation, args.repeats)
+
+    tokens = args.batch_size * args.new_tokens
+    print(
+        f"\n{args.model}: batch {args.batch_size} x {args.new_tokens} new tokens (greedy), "
+        f"block {layer}, alpha {args.alpha} (s_j = {scales[layer]:.2f}), median of "
+        f"{args.repeats} interleaved runs, {torch.get_num_threads()} threads\n"
+    )
+    print("| generation | s | tokens/s |")
+    print("|---|---|---|")
+    for name, seconds in gen_s.items():
+        print(f"| {name} | {seconds:.3f} | {tokens / seconds:.1f} |")
+    ours_cost = gen_s["expertsteer, steered"] / gen_s["expertsteer, unsteered"] - 1
+    peer_cost = gen_s["steering-vectors, steered"] / gen_s["transformers, unsteered"] - 1
+    print(
+        f"\nsteering cost: expertsteer {ours_cost:+.1%}, steering-vectors {peer_cost:+.1%}; "
+        f"expertsteer steered / steering-vectors steered throughput: "
+        f"{gen_s['steering-vectors, steered'] / gen_s['expertsteer, steered']:.2f}x; "
+        f"nnsight / transformers unsteered: "
+        f"{gen_s['transformers, unsteered'] / gen_s['expertsteer, unsteered']:.2f}x"
+    )
+    print(f"same tokens as steering-vectors: {same}; steering changed the tokens: {changed}\n")
+    sys.stdout.flush()
+    items = prompts[: args.items]
+    scoring = {
+        "unsteered": lambda: score(decoder, items, None, args.batch_size),
+        "steered": lambda: score(decoder, items, ours, args.batch_size),
+    }
+    score_s = interleaved(scoring, args.repeats)
+
+    print(
+        f"| scoring ({args.items} items x {len(OPTIONS)} options, batch {args.batch_size}) "
+        "| s | items/s |"
+    )
+    print("|---|---|---|")
+    for name, seconds in score_s.items():
+        print(f"| {name} | {seconds:.3f} | {args.items / seconds:.1f} |")
+    print(f"\nscoring steering cost: {score_s['steered'] / score_s['unsteered'] - 1:+.1%}")
+
+
+if __name__ == "__main__":
+    main()
