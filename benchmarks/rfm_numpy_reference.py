@@ -43,6 +43,8 @@ def distances(x: np.ndarray, z: np.ndarray, metric: np.ndarray) -> np.ndarray:
     """||x_i - z_j||_M for all pairs [n, m], from ||x||^2 + ||z||^2 - 2 <x, z> in the metric."""
     xm, zm = x @ metric, z @ metric
     squared = np.sum(xm * x, axis=1)[:, None] + np.sum(zm * z, axis=1)[None, :] - 2 * (xm @ z.T)
+    if z is x:
+        np.fill_diagonal(squared, 0.0)  # a point's distance to itself is exactly 0
     return np.sqrt(np.maximum(squared, 0.0))
 
 

@@ -79,8 +79,15 @@ class RFMResult:
 
 def mahalanobis_distances(x: torch.Tensor, z: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
     """Pairwise ||x_i - z_j||_M, [n, m]; clamped at zero before the square root."""
-    xm, zm = x @ metric, z @ metric
-    squared = (xm * x).sum(-1)[:, None] + (zm * z).sum(-1)[None, :] - 2 * xm @ z.T
+    xm = x @ metric
+    x_norms = (xm * x).sum(-1)
+    # The kernel and the AGOP take distances of the training set to itself: one product.
+    z_norms = x_norms if z is x else ((z @ metric) * z).sum(-1)
+    squared = x_norms[:, None] + z_norms[None, :] - 2 * xm @ z.T
+    if z is x:
+        # Self-distances come out of the expansion as rounding noise (up to ~1e-3 of the
+        # median distance in float32); make them exact so the self term is excluded.
+        squared.fill_diagonal_(0)
     return squared.clamp_min(0).sqrt()
 
 
@@ -124,9 +131,14 @@ def predictor_gradients(
     metric: torch.Tensor,
     bandwidth: torch.Tensor | float,
     x: torch.Tensor,
+    distances: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Closed-form grad f at each row of `x` [m, d]; terms at zero distance are excluded."""
-    distances = mahalanobis_distances(x, x_train, metric)
+    """Closed-form grad f at each row of `x` [m, d]; terms at zero distance are excluded.
+
+    `distances` may pass ||x - x_train||_M when the caller already has it (the fit does).
+    """
+    if distances is None:
+        distances = mahalanobis_distances(x, x_train, metric)
     kernel = torch.exp(-distances / bandwidth)
     safe = distances > 1e-10 * distances.max().clamp_min(1e-30)
     weights = torch.where(
@@ -230,14 +242,20 @@ class RFMFitter:
         eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
         self.metrics = [eye for _ in self.bandwidths]
         self.alphas: list[torch.Tensor | None] = [None for _ in self.bandwidths]
+        self.distances: list[torch.Tensor] = []
         self.iteration = 0
         self.history: list[list[float]] = [[] for _ in self.bandwidths]
         self.best: list[tuple[float, int, torch.Tensor] | None] = [None for _ in self.bandwidths]
 
     def solve(self) -> None:
         """KRR weights for every bandwidth at the current iteration."""
+        self.distances = []
         for k, (bandwidth, metric) in enumerate(zip(self.bandwidths, self.metrics, strict=True)):
-            kernel = laplace_kernel(self.x, self.x, metric, bandwidth)
+            # Kept for the AGOP of this iteration (same metric, same points): saves recomputing
+            # the n x n Mahalanobis distances, the costliest product after the solve.
+            distances = mahalanobis_distances(self.x, self.x, metric)
+            self.distances.append(distances)
+            kernel = torch.exp(-distances / bandwidth)
             self.alphas[k] = solve_krr(kernel, self.targets, self.config.ridge, self.config.jitter)
 
     def predictions(self) -> list[torch.Tensor]:
@@ -263,12 +281,13 @@ class RFMFitter:
     def update(self) -> None:
         """Replace every metric by the normalised AGOP of its predictor."""
         self.metrics = [
-            agop(predictor_gradients(self.x, alpha, metric, bandwidth, self.x))
-            for alpha, metric, bandwidth in zip(
-                self.alphas, self.metrics, self.bandwidths, strict=True
+            agop(predictor_gradients(self.x, alpha, metric, bandwidth, self.x, distances))
+            for alpha, metric, bandwidth, distances in zip(
+                self.alphas, self.metrics, self.bandwidths, self.distances, strict=True
             )
         ]
         self.alphas = [None for _ in self.bandwidths]
+        self.distances = []
         self.iteration += 1
 
     def result(self) -> RFMResult:
