@@ -33,19 +33,16 @@ from expertsteer.artifacts import ArtifactError, load_artifact, save_artifact
 
 ALIGNMENT_KIND = "alignment"
 OBJECTIVES = ("recon", "recon+translate")
-REQUIRED_METADATA = (
+MODEL_FIELDS = (
     "expert_model_id",
     "expert_weights_sha256",
     "target_model_id",
     "target_weights_sha256",
-    "expert_layers",
-    "target_layers",
-    "expert_dim",
-    "target_dim",
-    "objective",
-    "translation_pairs",
-    "data_fingerprint",
 )
+"""Which models an artifact was made for."""
+IDENTITY_FIELDS = (*MODEL_FIELDS, "expert_layers", "target_layers", "expert_dim", "target_dim")
+"""Models, captured layers and widths: what must match for the weights to apply."""
+REQUIRED_METADATA = (*IDENTITY_FIELDS, "objective", "translation_pairs", "data_fingerprint")
 """Metadata every alignment artifact carries (`translation_pairs`: real [expert, target] layer
 numbers of the translation term, empty for `recon`)."""
 

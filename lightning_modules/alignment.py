@@ -36,6 +36,8 @@ import torch
 from torchmetrics import Metric
 
 from expertsteer.alignment import (
+    IDENTITY_FIELDS,
+    MODEL_FIELDS,
     OBJECTIVES,
     AffineAutoencoders,
     explained_variance,
@@ -60,17 +62,6 @@ SCHEDULERS = ("cosine", "none")
 CHECKPOINT_KEY = "expertsteer_alignment"
 """Checkpoint entry holding the auto-encoder shapes and run metadata (the parameters are built
 from the data, so a checkpoint must say how to rebuild them before its state dict loads)."""
-IDENTITY_FIELDS = (
-    "expert_model_id",
-    "expert_weights_sha256",
-    "target_model_id",
-    "target_weights_sha256",
-    "expert_layers",
-    "target_layers",
-    "expert_dim",
-    "target_dim",
-)
-MODEL_FIELDS = IDENTITY_FIELDS[:4]
 ENCODE_CHUNK = 1024
 
 

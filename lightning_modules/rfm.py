@@ -30,7 +30,13 @@ from expertsteer.alignment import AffineAutoencoders, load_alignment
 from expertsteer.artifacts import ALIGNMENT_FILE, STEERING_FILE, load_json
 from expertsteer.cache import sha256_file
 from expertsteer.extractors import EXTRACTORS, extract
-from expertsteer.rfm import RFMConfig, RFMFitter, top_directions, validation_loss
+from expertsteer.rfm import (
+    RFMConfig,
+    RFMFitter,
+    median_distance,
+    top_directions,
+    validation_loss,
+)
 from expertsteer.vectors import SteeringVectors, save_steering
 
 log = logging.getLogger(__name__)
@@ -234,8 +240,8 @@ class RFMModule(L.LightningModule):
         problems = []
         for (x, y), (x_val, y_val) in data:
             mean = x.mean(0) if self.hparams.center else torch.zeros_like(x[0])
-            fitter = RFMFitter(x, y, x_val, y_val, self.config)
-            problems.append((x - mean, y, x_val - mean, y_val, math.log(fitter.median)))
+            x, x_val = x - mean, x_val - mean
+            problems.append((x, y, x_val, y_val, math.log(median_distance(x))))
         for _ in range(self.hparams.tune_steps):
             optimizer.zero_grad()
             loss = sum(

@@ -2,39 +2,27 @@
 pairs, and auto-encoders of equal quality."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from expertsteer.artifacts import MI_FILE, PAIRS_FILE, load_artifact
-from tests.tiny import save_tiny
+from tests.slow.ddp import run_script, tiny_pair
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("ddp_alignment_script.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(tmp_path, models, devices):
     out = tmp_path / f"out{devices}"
-    out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, str(SCRIPT), str(models["expert"]), str(models["target"])]
-    command += [str(tmp_path / "cache"), str(devices), str(out)]
-    subprocess.run(command, check=True, env=env, cwd=ROOT, timeout=600)
-    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    ranks = run_script(SCRIPT, models, tmp_path / "cache", devices, out)
     mi, _ = load_artifact(out / MI_FILE, "mi")
     return mi["mi"], json.loads((out / PAIRS_FILE).read_text()), ranks
 
 
 def test_two_process_alignment_matches_one_process(tmp_path):
-    models = {
-        "expert": save_tiny(tmp_path / "expert", "qwen2", seed=1),
-        "target": save_tiny(tmp_path / "target", "llama", chat=False, seed=2),
-    }
+    models = tiny_pair(tmp_path)
     mi_one, pairs_one, (one,) = _run(tmp_path, models, 1)
     mi_ddp, pairs_ddp, ranks = _run(tmp_path, models, 2)
     assert len(ranks) == 2

@@ -1,48 +1,24 @@
 """DDP with 2 CPU processes (gloo) produces the same activation cache as one process."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.tiny import save_tiny
+from tests.slow.ddp import run_script, tiny_pair
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("ddp_capture_script.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(tmp_path, models, devices):
-    cache, out = tmp_path / f"cache{devices}", tmp_path / f"out{devices}"
-    out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            str(models["expert"]),
-            str(models["target"]),
-            str(cache),
-            str(devices),
-            str(out),
-        ],
-        check=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
+    cache = tmp_path / f"cache{devices}"
+    ranks = run_script(SCRIPT, models, cache, devices, tmp_path / f"out{devices}")
     (entry,) = (cache / "activations").glob("*/meta.json")
-    return entry.parent, [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    return entry.parent, ranks
 
 
 def test_two_process_cache_is_byte_identical_and_stages_see_each_example_once(tmp_path):
-    models = {
-        "expert": save_tiny(tmp_path / "expert", "qwen2", seed=1),
-        "target": save_tiny(tmp_path / "target", "llama", chat=False, seed=2),
-    }
+    models = tiny_pair(tmp_path)
     single_dir, single = _run(tmp_path, models, 1)
     ddp_dir, ranks = _run(tmp_path, models, 2)
     assert single_dir.name == ddp_dir.name, "same fingerprint"

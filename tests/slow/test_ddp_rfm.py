@@ -1,9 +1,5 @@
 """DDP with 2 CPU processes (gloo) fits the same steering vectors as one process."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,29 +7,20 @@ import torch
 
 from expertsteer.artifacts import STEERING_FILE
 from expertsteer.vectors import load_steering
-from tests.tiny import save_tiny
+from tests.slow.ddp import run_script, tiny_pair
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("ddp_rfm_script.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(tmp_path, models, devices):
     out = tmp_path / f"out{devices}"
-    out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, str(SCRIPT), str(models["expert"]), str(models["target"])]
-    command += [str(tmp_path / "cache"), str(devices), str(out)]
-    subprocess.run(command, check=True, env=env, cwd=ROOT, timeout=600)
-    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    ranks = run_script(SCRIPT, models, tmp_path / "cache", devices, out)
     return load_steering(out / STEERING_FILE), ranks
 
 
 def test_two_process_rfm_gives_the_one_process_vectors(tmp_path):
-    models = {
-        "expert": save_tiny(tmp_path / "expert", "qwen2", seed=1),
-        "target": save_tiny(tmp_path / "target", "llama", chat=False, seed=2),
-    }
+    models = tiny_pair(tmp_path)
     single, (one,) = _run(tmp_path, models, 1)
     ddp, ranks = _run(tmp_path, models, 2)
     assert len(ranks) == 2

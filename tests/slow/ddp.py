@@ -1,0 +1,31 @@
+"""Shared plumbing of the DDP tests: tiny model pair, and a stage script run with N processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.tiny import save_tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_pair(root: Path) -> dict[str, Path]:
+    """An expert (qwen2, chat template) and a target (llama, no template) saved under `root`."""
+    return {
+        "expert": save_tiny(root / "expert", "qwen2", seed=1),
+        "target": save_tiny(root / "target", "llama", chat=False, seed=2),
+    }
+
+
+def run_script(
+    script: Path, models: dict[str, Path], cache: Path, devices: int, out: Path
+) -> list[dict]:
+    """Run `script EXPERT TARGET CACHE DEVICES OUT` and return each rank's `rank<k>.json`."""
+    out.mkdir()
+    command = [sys.executable, str(script), str(models["expert"]), str(models["target"])]
+    command += [str(cache), str(devices), str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(command, check=True, env=env, cwd=ROOT, timeout=600)
+    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
