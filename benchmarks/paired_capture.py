@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-from datamodules.paired_activations import DEFAULT_EXPERT, DEFAULT_TARGET
 from datamodules.paired_activations import PairedActivationDataModule as DataModule
 from expertsteer.decoder import Decoder, left_pad_positions
-from expertsteer.zoo import load_model
+from expertsteer.zoo import DEFAULT_EXPERT, DEFAULT_TARGET, load_model
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 

@@ -41,12 +41,16 @@ from expertsteer.decoder import Decoder
 from expertsteer.prompts import Item, prompt_items, steering_items
 from expertsteer.splits import SPLITS, SplitSizes, make_splits
 from expertsteer.tasks import TaskError, load_task
-from expertsteer.zoo import load_model, model_dims, weights_identity
+from expertsteer.zoo import (
+    DEFAULT_EXPERT,
+    DEFAULT_TARGET,
+    load_model,
+    model_dims,
+    weights_identity,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXPERT = "qwen2.5-coder-0.5b-instruct"
-DEFAULT_TARGET = "smollm2-135m-instruct"
 ITEM_KINDS = ("steering", "prompts")
 
 
@@ -108,6 +112,7 @@ class PairedActivationDataModule(L.LightningDataModule):
         shard_size: int = 256,
         cache: str | None = None,
         num_workers: int = 0,
+        capture_splits: list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -132,6 +137,9 @@ class PairedActivationDataModule(L.LightningDataModule):
             shard_size: Items per cache shard (the unit of resume).
             cache: Cache root (default: $EXPERTSTEER_CACHE or ~/.cache/expertsteer).
             num_workers: Dataloader workers.
+            capture_splits: Splits to capture (default all three). The fitting stages read
+                only steer and dev; leaving test out saves its capture, and test keeps the
+                same examples (the split is drawn with every size as given).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -151,6 +159,14 @@ class PairedActivationDataModule(L.LightningDataModule):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.sizes = SplitSizes(steer_size, dev_size, test_size)
+        captured = list(SPLITS) if capture_splits is None else list(capture_splits)
+        unknown = sorted(set(captured) - set(SPLITS))
+        if unknown or not {"steer", "dev"} <= set(captured):
+            raise ValueError(
+                f"capture_splits must include 'steer' and 'dev' and name only {SPLITS}, got "
+                f"{capture_splits}"
+            )
+        self.captured = [split for split in SPLITS if split in captured]
         self._splits: dict[str, list[Item]] | None = None
         self._data: dict[str, dict] = {}
         self._dims: dict[str, tuple[int, int]] | None = None
@@ -174,7 +190,9 @@ class PairedActivationDataModule(L.LightningDataModule):
             task = load_task(resolve_task(hp.task), hp.data_root)
             examples = make_splits(task, self.sizes, hp.seed)
             if hp.item_kind == "steering":
-                splits = {name: steering_items(task, examples[name], hp.seed) for name in SPLITS}
+                splits = {
+                    name: steering_items(task, examples[name], hp.seed) for name in self.captured
+                }
                 for name, items in splits.items():
                     classes = {item.label for item in items}
                     if classes != {0, 1}:
@@ -183,7 +201,7 @@ class PairedActivationDataModule(L.LightningDataModule):
                             f"both labels 0 and 1, found {sorted(classes)}"
                         )
             else:
-                splits = {name: prompt_items(task, examples[name]) for name in SPLITS}
+                splits = {name: prompt_items(task, examples[name]) for name in self.captured}
             self._splits = splits
         return self._splits
 
@@ -235,7 +253,7 @@ class PairedActivationDataModule(L.LightningDataModule):
         expert_key, target_key = self.keys()
         todo = [
             (split, k, start, stop)
-            for split in SPLITS
+            for split in self.captured
             for k, (start, stop) in enumerate(shard_ranges(len(splits[split]), hp.shard_size))
             if not (directory / shard_name(split, k)).is_file()
         ]
@@ -306,12 +324,13 @@ class PairedActivationDataModule(L.LightningDataModule):
                 raise CacheMismatchError(
                     f"cache {directory} holds {side} activations of another model or layer set"
                 )
-        self._data = {split: load_split(directory, split, meta) for split in SPLITS}
+        self._data = {split: load_split(directory, split, meta) for split in self.captured}
 
     def split_tensors(self, split: str) -> dict:
         """The whole split (every example once, same on every rank): tensors and ids."""
         if split not in self._data:
-            raise RuntimeError(f"split '{split}' is not loaded; call setup() first")
+            why = "it is not in capture_splits" if split not in self.captured else "call setup()"
+            raise RuntimeError(f"split '{split}' is not loaded: {why}")
         return self._data[split]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

@@ -9,12 +9,12 @@ import sys
 import time
 from typing import Any
 
+from expertsteer.artifacts import load_json
 from expertsteer.errors import ExpertSteerError
+from expertsteer.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
 
 log = logging.getLogger("expertsteer")
 
-DEFAULT_EXPERT = "qwen2.5-coder-0.5b-instruct"
-DEFAULT_TARGET = "smollm2-135m-instruct"
 DEMO_QUESTION = "What is the capital of France?"
 DEMO_PROMPTS = [
     DEMO_QUESTION,
@@ -84,6 +84,52 @@ def _demo(args: argparse.Namespace) -> None:
         )
 
 
+def _run(args: argparse.Namespace) -> None:
+    from expertsteer.experiment import load_experiment, plan, run_experiment
+    from expertsteer.report import REPORT_FILE, summary_table
+
+    experiment = load_experiment(args.config)
+    if args.task:
+        missing = [task for task in args.task if task not in experiment.tasks]
+        if missing:
+            raise ExpertSteerError(f"--task {missing} not in the experiment's tasks")
+        experiment.tasks = list(args.task)
+    if args.dry_run:
+        for task in experiment.tasks:
+            for stage, command, path, _, reuse in plan(experiment, task):
+                state = "reuse" if reuse and not args.force else "run"
+                print(f"{task:24} {stage:30} {state:6} expertsteer {command} --config {path}")
+        return
+    started = time.perf_counter()
+    run_dirs = run_experiment(experiment, force=args.force)
+    for task, run_dir in run_dirs.items():
+        metrics = load_json(run_dir / "metrics.json", "metrics")
+        print(f"\n## {task} (test n={metrics['n_test']}, dev n={metrics['n_dev']})\n")
+        print(summary_table(metrics))
+        print(f"\nreport: {run_dir / REPORT_FILE}")
+    print(f"\nexperiment '{experiment.name}' finished in {time.perf_counter() - started:.0f} s")
+
+
+def _export_gguf(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from expertsteer.experiment import METHODS, method_dir
+    from expertsteer.export import export_gguf
+
+    run = Path(args.run_dir)
+    if args.method not in METHODS:
+        raise ExpertSteerError(f"unknown method '{args.method}'; choose from {list(METHODS)}")
+    source = method_dir(run, args.method) if run.is_dir() else run
+    alpha = args.alpha
+    if alpha is None and run.is_dir() and (run / "metrics.json").is_file():
+        entry = load_json(run / "metrics.json", "metrics")["methods"].get(args.method)
+        alpha = None if entry is None else entry["alpha"]
+        if alpha is not None:
+            log.info("alpha %g: chosen on dev for %s (metrics.json)", alpha, args.method)
+    path = export_gguf(source, args.out, alpha=alpha, model_hint=args.model_hint)
+    print(f"control vector written to {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expertsteer",
@@ -125,14 +171,44 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--expert", default=DEFAULT_EXPERT)
     demo.add_argument("--target", default=DEFAULT_TARGET)
     demo.set_defaults(handler=_demo)
+
+    run = commands.add_parser(
+        "run",
+        help="run a whole experiment from one YAML (capture, alignment, pairing, vectors, "
+        "evaluation, report), reusing finished stages",
+    )
+    run.add_argument("--config", required=True, help="experiment YAML (configs/experiments/)")
+    run.add_argument("--task", action="append", help="run only this task (repeatable)")
+    run.add_argument("--force", action="store_true", help="rerun every stage")
+    run.add_argument(
+        "--dry-run", action="store_true", help="print which stages would run or be reused"
+    )
+    run.set_defaults(handler=_run)
+
+    export = commands.add_parser(
+        "export-gguf", help="write a run's steering vectors as a llama.cpp control vector"
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="run directory or steering file")
+    export.add_argument("out", metavar="OUT.gguf")
+    export.add_argument(
+        "--method", default="expertsteer", help="which method's vectors (default: expertsteer)"
+    )
+    export.add_argument(
+        "--alpha", type=float, help="strength folded into the vectors (default: chosen on dev)"
+    )
+    export.add_argument("--model-hint", help="llama.cpp architecture of the target (e.g. llama)")
+    export.set_defaults(handler=_export_gguf)
     return parser
 
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 STAGE_MODULES = (
     "datamodules.paired_activations",
+    "datamodules.task_examples",
     "lightning_modules.alignment",
     "lightning_modules.rfm",
+    "lightning_modules.steer",
+    "lightning_modules.evaluator",
 )
 
 

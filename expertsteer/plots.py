@@ -68,9 +68,57 @@ def mi_heatmap(
     ax.set_ylabel(f"expert layer ({expert_name})")
     ax.set_title(f"MI between {expert_name} and {target_name} layers (red: chosen pairs)")
     figure.tight_layout()
+    path = _save(figure, path)
+    log.info("MI heatmap written to %s", path)
+    return path
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         figure.savefig(tmp, format="png", dpi=DPI)
-    log.info("MI heatmap written to %s", path)
     return path
+
+
+def accuracy_vs_alpha(
+    curves: dict[str, dict[float, float]],
+    references: dict[str, float],
+    path: str | Path,
+    title: str,
+) -> Path:
+    """Dev accuracy against alpha, one line per method (`curves`: method -> {alpha: accuracy}),
+    with horizontal lines for the unsteered references (`references`: name -> accuracy)."""
+    figure = Figure(figsize=(7.0, 4.5))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for name, curve in curves.items():
+        alphas = sorted(curve)
+        ax.plot(alphas, [curve[a] for a in alphas], marker="o", label=name)
+    styles = iter(("--", ":", "-."))
+    for name, accuracy in references.items():
+        ax.axhline(accuracy, color="black", linestyle=next(styles, "--"), label=name)
+    if all(a > 0 for curve in curves.values() for a in curve):
+        ax.set_xscale("log")
+    ax.set_xlabel("alpha (fraction of the layer's mean residual norm)")
+    ax.set_ylabel("dev accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def auroc_curves(curves: dict[str, list[float]], path: str | Path, title: str) -> Path:
+    """Validation AUROC per RFM iteration (`curves`: label -> [AUROC at iteration 0..T])."""
+    figure = Figure(figsize=(6.0, 4.0))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for name, values in curves.items():
+        ax.plot(range(len(values)), values, marker="o", label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("RFM iteration (0: identity metric)")
+    ax.set_ylabel("dev AUROC (selected bandwidth)")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    figure.tight_layout()
+    return _save(figure, path)

@@ -109,6 +109,11 @@ def _assembled_by_package(module: str) -> Callable[[Path], Path]:
     return locate
 
 
+DEFAULT_EXPERT = "qwen2.5-coder-0.5b-instruct"
+"""The packaged expert of the default experiment."""
+DEFAULT_TARGET = "smollm2-135m-instruct"
+"""The packaged target of the default experiment."""
+
 PACKAGED: dict[str, PackagedModel] = {
     spec.name: spec
     for spec in (

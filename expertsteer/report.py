@@ -1,0 +1,215 @@
+"""`report.md` of a run: what the evaluation measured, in tables and figures.
+
+Everything is read from the evaluator's `metrics.json` content, so a report can be rebuilt from
+the file alone (`write_report(run_dir, load_json(run_dir / "metrics.json", ...))`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from expertsteer.artifacts import MI_HEATMAP_FILE
+from expertsteer.cache import atomic_file
+from expertsteer.metrics import paired_bootstrap_ci
+from expertsteer.plots import accuracy_vs_alpha, auroc_curves
+
+REPORT_FILE = "report.md"
+ALPHA_FIGURE = "accuracy_vs_alpha.png"
+AUROC_FIGURE = "rfm_auroc.png"
+BASELINES = ("none", "expert")
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def _interval(entry: dict[str, float]) -> str:
+    return f"{_pct(entry['accuracy'])} [{_pct(entry['low'])}, {_pct(entry['high'])}]"
+
+
+def _difference(entry: dict[str, float] | None) -> str:
+    if entry is None:
+        return "—"
+    return (
+        f"{100 * entry['difference']:+.1f} [{100 * entry['low']:+.1f}, {100 * entry['high']:+.1f}]"
+    )
+
+
+def _verdict(entry: dict[str, float]) -> str:
+    if entry["low"] > 0:
+        return "better"
+    if entry["high"] < 0:
+        return "worse"
+    return "no sig. difference"
+
+
+def describe(method: str, entry: dict[str, Any]) -> str:
+    """What a method is, from its artifact's metadata."""
+    if method == "none":
+        return "target, unsteered"
+    if method == "expert":
+        return "expert model itself"
+    source = entry.get("source")
+    where = "target states" if source == "target" else f"expert states ({entry.get('space')})"
+    objective = entry.get("alignment_objective")
+    aligned = f", alignment {objective}" if source == "expert" and objective else ""
+    return f"{entry.get('extractor')} on {where}{aligned}"
+
+
+def summary_table(metrics: dict[str, Any]) -> str:
+    """Markdown table: every method's test accuracy with its interval and choice."""
+    lines = [
+        "| method | what | test acc % [95% CI] | vs none, points [95% paired CI] | "
+        "gap closed | alpha | layers | dev acc % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, entry in metrics["methods"].items():
+        steered = method not in BASELINES
+        gap = entry.get("gap_closed")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    method,
+                    describe(method, entry),
+                    _interval(entry["test"]),
+                    _difference(entry.get("vs_none")) if steered else "—",
+                    "—" if gap is None else f"{100 * gap:+.0f}%",
+                    f"{entry['alpha']:g}" if steered else "—",
+                    ",".join(map(str, entry["layers"])) if steered else "—",
+                    _pct(entry["dev"]["accuracy"]),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def _figures(run_dir: Path, metrics: dict[str, Any]) -> dict[str, str]:
+    figures = {}
+    curves, references = {}, {}
+    for method, entry in metrics["methods"].items():
+        if method in BASELINES:
+            references[f"{method} (dev)"] = entry["dev"]["accuracy"]
+            continue
+        chosen = ",".join(map(str, entry["layers"]))
+        curves[f"{method} [{chosen}]"] = {
+            float(alpha): accuracy for alpha, accuracy in entry["dev_curve"][chosen].items()
+        }
+    title = f"{metrics['task']}: dev accuracy vs steering strength"
+    accuracy_vs_alpha(curves, references, run_dir / ALPHA_FIGURE, title)
+    figures["alpha"] = ALPHA_FIGURE
+    aurocs = {}
+    for method, entry in metrics["methods"].items():
+        for fit in entry.get("fits") or []:
+            if fit.get("val_auroc"):
+                label = f"{method} (E{fit['expert_layer']}→T{fit['target_layer']})"
+                aurocs[label] = fit["val_auroc"]
+    if aurocs:
+        auroc_curves(aurocs, run_dir / AUROC_FIGURE, f"{metrics['task']}: RFM dev AUROC")
+        figures["auroc"] = AUROC_FIGURE
+    if (run_dir / MI_HEATMAP_FILE).is_file():
+        figures["mi"] = MI_HEATMAP_FILE
+    return figures
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    flat = " ".join(text.split())
+    flat = flat if len(flat) <= limit else flat[: limit - 1] + "…"
+    return flat.replace("|", "\\|")
+
+
+def _findings(metrics: dict[str, Any]) -> list[str]:
+    """One sentence per comparison the issue asks about: ExpertSteer vs each other method."""
+    lines = []
+    methods = metrics["methods"]
+    reported: set[tuple[str, str]] = set()
+    for main in [m for m in methods if m.startswith("expertsteer")]:
+        for other in methods:
+            if other == main or other == "expert" or (other, main) in reported:
+                continue
+            reported.add((main, other))
+            if other == "none":
+                comparison = methods[main]["vs_none"]
+            else:
+                comparison = _pairwise(metrics, main, other)
+            if comparison is None:
+                continue
+            lines.append(
+                f"* {main} vs {other}: {_difference(comparison)} points — {_verdict(comparison)}."
+            )
+    return lines
+
+
+def _pairwise(metrics: dict[str, Any], a: str, b: str) -> dict[str, float] | None:
+    items = metrics.get("test_items", {})
+    if a not in items or b not in items:
+        return None
+    ids = sorted(items[a])
+    first = torch.tensor([float(items[a][i]) for i in ids])
+    second = torch.tensor([float(items[b][i]) for i in ids])
+    mean, low, high = paired_bootstrap_ci(first, second)
+    return {"difference": mean, "low": low, "high": high}
+
+
+def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
+    """Write `report.md` (and its figures) for one task's evaluation into `run_dir`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    figures = _figures(run_dir, metrics)
+    methods = metrics["methods"]
+    lines = [
+        f"# ExpertSteer report — {metrics['task']}",
+        "",
+        f"Target `{metrics['target']}`, expert `{metrics['expert']}`. Task type "
+        f"{metrics['task_type']}, scored by {metrics['mode']} (calibration "
+        f"{metrics['calibration']}), steering positions `{metrics['positions']}`. "
+        f"{metrics['n_dev']} dev items choose each method's alpha from {metrics['alphas']} "
+        f"(layers: {metrics['layer_choice']}); {metrics['n_test']} test items are scored once "
+        "at that choice. Intervals: 95% percentile bootstrap over items; differences are paired "
+        "(same items).",
+        "",
+    ]
+    if metrics.get("headroom") is not None:
+        lines += [
+            f"**Headroom**: expert {_interval(methods['expert']['test'])} vs unsteered target "
+            f"{_interval(methods['none']['test'])} on test; expert − target "
+            f"{_difference(metrics['headroom'])} points ({_verdict(metrics['headroom'])}).",
+            "",
+        ]
+    lines += ["## Test accuracy", "", summary_table(metrics), ""]
+    findings = _findings(metrics)
+    if findings:
+        lines += ["## ExpertSteer against each method (test, paired)", "", *findings, ""]
+    lines += [
+        "## Dev accuracy vs alpha",
+        "",
+        f"![accuracy vs alpha]({figures['alpha']})",
+        "",
+    ]
+    if "auroc" in figures:
+        lines += ["## RFM validation AUROC per iteration", "", f"![RFM AUROC]({figures['auroc']})"]
+        lines.append("")
+    if "mi" in figures:
+        lines += ["## Layer pairing (mutual information)", "", f"![MI heatmap]({figures['mi']})"]
+        lines.append("")
+    samples = metrics.get("samples") or []
+    if samples:
+        lines += ["## Sample generations (test prompts, greedy)", ""]
+        for sample in samples:
+            lines += [
+                f"**{sample['id']}** (gold: {_cell(str(sample['gold']), 80)}) — "
+                f"{_cell(sample['prompt'], 300)}",
+                "",
+                "| method | output |",
+                "|---|---|",
+                *[f"| {name} | {_cell(text)} |" for name, text in sample["outputs"].items()],
+                "",
+            ]
+    path = run_dir / REPORT_FILE
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text("\n".join(lines), encoding="utf-8")
+    return path

@@ -1,0 +1,206 @@
+"""The steering evaluation stage: the target (and the expert, for the headroom) with the run's
+steering vectors, for `expertsteer validate`.
+
+The module loads what is steered and how it is scored; the `SteeringEvaluator` callback
+(`lightning_modules/evaluator.py`) runs the method x alpha x layers grid on dev, chooses, scores
+test once and writes the report. Every artifact is read and checked against the configured
+models and task before any model loads, so a vector made for another model pair or task, or a
+layer the target does not have, fails at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from expertsteer.artifacts import ArtifactError
+from expertsteer.decoder import Decoder
+from expertsteer.scoring import DEFAULT_MODE, MODES_BY_TYPE, EvalResult, evaluate
+from expertsteer.steering import Intervention
+from expertsteer.tasks import Example
+from expertsteer.vectors import POSITIONS, SteeringVectors, load_steering
+from expertsteer.zoo import (
+    DEFAULT_EXPERT,
+    DEFAULT_TARGET,
+    load_model,
+    model_dims,
+    weights_identity,
+)
+
+log = logging.getLogger(__name__)
+
+NONE = "none"
+"""The unsteered target, always evaluated."""
+EXPERT = "expert"
+"""The expert model itself, unsteered (the headroom)."""
+
+
+class SteeringModule(L.LightningModule):
+    """Holds the target (and expert) decoders and the steering vectors of every method."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        expert: str | None = DEFAULT_EXPERT,
+        methods: dict[str, str] | None = None,
+        run_dir: str = "runs/default",
+        positions: str = "all",
+        mode: str | None = None,
+        calibration: str | None = None,
+        max_new_tokens: int | None = None,
+        batch_size: int = 8,
+        model_dtype: str = "float32",
+        chat_template: bool | None = None,
+    ) -> None:
+        """
+        Args:
+            target: Target model (packaged name, directory, .gguf or hub id); the vectors must
+                have been made for it.
+            expert: Expert model scored unsteered beside the target (the headroom of the
+                report); None skips it.
+            methods: Method name -> `steering.safetensors` (relative paths are read from
+                `run_dir`). `none`, the unsteered target, is always added.
+            run_dir: Run directory: artifacts are read from it and the report is written to it.
+            positions: Steered positions: `all`, `prompt`, `generated` or `last_prompt`.
+            mode: Scoring mode (default per task type: letter, label or generate).
+            calibration: Option-score calibration: content_free (default), mean or none.
+            max_new_tokens: Generation budget (default: 128 numeric, 16 otherwise).
+            batch_size: Prompts per forward / generate call.
+            model_dtype: Dtype the models run in: float32 or bfloat16.
+            chat_template: Apply chat templates (default: when the tokenizer has one).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got '{positions}'")
+        if not methods:
+            raise ValueError("methods is empty: name at least one steering.safetensors to test")
+        reserved = {NONE, EXPERT} & set(methods)
+        if reserved:
+            raise ValueError(f"method names {sorted(reserved)} are reserved; rename them")
+        if calibration == "mean":
+            raise ValueError(
+                "calibration 'mean' depends on which items share a batch; use content_free or "
+                "none in the evaluation stage"
+            )
+        self.steering: dict[str, SteeringVectors] = {}
+        self.target_decoder: Decoder | None = None
+        self.expert_decoder: Decoder | None = None
+        self.task_name = ""
+        self.task_type = ""
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def method_path(self, method: str) -> Path:
+        path = Path(self.hparams.methods[method])
+        return path if path.is_absolute() else Path(self.hparams.run_dir) / path
+
+    def setup(self, stage: str) -> None:
+        """Check the task, the artifacts and the layers, then load the models."""
+        task = self.trainer.datamodule.task
+        self.task_name, self.task_type = task.name, task.type
+        hp = self.hparams
+        if task.type not in MODES_BY_TYPE:
+            raise ValueError(f"task '{task.name}' of type '{task.type}' has no answers to score")
+        if hp.mode is not None and hp.mode not in MODES_BY_TYPE[task.type]:
+            raise ValueError(
+                f"mode '{hp.mode}' does not apply to {task.type} task '{task.name}'; choose one "
+                f"of {MODES_BY_TYPE[task.type]}"
+            )
+        expect = {
+            "target_model_id": hp.target,
+            "target_weights_sha256": weights_identity(hp.target),
+        }
+        num_layers = model_dims(hp.target)[1]
+        for method in hp.methods:
+            steering = load_steering(self.method_path(method), expect, num_layers)
+            made_for = steering.metadata.get("task")
+            if made_for is not None and made_for != task.name:
+                raise ArtifactError(
+                    f"{self.method_path(method)}: method '{method}' was fitted on task "
+                    f"'{made_for}', this evaluation is on '{task.name}'"
+                )
+            self.steering[method] = steering
+        if self.target_decoder is None:
+            self.target_decoder = self._load(hp.target)
+        if hp.expert is not None and self.expert_decoder is None:
+            self.expert_decoder = self._load(hp.expert)
+
+    def _load(self, name: str) -> Decoder:
+        loaded = load_model(name, dtype=self.hparams.model_dtype)
+        return Decoder.from_loaded(loaded, self.hparams.chat_template)
+
+    # -- what the evaluator calls --------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        return self.hparams.mode or DEFAULT_MODE[self.task_type]
+
+    def layer_sets(self, method: str, choice: str) -> list[tuple[int, ...]]:
+        """Candidate target-layer sets of a method: all its layers together, and with
+        `choice='dev'` also each layer alone (the pair is then chosen on dev)."""
+        layers = tuple(self.steering[method].layers)
+        if choice == "all" or len(layers) == 1:
+            return [layers]
+        return [layers] + [(layer,) for layer in layers]
+
+    def intervention(self, method: str, alpha: float, layers: tuple[int, ...]) -> Intervention:
+        return Intervention.from_steering(
+            self.steering[method], alpha, self.hparams.positions, list(layers)
+        )
+
+    def score(
+        self,
+        examples: list[Example],
+        intervention: Intervention | None = None,
+        expert: bool = False,
+    ) -> EvalResult:
+        """Accuracy of the target (steered by `intervention`) or of the expert on `examples`."""
+        hp = self.hparams
+        decoder = self.expert_decoder if expert else self.target_decoder
+        return evaluate(
+            decoder,
+            self.task_type,
+            examples,
+            intervention,
+            mode=hp.mode,
+            calibration=hp.calibration,
+            max_new_tokens=hp.max_new_tokens,
+            batch_size=hp.batch_size,
+        )
+
+    def generate(
+        self, prompts: list[str], max_new_tokens: int, intervention: Intervention | None = None
+    ) -> list[str]:
+        from expertsteer.scoring import generate_answers
+
+        return generate_answers(
+            self.target_decoder, prompts, intervention, max_new_tokens, self.hparams.batch_size
+        )
+
+    # -- Lightning hooks -----------------------------------------------------------------------
+
+    def transfer_batch_to_device(
+        self, batch: list[Example], device: torch.device, dataloader_idx: int
+    ) -> list[Example]:
+        """Batches are examples (text); the decoders tokenise onto their own device."""
+        return batch
+
+    def validation_step(
+        self, batch: list[Example], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Any]:
+        """The unsteered target (and the expert) on this batch; the steered grid runs in the
+        `SteeringEvaluator` callback, which receives these results as `outputs`."""
+        with torch.inference_mode():
+            outputs = {NONE: self.score(batch)}
+            if self.expert_decoder is not None:
+                outputs[EXPERT] = self.score(batch, expert=True)
+        return outputs
+
+    def configure_optimizers(self) -> None:
+        """Nothing is trained: the target's weights never change."""
+        return None

@@ -1,0 +1,130 @@
+"""`expertsteer run`: one YAML runs every stage on tiny models, writes the run directory,
+reuses finished stages and reruns exactly what a config change invalidates; bad configs fail
+before any model loads."""
+
+import json
+
+import pytest
+import yaml
+
+from expertsteer.artifacts import (
+    ALIGNMENT_FILE,
+    MI_HEATMAP_FILE,
+    PAIRS_FILE,
+    STEERING_FILE,
+)
+from expertsteer.cli import main
+from expertsteer.experiment import (
+    METHODS,
+    ExperimentError,
+    load_experiment,
+    plan,
+    stage_configs,
+)
+from expertsteer.report import REPORT_FILE
+from expertsteer.vectors import load_steering
+
+
+def _tiny_experiment(tiny_dirs, tmp_path, **changes) -> dict:
+    config = {
+        "name": "tiny",
+        "output_root": str(tmp_path / "runs"),
+        "expert": str(tiny_dirs["expert"]),
+        "target": str(tiny_dirs["target"]),
+        "tasks": ["arithmetic"],
+        "splits": {"steer": 16, "dev": 8, "test": 8},
+        "alignment": {"max_epochs": 2, "window": [0.0, 1.0]},
+        "rfm": {"iterations": 2},
+        "evaluation": {
+            "alphas": [0.5, 2.0],
+            "max_new_tokens": 4,
+            "num_samples": 1,
+            "sample_tokens": 4,
+        },
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+    }
+    for key, value in changes.items():
+        config[key] = value if not isinstance(value, dict) else {**config.get(key, {}), **value}
+    return config
+
+
+def _write(tmp_path, config, name="experiment.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _rerun(path) -> set[str]:
+    return {stage for stage, *_, reuse in plan(load_experiment(path), "arithmetic") if not reuse}
+
+
+def test_run_writes_every_artifact_and_reuses_finished_stages(tiny_dirs, tmp_path, capsys):
+    path = _write(tmp_path, _tiny_experiment(tiny_dirs, tmp_path))
+    main(["run", "--config", str(path)])
+    run = tmp_path / "runs" / "tiny" / "arithmetic"
+    for name in (ALIGNMENT_FILE, PAIRS_FILE, MI_HEATMAP_FILE, STEERING_FILE, REPORT_FILE):
+        assert (run / name).is_file(), name
+    assert (run / "translate" / ALIGNMENT_FILE).is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"none", "expert", *METHODS}
+    for method in METHODS:
+        entry = metrics["methods"][method]
+        assert entry["alpha"] in (0.5, 2.0)
+        assert entry["test"]["n"] == 8 and 0.0 <= entry["test"]["accuracy"] <= 1.0
+        assert set(entry["dev_curve"][",".join(map(str, entry["layers"]))]) == {"0.5", "2"}
+    assert load_steering(run / STEERING_FILE).metadata["alignment_objective"] == "recon"
+    translated = load_steering(run / "methods" / "expertsteer_translate" / STEERING_FILE)
+    assert translated.metadata["alignment_objective"] == "recon+translate"
+    out = capsys.readouterr().out
+    assert "| expertsteer |" in out and str(run / REPORT_FILE) in out
+    report = (run / REPORT_FILE).read_text()
+    assert "Headroom" in report and "accuracy_vs_alpha.png" in report
+
+    experiment = load_experiment(path)
+    assert all(reuse for *_, reuse in plan(experiment, "arithmetic"))
+    changed = _write(
+        tmp_path, _tiny_experiment(tiny_dirs, tmp_path, rfm={"ridge": 0.01}), "changed.yaml"
+    )
+    assert _rerun(changed) == {f"vectors_{m}" for m in METHODS} | {"evaluate"}
+    alphas = _write(
+        tmp_path,
+        _tiny_experiment(tiny_dirs, tmp_path, evaluation={"alphas": [1.0]}),
+        "alphas.yaml",
+    )
+    assert _rerun(alphas) == {"evaluate"}
+
+
+def test_task_overrides_apply_to_their_task_only(tiny_dirs, tmp_path):
+    config = _tiny_experiment(tiny_dirs, tmp_path)
+    config["tasks"] = ["arithmetic", "sentiment_concept"]
+    config["task_overrides"] = {"arithmetic": {"splits": {"test": 5}}}
+    experiment = load_experiment(_write(tmp_path, config))
+    arithmetic = stage_configs(experiment.for_task("arithmetic"), "arithmetic")
+    assert arithmetic["evaluate"][1]["data"]["init_args"]["test_size"] == 5
+    assert arithmetic["evaluate"][1]["data"]["init_args"]["dev_size"] == 8
+    assert experiment.for_task("sentiment_concept").splits.test == 8
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"nope": 1}, "unknown option(s) ['nope']"),
+        ({"rfm": {"ridge": 0.1, "bogus": 2}}, "unknown option(s) ['bogus'] in"),
+        ({"methods": ["expertsteer", "magic"]}, "unknown method(s) ['magic']"),
+        ({"tasks": ["no_such_task"]}, "no_such_task"),
+        ({"target": "no-such-model"}, "no-such-model"),
+        ({"task_overrides": {"sst2": {}}}, "not in tasks"),
+    ],
+)
+def test_bad_experiment_configs_fail_before_any_model_loads(tiny_dirs, tmp_path, change, message):
+    config = _tiny_experiment(tiny_dirs, tmp_path)
+    config.update(change)
+    with pytest.raises(Exception, match=None) as error:
+        load_experiment(_write(tmp_path, config))
+    assert message in str(error.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_experiment_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ExperimentError, match="not found"):
+        load_experiment(tmp_path / "missing.yaml")
