@@ -1,6 +1,7 @@
 """Every shipped YAML is exercised: trainer presets build a Trainer; each stage config parses
 through the LightningCLI and a tiny-model version of it runs (`fast_dev_run` where it applies)."""
 
+import json
 from pathlib import Path
 
 import lightning
@@ -9,6 +10,8 @@ import yaml
 
 from expertsteer.artifacts import ALIGNMENT_FILE, MI_HEATMAP_FILE, PAIRS_FILE, STEERING_FILE
 from expertsteer.cli import lightning_cli, main
+from expertsteer.experiment import load_experiment, plan
+from expertsteer.report import REPORT_FILE
 from expertsteer.vectors import load_steering
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -87,6 +90,56 @@ def test_stage_configs_run_end_to_end_on_tiny_models(tiny_dirs, tmp_path):
     steering = load_steering(run / STEERING_FILE)
     assert steering.metadata["method"] == "rfm" and steering.width == 48
     assert len(steering.metadata["fits"][0]["val_auroc"]) == 3
+    steer = ["validate", "--config", str(CONFIGS / "steer.yaml")]
+    steer += [
+        f"--model.init_args.target={tiny_dirs['target']}",
+        f"--model.init_args.expert={tiny_dirs['expert']}",
+        f"--model.init_args.run_dir={run}",
+        "--model.init_args.max_new_tokens=4",
+        "--data.init_args.steer_size=24",
+        "--data.init_args.dev_size=12",
+        "--data.init_args.test_size=4",
+        f"--trainer.default_root_dir={run}",
+        f"--trainer.logger.init_args.save_dir={run}",
+        "--trainer.enable_progress_bar=false",
+    ]
+    main(steer)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"none", "expert", "expertsteer"}
+    assert metrics["n_dev"] == 12 and metrics["n_test"] == 4
+    assert (run / REPORT_FILE).is_file()
+
+
+EXPERIMENTS = sorted(CONFIGS.glob("experiments/*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_experiment_configs_load_and_run_on_tiny_models(path, tiny_dirs, tmp_path):
+    """Each shipped experiment, with tiny models and sizes, runs every stage on its first
+    task (real benchmark data) and writes the report."""
+    experiment = load_experiment(path)
+    assert plan(experiment, experiment.tasks[0])
+    config = yaml.safe_load(path.read_text())
+    task = config["tasks"][0]
+    config |= {
+        "tasks": [task],
+        "output_root": str(tmp_path / "runs"),
+        "expert": str(tiny_dirs["expert"]),
+        "target": str(tiny_dirs["target"]),
+        "splits": {"steer": 16, "dev": 8, "test": 8},
+        "task_overrides": {},
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+    }
+    config["alignment"] |= {"max_epochs": 2, "window": [0.0, 1.0]}
+    config["rfm"] |= {"iterations": 2}
+    config["evaluation"] |= {"alphas": [0.5], "num_samples": 1, "sample_tokens": 4}
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(yaml.safe_dump(config))
+    main(["run", "--config", str(tiny)])
+    run = tmp_path / "runs" / config["name"] / task
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(config["methods"]) < set(metrics["methods"])
+    assert (run / REPORT_FILE).is_file()
 
 
 def test_unknown_option_is_one_clear_error(capsys):
