@@ -227,7 +227,22 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> Any:
     for module in STAGE_MODULES:
         importlib.import_module(module)
 
-    return LightningCLI(
+    class ExpertSteerCLI(LightningCLI):
+        """Checks a stage's artifacts against its data before Lightning prepares the data
+        (captures can take minutes; a wrong pairs file should not wait for them)."""
+
+        def _preflight(self) -> None:
+            check = getattr(self.model, "preflight", None)
+            if check is not None and self.datamodule is not None:
+                check(self.datamodule)
+
+        def before_fit(self) -> None:
+            self._preflight()
+
+        def before_validate(self) -> None:
+            self._preflight()
+
+    return ExpertSteerCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,

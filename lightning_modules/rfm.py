@@ -134,8 +134,13 @@ class RFMModule(L.LightningModule):
     # -- data --------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        """Read the pairs and the alignment (small files), checked against the DataModule."""
-        datamodule = self.trainer.datamodule
+        self.preflight(self.trainer.datamodule)
+
+    def preflight(self, datamodule: L.LightningDataModule) -> None:
+        """Read the pairs and the alignment (small files), checked against the DataModule.
+
+        The CLI calls this before fitting starts, so a missing or mismatched artifact or a
+        layer the models do not have fails before any activation is captured."""
         expert_key, target_key = datamodule.keys()
         hp = self.hparams
         expect = {

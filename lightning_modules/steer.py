@@ -101,7 +101,16 @@ class SteeringModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Check the task, the artifacts and the layers, then load the models."""
-        task = self.trainer.datamodule.task
+        self.preflight(self.trainer.datamodule)
+        if self.target_decoder is None:
+            self.target_decoder = self._load(self.hparams.target)
+        if self.hparams.expert is not None and self.expert_decoder is None:
+            self.expert_decoder = self._load(self.hparams.expert)
+
+    def preflight(self, datamodule: L.LightningDataModule) -> None:
+        """Every check that needs no model: task type and mode, each method's artifact
+        (exists, made for this target and task, layers the target has)."""
+        task = datamodule.task
         self.task_name, self.task_type = task.name, task.type
         hp = self.hparams
         if task.type not in MODES_BY_TYPE:
@@ -125,10 +134,6 @@ class SteeringModule(L.LightningModule):
                     f"'{made_for}', this evaluation is on '{task.name}'"
                 )
             self.steering[method] = steering
-        if self.target_decoder is None:
-            self.target_decoder = self._load(hp.target)
-        if hp.expert is not None and self.expert_decoder is None:
-            self.expert_decoder = self._load(hp.expert)
 
     def _load(self, name: str) -> Decoder:
         loaded = load_model(name, dtype=self.hparams.model_dtype)
