@@ -427,7 +427,8 @@ def stage_configs(experiment: Experiment, task: str) -> dict[str, tuple[str, dic
                 "target": experiment.target,
                 "expert": experiment.expert if e.headroom else None,
                 "methods": {
-                    m: str(method_dir(run_dir, m) / STEERING_FILE) for m in experiment.methods
+                    m: str((method_dir(run_dir, m) / STEERING_FILE).relative_to(run_dir))
+                    for m in experiment.methods
                 },
                 "run_dir": str(run_dir),
                 "positions": e.positions,
@@ -518,8 +519,9 @@ def run_task(experiment: Experiment, task: str, force: bool = False) -> Path:
         save_json(run_dir / STAGES_FILE, {"kind": "stages", "fingerprints": done})
         code = _run_stage(settings, command, path)
         if code != 0:
+            why = str(code).removeprefix("expertsteer: error: ")
             raise ExperimentError(
-                f"stage '{stage}' of task '{task}' failed ({code}); its config is {path}, "
+                f"stage '{stage}' of task '{task}' failed ({why}); its config is {path}, "
                 f"rerun it alone with `expertsteer {command} --config {path}`"
             )
         done[stage] = digest

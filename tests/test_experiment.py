@@ -3,6 +3,7 @@ reuses finished stages and reruns exactly what a config change invalidates; bad 
 before any model loads."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -58,10 +59,14 @@ def _rerun(path) -> set[str]:
     return {stage for stage, *_, reuse in plan(load_experiment(path), "arithmetic") if not reuse}
 
 
-def test_run_writes_every_artifact_and_reuses_finished_stages(tiny_dirs, tmp_path, capsys):
-    path = _write(tmp_path, _tiny_experiment(tiny_dirs, tmp_path))
+def test_run_writes_every_artifact_and_reuses_finished_stages(
+    tiny_dirs, tmp_path, capsys, monkeypatch
+):
+    # A relative output root, as in the shipped configs: stage paths must not double up.
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, _tiny_experiment(tiny_dirs, tmp_path, output_root="runs"))
     main(["run", "--config", str(path)])
-    run = tmp_path / "runs" / "tiny" / "arithmetic"
+    run = Path("runs") / "tiny" / "arithmetic"
     for name in (ALIGNMENT_FILE, PAIRS_FILE, MI_HEATMAP_FILE, STEERING_FILE, REPORT_FILE):
         assert (run / name).is_file(), name
     assert (run / "translate" / ALIGNMENT_FILE).is_file()
@@ -83,12 +88,14 @@ def test_run_writes_every_artifact_and_reuses_finished_stages(tiny_dirs, tmp_pat
     experiment = load_experiment(path)
     assert all(reuse for *_, reuse in plan(experiment, "arithmetic"))
     changed = _write(
-        tmp_path, _tiny_experiment(tiny_dirs, tmp_path, rfm={"ridge": 0.01}), "changed.yaml"
+        tmp_path,
+        _tiny_experiment(tiny_dirs, tmp_path, output_root="runs", rfm={"ridge": 0.01}),
+        "changed.yaml",
     )
     assert _rerun(changed) == {f"vectors_{m}" for m in METHODS} | {"evaluate"}
     alphas = _write(
         tmp_path,
-        _tiny_experiment(tiny_dirs, tmp_path, evaluation={"alphas": [1.0]}),
+        _tiny_experiment(tiny_dirs, tmp_path, output_root="runs", evaluation={"alphas": [1.0]}),
         "alphas.yaml",
     )
     assert _rerun(alphas) == {"evaluate"}
