@@ -406,27 +406,35 @@ def _content_free_biases(
     batch_size: int,
     width: int,
     share_prompt: bool,
+    cache: dict | None = None,
 ) -> torch.Tensor:
-    """`[N, width]` content-free bias of each item, scored once per distinct template."""
-    groups: dict[tuple[tuple[str, ...], tuple[str, ...]], int] = {}
-    item_group = []
-    for example in examples:
-        key = (
+    """`[N, width]` content-free bias of each item, scored once per distinct template.
+
+    `cache` (template -> bias) carries biases across calls with the same decoder, intervention
+    and settings — e.g. the batches of one evaluation, which share a template per task."""
+    cache = {} if cache is None else cache
+    item_keys = [
+        (
             tuple(content_free_prompts(task_type, example, mode, inputs)),
             tuple(option_completions(task_type, example, mode)),
         )
-        item_group.append(groups.setdefault(key, len(groups)))
-    prompts = [p for cf_prompts, _ in groups for p in cf_prompts]
-    options = [list(opts) for cf_prompts, opts in groups for _ in cf_prompts]
-    log.info("content-free calibration: %d templates x %d inputs", len(groups), len(inputs))
-    scores = score_options(decoder, prompts, options, intervention, batch_size, share_prompt)
-    normalized = scores.normalized(normalize)
-    per_group = torch.full((len(groups), width), float("-inf"), dtype=normalized.dtype)
-    for g in range(len(groups)):
-        rows = normalized[g * len(inputs) : (g + 1) * len(inputs)]
-        bias = content_free_bias(rows)
-        per_group[g, : bias.shape[0]] = bias
-    return per_group[torch.tensor(item_group)]
+        for example in examples
+    ]
+    missing = list(dict.fromkeys(key for key in item_keys if key not in cache))
+    if missing:
+        prompts = [p for cf_prompts, _ in missing for p in cf_prompts]
+        options = [list(opts) for cf_prompts, opts in missing for _ in cf_prompts]
+        log.info("content-free calibration: %d templates x %d inputs", len(missing), len(inputs))
+        scores = score_options(decoder, prompts, options, intervention, batch_size, share_prompt)
+        normalized = scores.normalized(normalize)
+        for g, key in enumerate(missing):
+            cache[key] = content_free_bias(normalized[g * len(inputs) : (g + 1) * len(inputs)])
+    dtype = cache[item_keys[0]].dtype
+    per_item = torch.full((len(examples), width), float("-inf"), dtype=dtype)
+    for row, key in enumerate(item_keys):
+        bias = cache[key]
+        per_item[row, : bias.shape[0]] = bias
+    return per_item
 
 
 # -- generation and answer extraction ----------------------------------------------------------
@@ -671,6 +679,7 @@ def evaluate(
     batch_size: int = 8,
     content_free_inputs: Sequence[str] = CONTENT_FREE_INPUTS,
     share_prompt: bool = True,
+    calibration_cache: dict | None = None,
 ) -> EvalResult:
     """Score `decoder` (steered by `intervention`, if any) on `examples` of `task_type`.
 
@@ -679,7 +688,9 @@ def evaluate(
     `normalize` sum for letters and labels, mean for option texts; `max_new_tokens` 128 for
     numeric tasks and 16 otherwise. `content_free_inputs` replace the question in the
     calibration prompts (pass e.g. "What is the sentiment of this review?\\nN/A" where the task's
-    instruction sits inside the question text).
+    instruction sits inside the question text). `calibration_cache`, a dict kept by the
+    caller, reuses content-free biases across calls made with the same decoder, intervention and
+    settings (e.g. the batches of one evaluation).
     """
     if task_type not in MODES_BY_TYPE:
         why = " (a concept set is steering data; it has no answers)" * (task_type == "concept")
@@ -755,6 +766,7 @@ def evaluate(
                 batch_size,
                 raw.shape[1],
                 share_prompt,
+                calibration_cache,
             )
         elif calibration == "mean":
             bias = mean_bias(raw).expand_as(raw).clone()

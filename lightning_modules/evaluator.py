@@ -161,7 +161,8 @@ class SteeringEvaluator(Callback):
                 else:
                     grid = [self.chosen[method]]
                 for layers, alpha in grid:
-                    steered = pl_module.score(batch, pl_module.intervention(method, alpha, layers))
+                    intervention = pl_module.intervention(method, alpha, layers)
+                    steered = pl_module.score(batch, intervention, key=(method, alpha, layers))
                     self._store(split, method, alpha, layers, steered)
 
     def _choose(self, pl_module: SteeringModule) -> None:

@@ -88,6 +88,7 @@ class SteeringModule(L.LightningModule):
                 "none in the evaluation stage"
             )
         self.steering: dict[str, SteeringVectors] = {}
+        self.calibration_cache: dict[Any, dict] = {}
         self.target_decoder: Decoder | None = None
         self.expert_decoder: Decoder | None = None
         self.task_name = ""
@@ -163,10 +164,15 @@ class SteeringModule(L.LightningModule):
         examples: list[Example],
         intervention: Intervention | None = None,
         expert: bool = False,
+        key: Any = None,
     ) -> EvalResult:
-        """Accuracy of the target (steered by `intervention`) or of the expert on `examples`."""
+        """Accuracy of the target (steered by `intervention`) or of the expert on `examples`.
+
+        `key` names the (model, intervention) configuration; calls with the same key share their
+        content-free calibration biases (one template per task: scored once, not per batch)."""
         hp = self.hparams
         decoder = self.expert_decoder if expert else self.target_decoder
+        cache = None if key is None else self.calibration_cache.setdefault((expert, key), {})
         return evaluate(
             decoder,
             self.task_type,
@@ -176,6 +182,7 @@ class SteeringModule(L.LightningModule):
             calibration=hp.calibration,
             max_new_tokens=hp.max_new_tokens,
             batch_size=hp.batch_size,
+            calibration_cache=cache,
         )
 
     def generate(
@@ -201,9 +208,9 @@ class SteeringModule(L.LightningModule):
         """The unsteered target (and the expert) on this batch; the steered grid runs in the
         `SteeringEvaluator` callback, which receives these results as `outputs`."""
         with torch.inference_mode():
-            outputs = {NONE: self.score(batch)}
+            outputs = {NONE: self.score(batch, key=NONE)}
             if self.expert_decoder is not None:
-                outputs[EXPERT] = self.score(batch, expert=True)
+                outputs[EXPERT] = self.score(batch, expert=True, key=EXPERT)
         return outputs
 
     def configure_optimizers(self) -> None:

@@ -362,6 +362,26 @@ def test_option_evaluation_shapes(chat_decoder, task_type, examples, mode, width
     assert {"raw_accuracy", "raw_habit_rate", "macro_f1"} <= set(summary)
 
 
+@pytest.mark.parametrize(("task_type", "examples"), [("choice", CHOICE), ("yesno", YESNO)])
+def test_calibration_cache_across_batches_equals_one_call(chat_decoder, task_type, examples):
+    whole = evaluate(chat_decoder, task_type, examples)
+    cache: dict = {}
+    parts = [
+        evaluate(chat_decoder, task_type, examples[:1], calibration_cache=cache),
+        evaluate(chat_decoder, task_type, examples[1:], calibration_cache=cache),
+    ]
+    assert cache  # the second batch read the first one's biases
+    # float32 noise only: batch composition changes the padding
+    rows = [row for part in parts for row in zip(part.bias, part.calibrated, strict=True)]
+    for (bias, calibrated), whole_bias, whole_calibrated in zip(
+        rows, whole.bias, whole.calibrated, strict=True
+    ):
+        k = bias.shape[0]  # a batch is as wide as its widest item; padding is -inf
+        torch.testing.assert_close(bias, whole_bias[:k], atol=1e-5, rtol=0)
+        torch.testing.assert_close(calibrated, whole_calibrated[:k], atol=1e-5, rtol=0)
+    assert [p for part in parts for p in part.predictions] == whole.predictions
+
+
 def test_generate_mode_for_choice_and_numeric(chat_decoder):
     choice = evaluate(chat_decoder, "choice", CHOICE, mode="generate", max_new_tokens=3)
     assert len(choice.generations) == len(choice.predictions) == 3
