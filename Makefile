@@ -22,9 +22,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# The default experiment end to end: convert the packaged models once, then capture, align,
+# pair, fit every method's vectors, evaluate on dev/test and write runs/default/sst2/report.md.
 demo: install
 	$(OFFLINE) $(BIN)/expertsteer prepare smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
-	$(OFFLINE) $(BIN)/expertsteer demo
+	$(OFFLINE) $(BIN)/expertsteer run --config configs/experiments/default.yaml
 
 test: install lint test-fast test-slow
 
