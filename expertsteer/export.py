@@ -23,9 +23,9 @@ The file follows the format llama.cpp reads in `common_control_vector_load_one`
 
     llama-cli -m target.gguf --control-vector-scaled OUT.gguf 1.0
 
-(`--control-vector OUT.gguf` is the same at scale 1). By default the dev-chosen alpha that the
-evaluation stage stores in the artifact's metadata (`alpha`) is used; pass `alpha` to override
-it or when the artifact has none.
+(`--control-vector OUT.gguf` is the same at scale 1). `expertsteer export-gguf RUN_DIR` passes
+the alpha the evaluation chose on dev (the run's `metrics.json`); otherwise `alpha` is taken
+from the artifact's metadata when it records one, or must be given.
 
 llama.cpp adds a control vector to every token, prompt and generated alike: only the `all`
 position mode of `expertsteer.steering` is representable. A steering run that used other

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from expertsteer.artifacts import (
@@ -22,6 +23,7 @@ from expertsteer.experiment import (
     plan,
     stage_configs,
 )
+from expertsteer.export import read_control_vector
 from expertsteer.report import REPORT_FILE
 from expertsteer.vectors import load_steering
 
@@ -34,7 +36,8 @@ def _tiny_experiment(tiny_dirs, tmp_path, **changes) -> dict:
         "target": str(tiny_dirs["target"]),
         "tasks": ["arithmetic"],
         "splits": {"steer": 16, "dev": 8, "test": 8},
-        "alignment": {"max_epochs": 2, "window": [0.0, 1.0]},
+        # The deeper part of the target: llama.cpp has no control vector for block 0.
+        "alignment": {"max_epochs": 2, "window": [0.4, 1.0]},
         "rfm": {"iterations": 2},
         "evaluation": {
             "alphas": [0.5, 2.0],
@@ -84,6 +87,17 @@ def test_run_writes_every_artifact_and_reuses_finished_stages(
     assert "| expertsteer |" in out and str(run / REPORT_FILE) in out
     report = (run / REPORT_FILE).read_text()
     assert "Headroom" in report and "accuracy_vs_alpha.png" in report
+
+    # The ExpertSteer vectors as a llama.cpp control vector, at the alpha chosen on dev.
+    steering = load_steering(run / STEERING_FILE)
+    chosen = metrics["methods"]["expertsteer"]["alpha"]
+    main(["export-gguf", str(run), "out.gguf", "--model-hint", "llama"])
+    info, directions = read_control_vector("out.gguf")
+    (layer,) = steering.layers
+    assert layer > 0 and info["general.architecture"] == "controlvector"
+    assert set(directions) == {layer}
+    expected = chosen * steering.norm_scale[layer] * steering.vectors[layer]
+    torch.testing.assert_close(directions[layer], expected.float())
 
     experiment = load_experiment(path)
     assert all(reuse for *_, reuse in plan(experiment, "arithmetic"))
