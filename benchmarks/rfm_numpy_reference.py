@@ -28,6 +28,8 @@ class ReferenceFit:
     """M_0 (identity) to M_T, each [d, d]."""
     alphas: list[np.ndarray]
     """KRR coefficients fitted with each metric, each [n]."""
+    agops: list[np.ndarray] = field(default_factory=list)
+    """Normalised AGOP of each iterate's predictor (agops[t] = M_{t+1}; the last one too)."""
     val_auroc: list[float] = field(default_factory=list)
     """Validation AUROC of each iterate's predictor (empty without validation data)."""
 
@@ -106,7 +108,7 @@ def fit(
     targets = np.asarray(y, dtype=np.float64)
     metric = np.eye(x.shape[1])
     result = ReferenceFit(metrics=[], alphas=[])
-    for iteration in range(iterations + 1):
+    for _ in range(iterations + 1):
         alpha = ridge_solve(np.exp(-distances(x, x, metric) / bandwidth), targets, ridge)
         result.metrics.append(metric)
         result.alphas.append(alpha)
@@ -114,6 +116,6 @@ def fit(
             x_val = np.asarray(x_val, dtype=np.float64)
             scores = np.exp(-distances(x_val, x, metric) / bandwidth) @ alpha
             result.val_auroc.append(auroc(scores, np.asarray(y_val)))
-        if iteration < iterations:
-            metric = normalised_agop(gradients(x, alpha, metric, bandwidth))
+        result.agops.append(normalised_agop(gradients(x, alpha, metric, bandwidth)))
+        metric = result.agops[-1]
     return result

@@ -66,7 +66,8 @@ class RFMResult:
     eigenvalues: torch.Tensor
     """Their eigenvalues [k]."""
     metric: torch.Tensor
-    """The selected feature matrix M [d, d]."""
+    """AGOP of the selected predictor [d, d] (normalised; the directions are its top
+    eigenvectors). For best iteration t it is M_{t+1}, the metric iteration t+1 would use."""
     bandwidth: float
     """Selected kernel bandwidth L."""
     best_iteration: int
@@ -242,6 +243,7 @@ class RFMFitter:
         eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
         self.metrics = [eye for _ in self.bandwidths]
         self.alphas: list[torch.Tensor | None] = [None for _ in self.bandwidths]
+        self.agops: list[torch.Tensor | None] = [None for _ in self.bandwidths]
         self.distances: list[torch.Tensor] = []
         self.iteration = 0
         self.history: list[list[float]] = [[] for _ in self.bandwidths]
@@ -269,23 +271,39 @@ class RFMFitter:
             )
         ]
 
+    def agop_of(self, k: int) -> torch.Tensor:
+        """Normalised AGOP of bandwidth k's current predictor (computed once per iteration:
+        it is both the next metric and, if this predictor is the best, the source of the
+        steering directions)."""
+        if self.alphas[k] is None:
+            raise RuntimeError("call solve() before agop_of()")
+        if self.agops[k] is None:
+            gradients = predictor_gradients(
+                self.x,
+                self.alphas[k],
+                self.metrics[k],
+                self.bandwidths[k],
+                self.x,
+                self.distances[k],
+            )
+            self.agops[k] = agop(gradients)
+        return self.agops[k]
+
     def evaluate(self) -> list[float]:
-        """Validation AUROC per bandwidth at the current iteration; records the best."""
+        """Validation AUROC per bandwidth at the current iteration; records the best predictor
+        with its AGOP (the features it uses — at iteration 0 the metric is the identity, whose
+        eigenvectors say nothing, so directions always come from the predictor's AGOP)."""
         scores = [auroc(prediction, self.y_val) for prediction in self.predictions()]
         for k, score in enumerate(scores):
             self.history[k].append(score)
             if self.best[k] is None or score > self.best[k][0]:
-                self.best[k] = (score, self.iteration, self.metrics[k])
+                self.best[k] = (score, self.iteration, self.agop_of(k))
         return scores
 
     def update(self) -> None:
         """Replace every metric by the normalised AGOP of its predictor."""
-        self.metrics = [
-            agop(predictor_gradients(self.x, alpha, metric, bandwidth, self.x, distances))
-            for alpha, metric, bandwidth, distances in zip(
-                self.alphas, self.metrics, self.bandwidths, self.distances, strict=True
-            )
-        ]
+        self.metrics = [self.agop_of(k) for k in range(len(self.bandwidths))]
+        self.agops = [None for _ in self.bandwidths]
         self.alphas = [None for _ in self.bandwidths]
         self.distances = []
         self.iteration += 1

@@ -309,7 +309,7 @@ class RFMModule(L.LightningModule):
             for factor, score in zip(self.config.bandwidth_scales, scores, strict=True):
                 self.log(f"val/auroc/pair{index}/bw{factor:g}", score, sync_dist=True)
             top = max(range(len(scores)), key=lambda k: float(scores[k]))
-            (direction,), _ = top_directions(fitter.metrics[top], fitter.x, fitter.y, 1)
+            (direction,), _ = top_directions(fitter.agop_of(top), fitter.x, fitter.y, 1)
             x_val = fitter.x_val
             self.log(
                 f"val/direction_auroc/pair{index}",

@@ -8,6 +8,7 @@ import torch
 from expertsteer.rfm import (
     RFMConfig,
     RFMError,
+    RFMFitter,
     agop,
     fit_rfm,
     laplace_kernel,
@@ -152,3 +153,19 @@ def test_float32_kernel_underflow_does_not_produce_nan():
     assert (kernel == 0).any(), "the setup must actually underflow"
     result = fit_rfm(x, y, x[:80], y[:80], RFMConfig(iterations=2))
     assert torch.isfinite(result.metric).all() and torch.isfinite(result.direction).all()
+
+
+def test_direction_of_an_identity_metric_fit_comes_from_its_agop():
+    """With T = 0 (or when iteration 0 is the best) M is the identity, whose eigenvectors are
+    arbitrary; the direction must come from the AGOP of the predictor (the label's axis)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, generator=generator, dtype=torch.float64)
+    x_val = torch.randn(150, 8, generator=generator, dtype=torch.float64)
+    y, y_val = (x[:, 3] > 0).long(), (x_val[:, 3] > 0).long()
+    fitter = RFMFitter(x, y, x_val, y_val, RFMConfig())
+    fitter.solve()
+    fitter.evaluate()  # iteration 0 only: the identity metric
+    result = fitter.result()
+    assert result.best_iteration == 0
+    assert abs(float(result.direction[3])) > 0.9
+    assert float((x_val @ result.direction)[y_val == 1].mean()) > 0  # signed towards label 1

@@ -73,4 +73,5 @@ def test_reference_selection_matches_fit_rfm():
     fitted = reference.fit(x, y, median_distance(tx), 1e-3, 3, x_val, y_val)
     np.testing.assert_allclose(fitted.val_auroc, result.val_auroc, atol=1e-12)
     assert fitted.best_iteration == result.best_iteration
-    assert_relative(fitted.metrics[fitted.best_iteration], result.metric.numpy())
+    # Directions come from the AGOP of the selected predictor, never from the identity M_0.
+    assert_relative(fitted.agops[fitted.best_iteration], result.metric.numpy())
