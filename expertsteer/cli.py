@@ -130,6 +130,17 @@ def _export_gguf(args: argparse.Namespace) -> None:
     print(f"control vector written to {path}")
 
 
+def _report(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from expertsteer.report import summary_table, write_report
+
+    metrics = load_json(Path(args.run_dir) / "metrics.json", "metrics")
+    path = write_report(args.run_dir, metrics)
+    print(summary_table(metrics))
+    print(f"\nreport: {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expertsteer",
@@ -184,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print which stages would run or be reused"
     )
     run.set_defaults(handler=_run)
+
+    report = commands.add_parser(
+        "report", help="rebuild a run's report.md and figures from its metrics.json"
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.set_defaults(handler=_report)
 
     export = commands.add_parser(
         "export-gguf", help="write a run's steering vectors as a llama.cpp control vector"

@@ -63,12 +63,15 @@ def summary_table(metrics: dict[str, Any]) -> str:
     """Markdown table: every method's test accuracy with its interval and choice."""
     lines = [
         "| method | what | test acc % [95% CI] | vs none, points [95% paired CI] | "
-        "gap closed | alpha | layers | dev acc % |",
+        "gap closed (if the expert is sig. better) | alpha | layers | dev acc % |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    headroom = metrics.get("headroom")
+    # A share of a gap the expert does not significantly have is noise divided by noise.
+    real_gap = headroom is not None and headroom["low"] > 0
     for method, entry in metrics["methods"].items():
         steered = method not in BASELINES
-        gap = entry.get("gap_closed")
+        gap = entry.get("gap_closed") if real_gap else None
         lines.append(
             "| "
             + " | ".join(

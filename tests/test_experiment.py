@@ -99,6 +99,10 @@ def test_run_writes_every_artifact_and_reuses_finished_stages(
     expected = chosen * steering.norm_scale[layer] * steering.vectors[layer]
     torch.testing.assert_close(directions[layer], expected.float())
 
+    (run / REPORT_FILE).unlink()
+    main(["report", str(run)])
+    assert (run / REPORT_FILE).read_text() == report
+
     experiment = load_experiment(path)
     assert all(reuse for *_, reuse in plan(experiment, "arithmetic"))
     changed = _write(
