@@ -21,10 +21,10 @@ import json
 import time
 from pathlib import Path
 
-from datamodules.paired_activations import DEFAULT_EXPERT, DEFAULT_TARGET
 from datamodules.paired_activations import PairedActivationDataModule as DataModule
 from expertsteer.extractors import extract
 from expertsteer.rfm import RFMConfig, auroc, fit_rfm
+from expertsteer.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 
