@@ -73,6 +73,16 @@ def mi_heatmap(
     return path
 
 
+def _finish(figure: Figure, ax, xlabel: str, ylabel: str, title: str, path: str | Path) -> Path:
+    """Label a line chart, add its legend and write it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
 def _save(figure: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,12 +110,8 @@ def accuracy_vs_alpha(
         ax.axhline(accuracy, color="black", linestyle=next(styles, "--"), label=name)
     if all(a > 0 for curve in curves.values() for a in curve):
         ax.set_xscale("log")
-    ax.set_xlabel("alpha (fraction of the layer's mean residual norm)")
-    ax.set_ylabel("dev accuracy")
-    ax.set_title(title)
-    ax.legend(fontsize="small")
-    figure.tight_layout()
-    return _save(figure, path)
+    xlabel = "alpha (fraction of the layer's mean residual norm)"
+    return _finish(figure, ax, xlabel, "dev accuracy", title, path)
 
 
 def auroc_curves(curves: dict[str, list[float]], path: str | Path, title: str) -> Path:
@@ -116,9 +122,5 @@ def auroc_curves(curves: dict[str, list[float]], path: str | Path, title: str) -
     for name, values in curves.items():
         ax.plot(range(len(values)), values, marker="o", label=name)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("RFM iteration (0: identity metric)")
-    ax.set_ylabel("dev AUROC (selected bandwidth)")
-    ax.set_title(title)
-    ax.legend(fontsize="small")
-    figure.tight_layout()
-    return _save(figure, path)
+    xlabel = "RFM iteration (0: identity metric)"
+    return _finish(figure, ax, xlabel, "dev AUROC (selected bandwidth)", title, path)
