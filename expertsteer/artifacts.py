@@ -24,6 +24,7 @@ MI_FILE = "mi.safetensors"
 PAIRS_FILE = "pairs.json"
 MI_HEATMAP_FILE = "mi_heatmap.png"
 STEERING_FILE = "steering.safetensors"
+METRICS_FILE = "metrics.json"
 METADATA_KEY = "expertsteer"
 VERSION = 1
 

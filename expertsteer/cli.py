@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from expertsteer.artifacts import load_json
+from expertsteer.artifacts import METRICS_FILE, load_json
 from expertsteer.errors import ExpertSteerError
 from expertsteer.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
 
@@ -103,7 +103,7 @@ def _run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     run_dirs = run_experiment(experiment, force=args.force)
     for task, run_dir in run_dirs.items():
-        metrics = load_json(run_dir / "metrics.json", "metrics")
+        metrics = load_json(run_dir / METRICS_FILE, "metrics")
         print(f"\n## {task} (test n={metrics['n_test']}, dev n={metrics['n_dev']})\n")
         print(summary_table(metrics))
         print(f"\nreport: {run_dir / REPORT_FILE}")
@@ -121,8 +121,8 @@ def _export_gguf(args: argparse.Namespace) -> None:
         raise ExpertSteerError(f"unknown method '{args.method}'; choose from {list(METHODS)}")
     source = method_dir(run, args.method) if run.is_dir() else run
     alpha = args.alpha
-    if alpha is None and run.is_dir() and (run / "metrics.json").is_file():
-        entry = load_json(run / "metrics.json", "metrics")["methods"].get(args.method)
+    if alpha is None and run.is_dir() and (run / METRICS_FILE).is_file():
+        entry = load_json(run / METRICS_FILE, "metrics")["methods"].get(args.method)
         alpha = None if entry is None else entry["alpha"]
         if alpha is not None:
             log.info("alpha %g: chosen on dev for %s (metrics.json)", alpha, args.method)
@@ -135,7 +135,7 @@ def _report(args: argparse.Namespace) -> None:
 
     from expertsteer.report import summary_table, write_report
 
-    metrics = load_json(Path(args.run_dir) / "metrics.json", "metrics")
+    metrics = load_json(Path(args.run_dir) / METRICS_FILE, "metrics")
     path = write_report(args.run_dir, metrics)
     print(summary_table(metrics))
     print(f"\nreport: {path}")

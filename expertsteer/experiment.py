@@ -36,14 +36,20 @@ from typing import Any
 
 import yaml
 
-from expertsteer.artifacts import ALIGNMENT_FILE, PAIRS_FILE, STEERING_FILE, load_json, save_json
+from expertsteer.artifacts import (
+    ALIGNMENT_FILE,
+    METRICS_FILE,
+    PAIRS_FILE,
+    STEERING_FILE,
+    load_json,
+    save_json,
+)
 from expertsteer.errors import ExpertSteerError
 from expertsteer.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
 
 log = logging.getLogger(__name__)
 
 STAGES_FILE = "stages.json"
-METRICS_FILE = "metrics.json"
 OBJECTIVES = ("recon", "recon+translate")
 
 

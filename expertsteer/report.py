@@ -22,6 +22,11 @@ AUROC_FIGURE = "rfm_auroc.png"
 BASELINES = ("none", "expert")
 
 
+def layers_key(layers: list[int] | tuple[int, ...]) -> str:
+    """How a set of target layers is named in `metrics.json` (e.g. "7" or "7,9")."""
+    return ",".join(map(str, layers))
+
+
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
@@ -82,7 +87,7 @@ def summary_table(metrics: dict[str, Any]) -> str:
                     _difference(entry.get("vs_none")) if steered else "—",
                     "—" if gap is None else f"{100 * gap:+.0f}%",
                     f"{entry['alpha']:g}" if steered else "—",
-                    ",".join(map(str, entry["layers"])) if steered else "—",
+                    layers_key(entry["layers"]) if steered else "—",
                     _pct(entry["dev"]["accuracy"]),
                 ]
             )
@@ -98,7 +103,7 @@ def _figures(run_dir: Path, metrics: dict[str, Any]) -> dict[str, str]:
         if method in BASELINES:
             references[f"{method} (dev)"] = entry["dev"]["accuracy"]
             continue
-        chosen = ",".join(map(str, entry["layers"]))
+        chosen = layers_key(entry["layers"])
         curves[f"{method} [{chosen}]"] = {
             float(alpha): accuracy for alpha, accuracy in entry["dev_curve"][chosen].items()
         }

@@ -24,17 +24,16 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from expertsteer.artifacts import save_json
+from expertsteer.artifacts import METRICS_FILE, save_json
 from expertsteer.metrics import bootstrap_ci, gap_closed, paired_bootstrap_ci
 from expertsteer.prompts import render_prompt
-from expertsteer.report import write_report
-from expertsteer.scoring import EvalResult, generate_answers
+from expertsteer.report import layers_key, write_report
+from expertsteer.scoring import EvalResult
 from expertsteer.tasks import Example
 from lightning_modules.steer import EXPERT, NONE, SteeringModule
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 LAYER_CHOICES = ("all", "dev")
 Key = tuple[str, str, float, tuple[int, ...]]
 """(split, method, alpha, target layers) of one scored configuration."""
@@ -240,12 +239,12 @@ class SteeringEvaluator(Callback):
             for (split, name, a, ls), items in records.items():
                 if split == "dev" and name == method:
                     accuracy = float(_correct(items, dev_ids).mean())
-                    curves.setdefault(",".join(map(str, ls)), {})[f"{a:g}"] = accuracy
+                    curves.setdefault(layers_key(ls), {})[f"{a:g}"] = accuracy
             methods[method] = {
                 "alpha": alpha,
                 "layers": list(layers),
                 "test": summary(steered),
-                "dev": {"accuracy": curves[",".join(map(str, layers))][f"{alpha:g}"]},
+                "dev": {"accuracy": curves[layers_key(layers)][f"{alpha:g}"]},
                 "vs_none": paired(steered, none_test),
                 "gap_closed": (
                     None
@@ -298,9 +297,7 @@ class SteeringEvaluator(Callback):
             intervention = pl_module.intervention(method, alpha, layers)
             outputs[method] = pl_module.generate(prompts, self.sample_tokens, intervention)
         if pl_module.expert_decoder is not None:
-            outputs[EXPERT] = generate_answers(
-                pl_module.expert_decoder, prompts, None, self.sample_tokens
-            )
+            outputs[EXPERT] = pl_module.generate(prompts, self.sample_tokens, expert=True)
         return [
             {
                 "id": example.id,

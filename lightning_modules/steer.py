@@ -19,7 +19,13 @@ import torch
 
 from expertsteer.artifacts import ArtifactError
 from expertsteer.decoder import Decoder
-from expertsteer.scoring import DEFAULT_MODE, MODES_BY_TYPE, EvalResult, evaluate
+from expertsteer.scoring import (
+    DEFAULT_MODE,
+    MODES_BY_TYPE,
+    EvalResult,
+    evaluate,
+    generate_answers,
+)
 from expertsteer.steering import Intervention
 from expertsteer.tasks import Example
 from expertsteer.vectors import POSITIONS, SteeringVectors, load_steering
@@ -186,12 +192,16 @@ class SteeringModule(L.LightningModule):
         )
 
     def generate(
-        self, prompts: list[str], max_new_tokens: int, intervention: Intervention | None = None
+        self,
+        prompts: list[str],
+        max_new_tokens: int,
+        intervention: Intervention | None = None,
+        expert: bool = False,
     ) -> list[str]:
-        from expertsteer.scoring import generate_answers
-
+        """Greedy answers of the target (steered by `intervention`) or of the expert."""
+        decoder = self.expert_decoder if expert else self.target_decoder
         return generate_answers(
-            self.target_decoder, prompts, intervention, max_new_tokens, self.hparams.batch_size
+            decoder, prompts, intervention, max_new_tokens, self.hparams.batch_size
         )
 
     # -- Lightning hooks -----------------------------------------------------------------------

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
+
 from tests.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,3 +31,16 @@ def run_script(
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run(command, check=True, env=env, cwd=ROOT, timeout=600)
     return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
+def cpu_trainer(devices: str | int, **settings) -> L.Trainer:
+    """A quiet CPU Trainer: DDP (gloo) over `devices` processes, or one process."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=int(devices),
+        strategy="ddp" if int(devices) > 1 else "auto",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        **settings,
+    )

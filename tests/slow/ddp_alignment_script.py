@@ -9,11 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-import lightning as L
 import torch
 
 from datamodules.paired_activations import PairedActivationDataModule
 from lightning_modules.alignment import AlignmentModule
+from tests.slow.ddp import cpu_trainer
 
 
 def main() -> None:
@@ -32,15 +32,7 @@ def main() -> None:
         cache=cache,
     )
     module = AlignmentModule(lr=1e-2, mi_rank=4, output_dir=out)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=int(devices),
-        strategy="ddp" if int(devices) > 1 else "auto",
-        max_epochs=60,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-    )
+    trainer = cpu_trainer(devices, max_epochs=60)
     trainer.fit(module, datamodule=data)
     dev = data.split_tensors("dev")["expert"].float()
     with torch.no_grad():

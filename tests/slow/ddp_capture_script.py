@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from datamodules.paired_activations import PairedActivationDataModule
+from tests.slow.ddp import cpu_trainer
 
 
 class Recorder(L.LightningModule):
@@ -48,14 +49,7 @@ def main() -> None:
         batch_size=2,
         cache=cache,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=int(devices),
-        strategy="ddp" if int(devices) > 1 else "auto",
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-    )
+    trainer = cpu_trainer(devices)
     trainer.validate(Recorder(), datamodule=module)
 
 

@@ -9,11 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-import lightning as L
 import torch
 
 from datamodules.paired_activations import PairedActivationDataModule
 from lightning_modules.rfm import RFMModule
+from tests.slow.ddp import cpu_trainer
 
 
 def main() -> None:
@@ -30,15 +30,7 @@ def main() -> None:
         cache=cache,
     )
     module = RFMModule(source="target", pairs=[[0, 1], [0, 2]], iterations=3, output_dir=out)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=int(devices),
-        strategy="ddp" if int(devices) > 1 else "auto",
-        max_epochs=50,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-    )
+    trainer = cpu_trainer(devices, max_epochs=50)
     trainer.fit(module, datamodule=data)
     steering = module.steering_vectors()
     record = {
