@@ -63,11 +63,22 @@ def logistic_probe(
     return _oriented(weight.detach() / std, x, y)  # back to the unstandardised space
 
 
+def random_unit_vectors(count: int, dim: int, seed: int) -> torch.Tensor:
+    """`[count, dim]` float64 unit rows, isotropic, from a generator seeded by `seed` alone.
+
+    Nothing but (count, dim, seed) enters, so the vectors cannot depend on any labels; the
+    first `n` rows do not depend on `count` (the same null draws for any larger K).
+    """
+    if count < 1 or dim < 1:
+        raise ValueError(f"count and dim must be >= 1, got {count} and {dim}")
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randn(count, dim, generator=generator, dtype=torch.float64)
+    return rows / rows.norm(dim=1, keepdim=True)
+
+
 def random_direction(x, y, x_val=None, y_val=None, seed=0) -> torch.Tensor:
     """A seeded random unit vector (a control; not oriented by the labels)."""
-    generator = torch.Generator().manual_seed(seed)
-    direction = torch.randn(x.shape[1], generator=generator, dtype=torch.float64).to(x.dtype)
-    return direction / direction.norm()
+    return random_unit_vectors(1, x.shape[1], seed)[0].to(x.dtype)
 
 
 def rfm_direction(x, y, x_val, y_val, seed=0, config: RFMConfig | None = None) -> torch.Tensor:

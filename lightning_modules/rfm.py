@@ -396,7 +396,10 @@ class RFMModule(L.LightningModule):
 
     def _orient(self, pair: tuple[int, int], rows: torch.Tensor) -> torch.Tensor:
         """Flip rows so that steer-split projections (in the target-space coordinates the
-        vector lives in) are larger for label 1; a linear map can reverse the sign."""
+        vector lives in) are larger for label 1; a linear map can reverse the sign. `random`
+        is a label-free control and is never flipped (the evaluation tries both signs)."""
+        if self.hparams.method == "random":
+            return rows
         x, y = self._features("steer", pair)
         if self.hparams.source == "expert" and self.hparams.space == "raw":
             index = self.trainer.datamodule.keys()[0].layers.index(pair[0])
