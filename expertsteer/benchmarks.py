@@ -159,8 +159,13 @@ def _sentiment_text(row: dict, index: int, spec: TaskSpec) -> Example:
         text, label = _FINGPT.match(row["context"]).group(1).strip(), row["target"]
     else:
         text, label = row["text"].strip(), row["label"]
-    question = f"What is the sentiment of this text?\n{text}"
-    return Example(str(index), question, tuple(spec.labels), spec.labels.index(label))
+    return Example(
+        str(index),
+        text,
+        tuple(spec.labels),
+        spec.labels.index(label),
+        instruction="What is the sentiment of this text?",
+    )
 
 
 @row_parser("gsm8k")
@@ -195,18 +200,23 @@ def _mmlu(row: dict, index: int, spec: TaskSpec) -> Example:
 @row_parser("sst2")
 def _sst2(row: dict, index: int, spec: TaskSpec) -> Example:
     label, text = row["text"].split(" ", 1)
-    question = f"What is the sentiment of this movie review?\n{text.strip()}"
-    return Example(str(index), question, tuple(spec.labels), int(label))
+    return Example(
+        str(index),
+        text.strip(),
+        tuple(spec.labels),
+        int(label),
+        instruction="What is the sentiment of this movie review?",
+    )
 
 
 @row_parser("headline")
 def _headline(row: dict, index: int, spec: TaskSpec) -> Example:
-    question = f"Does this news headline talk about the price going up?\n{row['News'].strip()}"
     return Example(
         str(index),
-        question,
+        row["News"].strip(),
         tuple(spec.labels),
         spec.labels.index("yes" if str(row["Price Direction Up"]) == "1" else "no"),
+        instruction="Does this news headline talk about the price going up?",
     )
 
 

@@ -28,19 +28,20 @@ class Item:
 
 
 def render_prompt(task_type: str, example: Example) -> str:
-    """The user-turn text of an example."""
+    """The user-turn text of an example: passage, instruction, question, options, answer format."""
     if task_type == "concept":
         return example.question
     parts = [example.context] if example.context else []
+    question = (
+        f"{example.instruction}\n{example.question}" if example.instruction else example.question
+    )
     if task_type == "choice":
         options = "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(example.choices))
-        parts.append(
-            f"{example.question}\n{options}\nAnswer with the letter of the correct option."
-        )
+        parts.append(f"{question}\n{options}\nAnswer with the letter of the correct option.")
     elif task_type in ("yesno", "classification"):
-        parts.append(f"{example.question}\nAnswer with one of: {', '.join(example.choices)}.")
+        parts.append(f"{question}\nAnswer with one of: {', '.join(example.choices)}.")
     else:
-        parts.append(f"{example.question}\nGive the final answer as a number.")
+        parts.append(f"{question}\nGive the final answer as a number.")
     return "\n\n".join(parts)
 
 

@@ -21,10 +21,13 @@ options of an item:
     calibrated[n, k] = log_softmax_k(s[n, k] - b[n, k]),  s = log_softmax_k(option scores)
 
 * `content_free` (default for option modes; Zhao et al. 2021, "Calibrate before use"): b is the
-  mean option log-distribution over content-free prompts — the same template and option labels
-  with the question (and passage, if any) replaced by "N/A", "" and "[MASK]". In letter
-  mode the shown option texts are content-free too; in text / label mode they are the item's
-  own (those are what is scored; this is then the domain-conditional PMI of Holtzman et al. 2021).
+  mean option log-distribution over content-free prompts — the item's prompt with only its
+  content (question body or review text, and passage, if any) replaced by "N/A", "" and
+  "[MASK]"; the task's instruction ("What is the sentiment of this movie review?") and answer
+  format ("Answer with one of: ...", "Answer with the letter ...") stay, so the bias is
+  measured on the task the items pose. In letter mode the shown option texts are content-free
+  too; in text / label mode they are the item's own (those are what is scored; this is then
+  the domain-conditional PMI of Holtzman et al. 2021).
 * `mean`: b[k] is the mean of s[:, k] - s[:, 0] over the evaluated items (needs more than one
   item; see `mean_bias`).
 * `none`: b = 0 (raw scores; always reported beside the calibrated ones).
@@ -377,10 +380,13 @@ def option_completions(task_type: str, example: Example, mode: str) -> list[str]
 def content_free_prompts(
     task_type: str, example: Example, mode: str, inputs: Sequence[str] = CONTENT_FREE_INPUTS
 ) -> list[str]:
-    """`example`'s template with the question (and passage) replaced by each content-free text.
+    """`example`'s prompt with its content replaced by each content-free text.
 
-    Letter mode also blanks the option texts: the letter habit is what is measured. Text and
-    label modes keep the item's options, since those are the scored completions.
+    The content is the question body (a review, a headline, a question) and the passage, if
+    any; the instruction (`Example.instruction`) and the answer format `render_prompt` adds for
+    the task type are kept. Letter mode also blanks the option texts: the letter habit is what
+    is measured. Text and label modes keep the item's options, since those are the scored
+    completions (and, for yes/no and classification tasks, the answer format lists them).
     """
     prompts = []
     for text in inputs:
@@ -390,6 +396,7 @@ def content_free_prompts(
             question=text,
             choices=shown,
             context=text if example.context else "",
+            instruction=example.instruction,
         )
         prompts.append(render_prompt(task_type, blank))
     return prompts
@@ -686,11 +693,10 @@ def evaluate(
     Defaults: `mode` from `DEFAULT_MODE` (letter for choice, label for yesno / classification,
     generate for numeric); `calibration` content_free for option modes, none for generate;
     `normalize` sum for letters and labels, mean for option texts; `max_new_tokens` 128 for
-    numeric tasks and 16 otherwise. `content_free_inputs` replace the question in the
-    calibration prompts (pass e.g. "What is the sentiment of this review?\\nN/A" where the task's
-    instruction sits inside the question text). `calibration_cache`, a dict kept by the
-    caller, reuses content-free biases across calls made with the same decoder, intervention and
-    settings (e.g. the batches of one evaluation).
+    numeric tasks and 16 otherwise. `content_free_inputs` replace the item's content (not its
+    instruction, see `content_free_prompts`) in the calibration prompts. `calibration_cache`, a
+    dict kept by the caller, reuses content-free biases across calls made with the same decoder,
+    intervention and settings (e.g. the batches of one evaluation).
     """
     if task_type not in MODES_BY_TYPE:
         why = " (a concept set is steering data; it has no answers)" * (task_type == "concept")

@@ -49,6 +49,10 @@ class Example:
     """Index into `choices`, the numeric gold answer, or the concept label (0/1)."""
     context: str = ""
     """Passage shown before the question, if any."""
+    instruction: str = ""
+    """Task instruction shown on the line before the question ("What is the sentiment of this
+    movie review?"); kept apart from the item's content so that calibration prompts can blank
+    the content and keep the instruction."""
 
 
 @dataclass
@@ -262,8 +266,6 @@ def parse_row(row: dict, index: int, spec: TaskSpec) -> Example | None:
     fields = spec.fields
     question = str(_get(row, fields.question)).strip()
     context = str(_get(row, fields.context)).strip() if fields.context else ""
-    if spec.instruction:
-        question = f"{spec.instruction}\n{question}"
     if isinstance(fields.choices, list):
         choices = tuple(str(_get(row, name)).strip() for name in fields.choices)
     elif fields.choices:
@@ -275,7 +277,14 @@ def parse_row(row: dict, index: int, spec: TaskSpec) -> Example | None:
         return None
     answer = resolve_answer(raw, choices, spec)
     ident = str(_get(row, fields.id)) if fields.id else str(index)
-    return Example(id=ident, question=question, choices=choices, answer=answer, context=context)
+    return Example(
+        id=ident,
+        question=question,
+        choices=choices,
+        answer=answer,
+        context=context,
+        instruction=spec.instruction or "",
+    )
 
 
 def resolve_answer(raw: Any, choices: tuple[str, ...], spec: TaskSpec) -> int | float:

@@ -8,6 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from expertsteer.benchmarks import BUILTIN
 from expertsteer.decoder import Decoder, left_pad_positions
 from expertsteer.metrics import (
     accuracy,
@@ -17,8 +18,10 @@ from expertsteer.metrics import (
     macro_f1,
     paired_bootstrap_ci,
 )
+from expertsteer.prompts import render_prompt
 from expertsteer.scoring import (
     CONTENT_FREE_INPUTS,
+    DEFAULT_MODE,
     _plan_rows,
     apply_calibration,
     content_free_bias,
@@ -32,7 +35,7 @@ from expertsteer.scoring import (
     option_logprobs,
     score_options,
 )
-from expertsteer.tasks import Example
+from expertsteer.tasks import ROW_PARSERS, Example, TaskSpec, parse_row
 from tests.tiny import SPECIALS, byte_tokenizer, tiny_model
 
 TOL = 1e-4
@@ -237,6 +240,93 @@ def test_content_free_prompts_blank_the_content():
     labels = content_free_prompts("yesno", YESNO[0], "label", ["N/A"])
     assert labels == ["N/A\nAnswer with one of: yes, no."]
     assert all("seven" not in p and "Count" not in p for p in prompts)
+
+
+SST2_INSTRUCTION = "What is the sentiment of this movie review?"
+
+
+def _builtin_example(task: str, row: dict):
+    spec = BUILTIN[task]
+    return ROW_PARSERS[spec.row_parser](row, 0, spec)
+
+
+@pytest.mark.parametrize(
+    ("task", "row", "content", "kept"),
+    [
+        ("sst2", {"text": "1 a gripping , funny film"}, "gripping", [SST2_INSTRUCTION]),
+        (
+            "financial_phrasebank",
+            {"text": "Profit fell sharply .", "label": "negative"},
+            "Profit",
+            ["What is the sentiment of this text?", "negative, neutral, positive"],
+        ),
+        (
+            "headline_price_up",
+            {"News": "gold climbs to record", "Price Direction Up": "1"},
+            "climbs",
+            ["Does this news headline talk about the price going up?", "one of: no, yes"],
+        ),
+        (
+            "boolq",
+            {
+                "instruction": "Please answer the following question with true or false, "
+                "question: is the sky green?\n\nAnswer format: true/false",
+                "answer": "false",
+            },
+            "sky",
+            ["Answer with one of: false, true."],
+        ),
+        (
+            "arc_easy",
+            {
+                "instruction": "Please choose the correct answer to the question: Which is a "
+                "metal?\n\nAnswer1: iron Answer2: wood\n\nAnswer format: answer1/answer2",
+                "answer": "answer1",
+            },
+            "metal",
+            ["Answer with the letter of the correct option."],
+        ),
+    ],
+)
+def test_calibration_prompts_keep_the_instruction_and_answer_format(task, row, content, kept):
+    example = _builtin_example(task, row)
+    task_type = BUILTIN[task].type
+    prompts = content_free_prompts(task_type, example, DEFAULT_MODE[task_type])
+    assert len(prompts) == len(CONTENT_FREE_INPUTS)
+    item_prompt = render_prompt(task_type, example)
+    for prompt, blank in zip(prompts, CONTENT_FREE_INPUTS, strict=True):
+        assert content in item_prompt and content not in prompt
+        assert all(text in item_prompt and text in prompt for text in kept)
+        if task_type != "choice":  # letter mode blanks the option texts too
+            # Only the content differs: the item's prompt with its content replaced.
+            assert prompt == item_prompt.replace(example.question, blank)
+
+
+def test_sst2_calibration_prompt_is_the_item_template_with_na_content():
+    example = _builtin_example("sst2", {"text": "0 a dull , lifeless film"})
+    # The rendered item prompt is what it was before the instruction was a field of its own.
+    assert render_prompt("classification", example) == (
+        f"{SST2_INSTRUCTION}\na dull , lifeless film\nAnswer with one of: negative, positive."
+    )
+    (prompt,) = content_free_prompts("classification", example, "label", ["N/A"])
+    assert prompt == f"{SST2_INSTRUCTION}\nN/A\nAnswer with one of: negative, positive."
+
+
+def test_task_spec_instruction_is_kept_by_calibration():
+    spec = TaskSpec(
+        name="reviews",
+        type="classification",
+        labels=["bad", "good"],
+        instruction="Rate this product review.",
+        files={"test": "x.jsonl"},
+        fields={"question": "text", "answer": "label"},
+    )
+    example = parse_row({"text": "Broke in a day.", "label": 0}, 0, spec)
+    assert render_prompt("classification", example).startswith(
+        "Rate this product review.\nBroke in a day.\n"
+    )
+    (prompt,) = content_free_prompts("classification", example, "label", ["N/A"])
+    assert prompt == "Rate this product review.\nN/A\nAnswer with one of: bad, good."
 
 
 # -- steering goes through steered_logits, calibration included --------------------------------
