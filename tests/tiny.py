@@ -71,12 +71,17 @@ FAMILIES: dict[str, dict] = {
 }
 
 
-def byte_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
-    """Byte-level BPE tokenizer with no merges: every UTF-8 byte is one token."""
+def byte_tokenizer(
+    chat: bool = False, merges: list[tuple[str, str]] | None = None
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE tokenizer: every UTF-8 byte is one token, unless `merges` (pairs of
+    byte-level symbols, e.g. ("t", "h"), then ("th", "e")) join some into longer tokens."""
     vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     for token in SPECIALS:
         vocab[token] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    for left, right in merges or []:
+        vocab.setdefault(left + right, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=list(merges or [])))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
