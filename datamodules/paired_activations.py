@@ -41,6 +41,15 @@ from expertsteer.decoder import Decoder
 from expertsteer.prompts import Item, prompt_items, steering_items
 from expertsteer.splits import SPLITS, SplitSizes, make_splits
 from expertsteer.tasks import TaskError, load_task
+from expertsteer.token_pairs import (
+    CorpusConfig,
+    corpus_texts,
+    ensure_token_pairs,
+    heldout_texts,
+    load_token_pairs,
+    read_token_meta,
+    steer_texts,
+)
 from expertsteer.zoo import (
     DEFAULT_EXPERT,
     DEFAULT_TARGET,
@@ -113,6 +122,8 @@ class PairedActivationDataModule(L.LightningDataModule):
         cache: str | None = None,
         num_workers: int = 0,
         capture_splits: list[str] | None = None,
+        corpus: CorpusConfig | None = None,
+        corpus_storage_dtype: str = "float16",
     ) -> None:
         """
         Args:
@@ -140,6 +151,10 @@ class PairedActivationDataModule(L.LightningDataModule):
             capture_splits: Splits to capture (default all three). The fitting stages read
                 only steer and dev; leaving test out saves its capture, and test keeps the
                 same examples (the split is drawn with every size as given).
+            corpus: Also capture paired states at token level (`expertsteer.token_pairs`):
+                generic texts of other tasks plus this task's steer items, for the
+                `translate` alignment, translatability and held-out MI. None: no corpus.
+            corpus_storage_dtype: Cache dtype of the token-level states.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -167,6 +182,16 @@ class PairedActivationDataModule(L.LightningDataModule):
                 f"{capture_splits}"
             )
         self.captured = [split for split in SPLITS if split in captured]
+        if corpus_storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"corpus_storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got "
+                f"'{corpus_storage_dtype}'"
+            )
+        if isinstance(corpus, dict):
+            corpus = CorpusConfig(**corpus)
+        self.corpus = corpus
+        self._models: dict[str, Decoder] | None = None
+        self._tokens: dict | None = None
         self._splits: dict[str, list[Item]] | None = None
         self._data: dict[str, dict] = {}
         self._dims: dict[str, tuple[int, int]] | None = None
@@ -240,12 +265,105 @@ class PairedActivationDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Capture whatever shards are missing (resumable); a complete entry is reused."""
         directory = self.cache_path()
-        if read_meta(directory) is not None:
-            return
-        directory.mkdir(parents=True, exist_ok=True)
-        with file_lock(directory.parent / f"{directory.name}.lock"):
+        try:
             if read_meta(directory) is None:
-                self._capture(directory)
+                directory.mkdir(parents=True, exist_ok=True)
+                with file_lock(directory.parent / f"{directory.name}.lock"):
+                    if read_meta(directory) is None:
+                        self._capture(directory)
+            for entry in self.corpus_entries():
+                ensure_token_pairs(
+                    entry["root"],
+                    entry["keys"],
+                    entry["texts"],
+                    self.corpus,
+                    self.hparams.corpus_storage_dtype,
+                    self._decoders,
+                    self.hparams.capture_batch_size,
+                )
+        finally:
+            self._models = None
+
+    def _decoders(self) -> dict[str, Decoder]:
+        """Both models, loaded once per capture."""
+        if self._models is None:
+            hp = self.hparams
+            self._models = {
+                side: Decoder.from_loaded(load_model(name, hp.model_dtype), hp.chat_template)
+                for side, name in (("expert", hp.expert), ("target", hp.target))
+            }
+        return self._models
+
+    # -- token-level pairs -------------------------------------------------------------------
+
+    def corpus_entries(self) -> list[dict]:
+        """The token-pair cache entries of this configuration: the generic corpus (shared by
+        every task that leaves out the same tasks) and this task's steer items."""
+        if self.corpus is None:
+            return []
+        hp = self.hparams
+        expert_key, target_key = self.keys()
+        root = Path(hp.cache).expanduser() if hp.cache else cache_dir()
+        keys = {"expert": expert_key, "target": target_key}
+        task_name = resolve_task(hp.task).name
+        entries = []
+        if self.corpus.size:
+            texts = corpus_texts(self.corpus, task_name, hp.data_root, hp.seed)
+            entries.append({"root": root, "keys": keys, "texts": texts})
+        if self.corpus.steer_items:
+            items = self.split_items()["steer"]
+            if any(not item.completion for item in items):
+                raise TaskError(
+                    "corpus.steer_items needs prompt + answer items (item_kind 'steering' of a "
+                    "task with answers); set corpus.steer_items: false"
+                )
+            entries.append({"root": root, "keys": keys, "texts": steer_texts(items)})
+        return entries
+
+    def token_pairs(self) -> dict:
+        """Paired token states of the corpus (after `setup`): `expert [n, L_E, d_E]`,
+        `target [n, L_T, d_T]` (storage dtype), `source [n]` (0 corpus, 1 steer item),
+        `heldout [n]` (bool, whole texts held out), `positions`, `capture_seconds`."""
+        if self.corpus is None:
+            raise RuntimeError(
+                "no token-level corpus is configured: set the data module's `corpus` option"
+            )
+        if self._tokens is None:
+            raise RuntimeError("token pairs are not loaded: call setup()")
+        return self._tokens
+
+    def _load_tokens(self) -> None:
+        parts, heldout, seconds = [], [], 0.0
+        for entry in self.corpus_entries():
+            directory = ensure_token_pairs(
+                entry["root"],
+                entry["keys"],
+                entry["texts"],
+                self.corpus,
+                self.hparams.corpus_storage_dtype,
+                self._missing_capture,
+            )
+            meta = read_token_meta(directory)
+            data = load_token_pairs(directory, meta)
+            held = heldout_texts(meta["texts"], self.corpus.heldout, self.hparams.seed)
+            heldout.append(held[data["text"]])
+            parts.append(data)
+            seconds += meta["capture_seconds"]
+        self._tokens = {
+            "expert": torch.cat([p["expert"] for p in parts]),
+            "target": torch.cat([p["target"] for p in parts]),
+            "source": torch.cat([p["source"] for p in parts]),
+            "heldout": torch.cat(heldout),
+            "positions": sum(p["text"].shape[0] for p in parts),
+            "capture_seconds": round(seconds, 2),
+        }
+
+    @staticmethod
+    def _missing_capture() -> dict[str, Decoder]:
+        raise CacheMismatchError(
+            "the token-pair cache is incomplete; run prepare_data() (Lightning does it before "
+            "setup)"
+        )
 
     def _capture(self, directory: Path) -> None:
         hp = self.hparams
@@ -260,10 +378,7 @@ class PairedActivationDataModule(L.LightningDataModule):
         log.info("activation cache %s: %d shard(s) to capture", directory, len(todo))
         started = time.perf_counter()
         if todo:
-            models = {
-                side: Decoder.from_loaded(load_model(name, hp.model_dtype), hp.chat_template)
-                for side, name in (("expert", hp.expert), ("target", hp.target))
-            }
+            models = self._decoders()
             dtype = STORAGE_DTYPES[hp.storage_dtype]
             for split, k, start, stop in tqdm(todo, desc="capture shards"):
                 items = splits[split][start:stop]
@@ -325,6 +440,8 @@ class PairedActivationDataModule(L.LightningDataModule):
                     f"cache {directory} holds {side} activations of another model or layer set"
                 )
         self._data = {split: load_split(directory, split, meta) for split in self.captured}
+        if self.corpus is not None and self._tokens is None:
+            self._load_tokens()
 
     def split_tensors(self, split: str) -> dict:
         """The whole split (every example once, same on every rank): tensors and ids."""

@@ -32,7 +32,7 @@ from torch import nn
 from expertsteer.artifacts import ArtifactError, load_artifact, save_artifact
 
 ALIGNMENT_KIND = "alignment"
-OBJECTIVES = ("recon", "recon+translate")
+OBJECTIVES = ("recon", "recon+translate", "translate")
 MODEL_FIELDS = (
     "expert_model_id",
     "expert_weights_sha256",
@@ -105,19 +105,37 @@ class AffineAutoencoders(nn.Module):
 
     @torch.no_grad()
     def fit_standardisation(self, expert_states: torch.Tensor) -> None:
-        """Per-layer, per-feature mean and std of expert states [n, L, d_E] (float64 sums)."""
+        """Per-layer, per-feature mean and std of expert states [n, L, d_E] (float64, one
+        layer at a time, so a large token corpus is never copied whole in float64)."""
         self._check_expert(expert_states, "expert_states")
         if expert_states.shape[0] < 2:
             raise ValueError(
                 f"standardisation needs at least 2 examples, got {expert_states.shape[0]}; "
                 "use a larger steer split"
             )
-        states = expert_states.double()
-        mean = states.mean(0)
-        std = states.std(0, correction=0)
-        floor = STD_FLOOR * std.mean(-1, keepdim=True).clamp_min(1e-12)
-        self.expert_mean.copy_(mean)
-        self.expert_std.copy_(torch.maximum(std, floor))
+        for layer in range(self.num_layers):
+            states = expert_states[:, layer].double()
+            mean = states.mean(0)
+            std = states.std(0, correction=0)
+            floor = STD_FLOOR * std.mean().clamp_min(1e-12)
+            self.expert_mean[layer] = mean.to(self.expert_mean.dtype)
+            self.expert_std[layer] = torch.maximum(std, floor).to(self.expert_std.dtype)
+
+    @torch.no_grad()
+    def set_linear_maps(self, layer: int, encoder: torch.Tensor, decoder: torch.Tensor) -> None:
+        """Install a closed-form encoder [d_T, d_E] and decoder [d_E, d_T] for `layer` (both
+        between centred spaces, so the biases are zero)."""
+        self._check_layer(layer)
+        for name, tensor, shape in (
+            ("encoder", encoder, (self.target_dim, self.expert_dim)),
+            ("decoder", decoder, (self.expert_dim, self.target_dim)),
+        ):
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} must be {list(shape)}, got {list(tensor.shape)}")
+        self.encoder_weight[layer] = encoder.to(self.encoder_weight.dtype)
+        self.decoder_weight[layer] = decoder.to(self.decoder_weight.dtype)
+        self.encoder_bias[layer] = 0.0
+        self.decoder_bias[layer] = 0.0
 
     @torch.no_grad()
     def fit_target_standardisation(self, layer_index: int, target_states: torch.Tensor) -> None:
@@ -147,6 +165,11 @@ class AffineAutoencoders(nn.Module):
         """(h - mean) / std for expert states of all layers [..., L, d_E]."""
         return (h - self.expert_mean) / self.expert_std
 
+    def standardise_layer(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """(h - mean) / std for raw expert states [..., d_E] of one layer."""
+        self._check_layer(layer)
+        return (h - self.expert_mean[layer]) / self.expert_std[layer]
+
     def standardise_target(self, layer_index: int, h: torch.Tensor) -> torch.Tensor:
         """Target states [..., d_T] in the translation space of expert layer `layer_index`."""
         return (h - self.target_mean[layer_index]) / self.target_scale[layer_index]
@@ -163,8 +186,7 @@ class AffineAutoencoders(nn.Module):
 
     def encode(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """f_layer(h) for raw expert states [..., d_E] of one layer -> [..., d_T]."""
-        self._check_layer(layer)
-        x = (h - self.expert_mean[layer]) / self.expert_std[layer]
+        x = self.standardise_layer(layer, h)
         return x @ self.encoder_weight[layer].T + self.encoder_bias[layer]
 
     def encode_direction(self, layer: int, v: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ from expertsteer.errors import ExpertSteerError
 log = logging.getLogger(__name__)
 
 ESTIMATORS = ("gaussian", "ksg")
-SELECT_MODES = ("mi", "dev")
+SELECT_MODES = ("lowest_mi", "translatable", "dev")
 DEFAULT_SHRINKAGE = 1e-3
 _MIN_SAMPLES = 3
 _RHO_MAX = 1.0 - 1e-12
@@ -113,8 +113,9 @@ class PairingConfig:
     """Number of (expert layer, target layer) pairs intervened on."""
     window: tuple[float, float] = (0.25, 0.75)
     """Allowed target depth [lo, hi): block j of L sits at (j + 0.5) / L; default middle half."""
-    select: str = "mi"
-    """`mi`: the lowest-MI pairs; `dev`: return `candidates` of them for dev evaluation."""
+    select: str = "lowest_mi"
+    """`lowest_mi` (the paper): the lowest-MI pairs; `translatable`: the pairs whose ridge map
+    has the best held-out R^2; `dev`: `candidates` lowest-MI pairs for dev evaluation."""
     candidates: int = 4
     """With `select: dev`, how many lowest-MI pairs are returned as candidates."""
     expert_window: tuple[float, float] = (0.0, 1.0)
@@ -373,8 +374,10 @@ def select_pairs(
     target_layers: Sequence[int] | None = None,
     num_expert_layers: int | None = None,
     num_target_layers: int | None = None,
+    r2: torch.Tensor | None = None,
 ) -> list[tuple[int, int]]:
-    """Lowest-MI (row, column) indices of `mi` inside both depth windows, ascending MI.
+    """Lowest-MI (row, column) indices of `mi` inside both depth windows, ascending MI — or,
+    with `select: translatable`, the highest held-out R^2 of `r2` (same shape).
 
     Returns `top_k` pairs (`candidates` with `select: dev`; the dev choice happens elsewhere),
     fewer with a warning when the windows hold fewer. Rows/columns index `expert_layers` /
@@ -383,6 +386,13 @@ def select_pairs(
     skipped; ties go to the lower row, then the lower column.
     """
     config = config or PairingConfig()
+    if config.select == "translatable":
+        if r2 is None or tuple(r2.shape) != tuple(mi.shape):
+            raise PairingError(
+                "select 'translatable' needs the held-out R^2 matrix of the ridge maps, which "
+                "comes from a token-level corpus: set the data module's `corpus` option"
+            )
+        mi = -r2
     if mi.ndim != 2 or mi.numel() == 0:
         raise PairingError(f"MI matrix must be 2-D and non-empty, got shape {tuple(mi.shape)}")
     shape = mi.shape
@@ -424,8 +434,10 @@ def pairs_payload(
     pairing_config: PairingConfig,
     expert_layers: list[int],
     target_layers: list[int],
+    extra: dict[str, torch.Tensor | None] | None = None,
 ) -> dict[str, Any]:
-    """JSON-able content of `pairs.json`: the chosen pairs with real block numbers and MI."""
+    """JSON-able content of `pairs.json`: the chosen pairs with real block numbers and MI
+    (and each matrix of `extra`, e.g. `mi_shuffled`, `heldout_r2`, at the pair)."""
     if mi.ndim != 2 or tuple(mi.shape) != (len(expert_layers), len(target_layers)):
         raise PairingError(
             f"MI matrix shape {tuple(mi.shape)} does not match {len(expert_layers)} expert and "
@@ -435,15 +447,16 @@ def pairs_payload(
     for i, j in pairs:
         if not (0 <= i < mi.shape[0] and 0 <= j < mi.shape[1]):
             raise PairingError(f"pair ({i}, {j}) is outside the MI matrix {tuple(mi.shape)}")
-        entries.append(
-            {
-                "expert_layer": int(expert_layers[i]),
-                "target_layer": int(target_layers[j]),
-                "expert_index": int(i),
-                "target_index": int(j),
-                "mi": float(mi[i, j]),
-            }
-        )
+        entry = {
+            "expert_layer": int(expert_layers[i]),
+            "target_layer": int(target_layers[j]),
+            "expert_index": int(i),
+            "target_index": int(j),
+            "mi": float(mi[i, j]),
+        }
+        for name, matrix in (extra or {}).items():
+            entry[name] = None if matrix is None else float(matrix[i, j])
+        entries.append(entry)
     return {
         "kind": "pairs",
         "units": "nats",

@@ -38,9 +38,12 @@ def mi_heatmap(
     target_name: str,
     expert_layers: list[int] | None = None,
     target_layers: list[int] | None = None,
+    label: str = "MI (nats)",
+    title: str = "MI",
 ) -> Path:
-    """Heatmap of the MI matrix [L_E, L_T] (expert layer on y, target layer on x) with the
-    chosen `pairs` (row, column indices) boxed in red; NaN entries grey. Returns the PNG path."""
+    """Heatmap of a layer-pair matrix [L_E, L_T] (MI by default; `label` / `title` name
+    another, e.g. held-out R^2) with the chosen `pairs` (row, column indices) boxed in red;
+    NaN entries grey. Returns the PNG path."""
     values = mi.detach().to("cpu", torch.float64).numpy()
     if values.ndim != 2:
         raise ValueError(f"MI matrix must be 2-D, got shape {values.shape}")
@@ -57,7 +60,7 @@ def mi_heatmap(
     ax = figure.add_subplot()
     cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
     image = ax.imshow(values, origin="lower", aspect="auto", cmap=cmap, interpolation="nearest")
-    figure.colorbar(image, ax=ax, label="MI (nats)")
+    figure.colorbar(image, ax=ax, label=label)
     for i, j in pairs:
         ax.add_patch(
             Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.0)
@@ -66,10 +69,10 @@ def mi_heatmap(
     _layer_axis(ax.yaxis, expert_layers)
     ax.set_xlabel(f"target layer ({target_name})")
     ax.set_ylabel(f"expert layer ({expert_name})")
-    ax.set_title(f"MI between {expert_name} and {target_name} layers (red: chosen pairs)")
+    ax.set_title(f"{title} between {expert_name} and {target_name} layers (red: chosen pairs)")
     figure.tight_layout()
     path = _save(figure, path)
-    log.info("MI heatmap written to %s", path)
+    log.info("%s heatmap written to %s", title, path)
     return path
 
 
@@ -124,3 +127,20 @@ def auroc_curves(curves: dict[str, list[float]], path: str | Path, title: str) -
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     xlabel = "RFM iteration (0: identity metric)"
     return _finish(figure, ax, xlabel, "dev AUROC (selected bandwidth)", title, path)
+
+
+def null_gains(
+    gains: Sequence[float], methods: dict[str, float], p95: float, path: str | Path, title: str
+) -> Path:
+    """The random null's test gains over `none` (one dot per draw, a dashed line at its 95th
+    percentile) against each method's gain (labelled vertical lines), in points."""
+    figure = Figure(figsize=(7.0, 1.8 + 0.25 * len(methods)))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ax.scatter([100 * g for g in gains], [0.0] * len(gains), color="grey", label="null draws")
+    ax.axvline(100 * p95, color="black", linestyle="--", label="null 95th percentile")
+    colours = colormaps["tab10"]
+    for index, (name, gain) in enumerate(methods.items()):
+        ax.axvline(100 * gain, color=colours(index % 10), label=name)
+    ax.set_yticks([])
+    return _finish(figure, ax, "test gain over none (points)", "", title, path)

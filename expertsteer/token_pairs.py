@@ -80,6 +80,9 @@ class CorpusConfig:
     """Fraction of texts (not positions) held out for choosing lambda and reporting R^2."""
     shard_texts: int = 64
     """Texts per cache shard (the unit of resume)."""
+    skip_first: int = 1
+    """Positions below this token index are never paired: the first token of a sequence is
+    an attention sink whose residual norm is orders of magnitude above the rest."""
 
     def __post_init__(self) -> None:
         if self.size < 0:
@@ -90,6 +93,8 @@ class CorpusConfig:
             raise ValueError(f"corpus.heldout must be in (0, 1), got {self.heldout}")
         if self.shard_texts < 1:
             raise ValueError(f"corpus.shard_texts must be >= 1, got {self.shard_texts}")
+        if self.skip_first < 0:
+            raise ValueError(f"corpus.skip_first must be >= 0, got {self.skip_first}")
         if self.size == 0 and not self.steer_items:
             raise ValueError("corpus is empty: set corpus.size > 0 or corpus.steer_items: true")
         self.tasks, self.files = list(self.tasks), list(self.files)
@@ -271,15 +276,19 @@ def tokenize_texts(decoder: Decoder, texts: Sequence[PairText], max_tokens: int)
     return Tokenized(ids, offsets, spans)
 
 
-def pair_texts(expert: Tokenized, target: Tokenized) -> list[list[tuple[int, int]]]:
-    """Paired token indices per text (empty where a template hides a segment)."""
+def pair_texts(
+    expert: Tokenized, target: Tokenized, skip_first: int = 0
+) -> list[list[tuple[int, int]]]:
+    """Paired token indices per text (empty where a template hides a segment); pairs with a
+    token index below `skip_first` on either side are dropped."""
     pairs = []
     for k in range(len(expert.input_ids)):
         spans_e, spans_t = expert.spans[k], target.spans[k]
         if spans_e is None or spans_t is None or len(spans_e) != len(spans_t):
             pairs.append([])
             continue
-        pairs.append(paired_positions(expert.offsets[k], spans_e, target.offsets[k], spans_t))
+        found = paired_positions(expert.offsets[k], spans_e, target.offsets[k], spans_t)
+        pairs.append([(a, b) for a, b in found if min(a, b) >= skip_first])
     return pairs
 
 
@@ -334,6 +343,7 @@ def fingerprint(
         "dtype": dtype,
         "max_tokens": config.max_tokens,
         "shard_texts": config.shard_texts,
+        "skip_first": config.skip_first,
     }
     digest.update(json.dumps(header, sort_keys=True).encode())
     for text in texts:
@@ -367,7 +377,7 @@ def capture_token_pairs(
         side: tokenize_texts(decoders[side], texts, config.max_tokens)
         for side in ("expert", "target")
     }
-    pairs = pair_texts(tokenized["expert"], tokenized["target"])
+    pairs = pair_texts(tokenized["expert"], tokenized["target"], config.skip_first)
     shards = [
         (index, range(start, min(start + config.shard_texts, len(texts))))
         for index, start in enumerate(range(0, len(texts), config.shard_texts))
@@ -389,8 +399,14 @@ def capture_token_pairs(
                                 [tokenized[side].input_ids[k] for k in batch],
                                 [[pair[column] for pair in pairs[k]] for k in batch],
                                 keys[side].layers,
-                            ).to(dtype)
+                            )
                         )
+                        if not torch.isfinite(parts[side][-1].to(dtype)).all():
+                            raise FloatingPointError(
+                                f"{side} states overflow storage dtype {storage_dtype}; "
+                                "use float32 storage"
+                            )
+                        parts[side][-1] = parts[side][-1].to(dtype)
                 text_index += [k for k in batch for _ in pairs[k]]
                 bar.update(1)
             tensors = {
@@ -494,13 +510,20 @@ def ensure_token_pairs(
     return directory
 
 
-def heldout_texts(num_texts: int, fraction: float, seed: int = 0) -> torch.Tensor:
-    """Boolean mask [num_texts] of held-out texts (whole texts: positions of one text are
-    correlated, so they never straddle the split)."""
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(num_texts, generator=generator)
-    mask = torch.zeros(num_texts, dtype=torch.bool)
-    mask[order[: max(1, round(fraction * num_texts))]] = True
+def text_group(text_id: str) -> str:
+    """Texts held out together: a steer example's correct and wrong items share a prompt."""
+    return text_id[:-1] if text_id.startswith("steer:") and text_id[-1] in "+-" else text_id
+
+
+def heldout_texts(text_ids: Sequence[str], fraction: float, seed: int = 0) -> torch.Tensor:
+    """Boolean mask [len(text_ids)] of held-out texts. Whole texts (positions of one text are
+    correlated), and whole groups (`text_group`), never straddle the split."""
+    groups = sorted({text_group(text_id) for text_id in text_ids})
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = {groups[k] for k in order[: max(1, round(fraction * len(groups)))]}
+    mask = torch.tensor([text_group(text_id) in held for text_id in text_ids], dtype=torch.bool)
     if mask.all():
-        raise TokenPairError(f"{num_texts} text(s) leave nothing to fit after holding out some")
+        raise TokenPairError(
+            f"{len(groups)} text group(s) leave nothing to fit after holding out some"
+        )
     return mask

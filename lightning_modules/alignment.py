@@ -22,12 +22,30 @@ In `recon+translate` mode the translation pairs are fixed by the configuration (
 `pairs.json` of a paper-faithful `recon` run): the MI computed here is saved for information
 but never feeds back into the objective, which would be circular (the encoder would be trained
 towards the pairs its own codes select).
+
+With a token-level corpus on the data module (`corpus`, see `expertsteer.token_pairs`):
+
+* the held-out R^2 of a ridge map for every (expert layer, target layer in the window) is
+  computed once in `configure_model` (`expertsteer.translate.r2_matrix`: "translatability",
+  the score of `select: translatable`, saved and drawn beside the MI);
+* MI is estimated on held-out token positions (thousands of rows instead of the dev split's
+  hundred prompts, where canonical correlations saturate) and beside it on the same rows with
+  the pairing shuffled, the estimator's floor;
+* `objective: translate` fits every encoder in closed form (`expertsteer.translate.fit_pair`):
+  a ridge map from the standardised expert states of layer i into the target's states of
+  layer j (the configured pair's, else the layer with the best held-out R^2), the decoder its
+  back-map. The fit needs one epoch and no optimizer step (`automatic_optimization` off).
+
+Every chosen pair's map is reported on held-out token positions (`heldout_r2`, `shuffled_r2`),
+on held-out steer items' positions (`steer_items_r2`) and on the dev split's sequence-level
+states (`dev_items_r2`), in `pairs.json` and the alignment metadata.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +67,14 @@ from expertsteer.artifacts import (
     MI_FILE,
     MI_HEATMAP_FILE,
     PAIRS_FILE,
+    R2_HEATMAP_FILE,
     load_json,
     save_artifact,
     save_json,
 )
 from expertsteer.mi import MIConfig, PairingConfig, mi_matrix, pairs_payload, select_pairs
 from expertsteer.plots import mi_heatmap
+from expertsteer.translate import TranslateConfig, fit_pair, r2_matrix, r2_score
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +116,15 @@ class LayerExplainedVariance(Metric):
         )
 
 
+def _layer_moments(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer, per-feature mean and std [L, d] (float32) of states [n, L, d]."""
+    mean = torch.stack([states[:, k].double().mean(0) for k in range(states.shape[1])])
+    std = torch.stack(
+        [states[:, k].double().std(0, correction=0) for k in range(states.shape[1])]
+    ).clamp_min(1e-6)
+    return mean.float(), std.float()
+
+
 def read_pairs_file(path: str | Path) -> tuple[list[list[int]], dict[str, Any]]:
     """[expert_layer, target_layer] pairs (real layer numbers) of a `pairs.json`, and the
     model identity fields it records (checked against the data module later)."""
@@ -127,14 +156,16 @@ class AlignmentModule(L.LightningModule):
         mi_rank: int = 16,
         top_k: int = 1,
         window: tuple[float, float] = (0.25, 0.75),
-        select: str = "mi",
+        select: str = "lowest_mi",
         candidates: int = 4,
         expert_window: tuple[float, float] = (0.0, 1.0),
+        translate: TranslateConfig | None = None,
     ) -> None:
         """
         Args:
-            objective: `recon` (paper-faithful) or `recon+translate` (adds the translation
-                term on `pairs`).
+            objective: `recon` (paper-faithful), `recon+translate` (adds the translation
+                term on `pairs`) or `translate` (closed-form ridge maps on the data module's
+                token-level corpus; `pairs` optional).
             lambda_tr: Weight of the translation term.
             pairs: [expert_layer, target_layer] pairs (real layer numbers) for the translation
                 term; required for `recon+translate` unless `pairs_file` is given.
@@ -147,10 +178,13 @@ class AlignmentModule(L.LightningModule):
             mi_rank: PCA dimensions kept per side before estimating MI.
             top_k: Number of (expert, target) pairs selected.
             window: Allowed relative depth of the target layer, (low, high) in [0, 1].
-            select: `mi` (the `top_k` lowest-MI pairs) or `dev` (`candidates` lowest-MI
-                pairs are saved, for the steering stage to choose among on the dev split).
+            select: `lowest_mi` (the `top_k` lowest-MI pairs, the paper), `translatable` (the
+                best held-out R^2 of a ridge map; needs a corpus) or `dev` (`candidates`
+                lowest-MI pairs are saved, for the steering stage to choose among on dev).
             candidates: Number of candidate pairs kept with `select: dev`.
             expert_window: Allowed relative depth of the expert layer.
+            translate: Ridge settings (lambda grid, rank, rows of the R^2 matrix and of the
+                held-out MI); used whenever the data module has a corpus.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -184,8 +218,14 @@ class AlignmentModule(L.LightningModule):
         if objective == "recon" and pairs is not None:
             log.warning("objective 'recon' ignores the translation pairs %s", pairs)
         self.translation_layers: list[tuple[int, int]] = (
-            [(int(i), int(j)) for i, j in pairs] if objective == "recon+translate" else []
+            [(int(i), int(j)) for i, j in pairs]
+            if objective != "recon" and pairs is not None
+            else []
         )
+        if isinstance(translate, dict):
+            translate = TranslateConfig(**translate)
+        self.translate_config = translate or TranslateConfig()
+        self.automatic_optimization = objective != "translate"
         self.mi_config = MIConfig(estimator=mi_estimator, mi_rank=mi_rank)
         self.pairing_config = PairingConfig(
             top_k=top_k,
@@ -199,6 +239,10 @@ class AlignmentModule(L.LightningModule):
         self.run_metadata: dict[str, Any] = {}
         self.translation_pairs: list[tuple[int, int]] = []
         self.mi: torch.Tensor | None = None
+        self.mi_shuffled: torch.Tensor | None = None
+        self.r2: torch.Tensor | None = None
+        self.layer_fits: dict[int, dict[str, Any]] = {}
+        self.tokens: dict[str, torch.Tensor] | None = None
         self.selected_pairs: list[tuple[int, int]] = []
 
     # -- building ----------------------------------------------------------------------------
@@ -295,12 +339,28 @@ class AlignmentModule(L.LightningModule):
                 )
         self.run_metadata = metadata
         self.translation_pairs = self._pair_indices(metadata)
+        corpus = getattr(datamodule, "corpus", None)
+        if corpus is None and (
+            self.hparams.objective == "translate" or self.pairing_config.select == "translatable"
+        ):
+            raise ValueError(
+                f"objective '{self.hparams.objective}' with select "
+                f"'{self.pairing_config.select}' needs paired token states: set the data "
+                "module's `corpus` option (e.g. `corpus: {}` for the defaults)"
+            )
         # Fail on depth windows that hold no captured layer now, not after an epoch.
-        self._select(torch.zeros(len(metadata["expert_layers"]), len(metadata["target_layers"])))
+        shape = (len(metadata["expert_layers"]), len(metadata["target_layers"]))
+        self._select(torch.zeros(shape), torch.zeros(shape))
         self._build(len(metadata["expert_layers"]), metadata["expert_dim"], metadata["target_dim"])
-        self.autoencoders.fit_standardisation(expert_states)
-        for i, j in self.translation_pairs:
-            self.autoencoders.fit_target_standardisation(i, target_states[:, j])
+        if corpus is not None:
+            self.tokens = self._token_rows(datamodule.token_pairs())
+            self.r2 = self._r2_matrix()
+        if self.hparams.objective == "translate":
+            self._fit_translation()
+        else:
+            self.autoencoders.fit_standardisation(expert_states)
+            for i, j in self.translation_pairs:
+                self.autoencoders.fit_target_standardisation(i, target_states[:, j])
         log.info(
             "alignment: %d auto-encoders %d -> %d, standardised on %d steer examples",
             len(metadata["expert_layers"]),
@@ -309,11 +369,167 @@ class AlignmentModule(L.LightningModule):
             expert_states.shape[0],
         )
 
+    # -- token-level corpus ------------------------------------------------------------------
+
+    def _token_rows(self, pairs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The corpus split by held-out text, and seeded draws of rows for the R^2 matrix and
+        the held-out MI (identical on every rank: same data, same seed)."""
+        config = self.translate_config
+        generator = torch.Generator().manual_seed(config.seed)
+        fit = torch.nonzero(~pairs["heldout"]).flatten()
+        heldout = torch.nonzero(pairs["heldout"]).flatten()
+        if len(fit) < 2 or len(heldout) < 4:
+            raise ValueError(
+                f"the token corpus has {len(fit)} fit and {len(heldout)} held-out positions; "
+                "it needs at least 2 and 4 (raise corpus.size)"
+            )
+
+        def draw(rows: torch.Tensor, count: int) -> torch.Tensor:
+            order = torch.randperm(len(rows), generator=generator)[:count]
+            return rows[order.sort().values]
+
+        return {
+            "expert": pairs["expert"],
+            "target": pairs["target"],
+            "fit": fit,
+            "heldout": heldout,
+            "matrix_fit": draw(fit, config.matrix_rows),
+            "matrix_heldout": draw(heldout, config.heldout_rows),
+            "steer_heldout": heldout[pairs["source"][heldout] == 1],
+            "positions": torch.tensor(int(pairs["positions"])),
+        }
+
+    def _window_columns(self) -> torch.Tensor:
+        meta = self.run_metadata
+        scores = torch.zeros(len(meta["expert_layers"]), len(meta["target_layers"]))
+        config = PairingConfig(
+            top_k=scores.numel(),
+            window=self.pairing_config.window,
+            expert_window=(0.0, 1.0),
+            unique_target=False,
+        )
+        pairs = select_pairs(
+            scores,
+            config,
+            expert_layers=meta["expert_layers"],
+            target_layers=meta["target_layers"],
+            num_expert_layers=meta["expert_num_layers"],
+            num_target_layers=meta["target_num_layers"],
+        )
+        columns = torch.zeros(scores.shape[1], dtype=torch.bool)
+        columns[[j for _, j in pairs]] = True
+        return columns
+
+    def _r2_matrix(self) -> torch.Tensor:
+        """Held-out R^2 [L_E, L_T] of a ridge map per pair (target layers of the window)."""
+        tokens, config = self.tokens, self.translate_config
+        x = tokens["expert"]
+        mean, std = _layer_moments(x[tokens["matrix_fit"]])
+        result = r2_matrix(
+            (x[tokens["matrix_fit"]].float() - mean) / std,
+            tokens["target"][tokens["matrix_fit"]],
+            (x[tokens["matrix_heldout"]].float() - mean) / std,
+            tokens["target"][tokens["matrix_heldout"]],
+            config.lambdas,
+            columns=self._window_columns(),
+            seed=config.seed,
+        )
+        log.info(
+            "translatability: held-out R^2 of ridge maps, best %.3f, median %.3f (%d pairs)",
+            float(result.r2.nan_to_num(-math.inf).max()),
+            float(result.r2.nanmedian()),
+            int(torch.isfinite(result.r2).sum()),
+        )
+        return result.r2
+
+    @torch.no_grad()
+    def _fit_translation(self) -> None:
+        """Closed-form encoders and decoders for every expert layer (objective `translate`)."""
+        tokens, meta = self.tokens, self.run_metadata
+        x_fit, x_ho = tokens["expert"][tokens["fit"]], tokens["expert"][tokens["heldout"]]
+        self.autoencoders.fit_standardisation(x_fit)
+        chosen = dict(self.translation_pairs)
+        for i in range(self.autoencoders.num_layers):
+            j = chosen.get(i)
+            if j is None:
+                j = int(self.r2[i].nan_to_num(-math.inf).argmax())
+            y_fit = tokens["target"][tokens["fit"], j]
+            self.autoencoders.fit_target_standardisation(i, y_fit.float())
+            result = fit_pair(
+                self.autoencoders.standardise_layer(i, x_fit[:, i].float()),
+                self.autoencoders.standardise_target(i, y_fit.float()),
+                self.autoencoders.standardise_layer(i, x_ho[:, i].float()),
+                self.autoencoders.standardise_target(
+                    i, tokens["target"][tokens["heldout"], j].float()
+                ),
+                self.translate_config,
+            )
+            self.autoencoders.set_linear_maps(i, result.encoder, result.decoder)
+            self.layer_fits[i] = {
+                "expert_layer": meta["expert_layers"][i],
+                "target_layer": meta["target_layers"][j],
+                "target_index": j,
+                "lambda": result.lam,
+                "heldout_r2": result.heldout_r2,
+                "shuffled_r2": result.shuffled_r2,
+            }
+        log.info(
+            "translate: %d ridge maps fitted on %d token positions (%d held out)",
+            len(self.layer_fits),
+            len(tokens["fit"]),
+            len(tokens["heldout"]),
+        )
+
+    @torch.no_grad()
+    def map_r2(self, i: int, j: int) -> dict[str, float]:
+        """How well encoder i predicts target layer j: R^2 on held-out token positions, the
+        same with the rows' pairing shuffled, on held-out steer items' positions (token corpus
+        only), and on the dev split's sequence-level states. The target is standardised as
+        the translation term sees it (fit rows' mean, one scalar scale)."""
+        datamodule = self._datamodule()
+        dev = datamodule.split_tensors("dev")
+        aligner = self.autoencoders
+        out: dict[str, float] = {}
+        if self.tokens is not None:
+            tokens = self.tokens
+            y_fit = tokens["target"][tokens["fit"], j].double()
+            mean = y_fit.mean(0)
+            scale = (y_fit - mean).pow(2).mean().sqrt()
+
+            def r2(rows: torch.Tensor, shuffle: bool = False) -> float | None:
+                if len(rows) < 2:
+                    return None
+                code = aligner.encode(i, tokens["expert"][rows, i].to(self.dtype)).double()
+                goal = (tokens["target"][rows, j].double() - mean) / scale
+                if shuffle:
+                    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
+                    goal = goal[order]
+                return r2_score(code, goal)
+
+            fit = self.layer_fits.get(i)
+            if fit is not None and fit["target_index"] == j:
+                out["heldout_r2"], out["shuffled_r2"] = fit["heldout_r2"], fit["shuffled_r2"]
+            else:
+                out["heldout_r2"] = r2(tokens["heldout"])
+                out["shuffled_r2"] = r2(tokens["heldout"], shuffle=True)
+            out["steer_items_r2"] = r2(tokens["steer_heldout"])
+            out["positions"] = len(tokens["fit"])
+        else:
+            y_fit = datamodule.split_tensors("steer")["target"][:, j].double()
+            mean = y_fit.mean(0)
+            scale = (y_fit - mean).pow(2).mean().sqrt()
+        code = aligner.encode(i, dev["expert"][:, i].to(self.dtype)).double()
+        out["dev_items_r2"] = r2_score(code, (dev["target"][:, j].double() - mean) / scale)
+        return out
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {
             "metadata": self.run_metadata,
             "translation_pairs": [list(pair) for pair in self.translation_pairs],
             "mi": None if self.mi is None else self.mi.tolist(),
+            "mi_shuffled": None if self.mi_shuffled is None else self.mi_shuffled.tolist(),
+            "r2": None if self.r2 is None else self.r2.tolist(),
+            "layer_fits": {str(i): fit for i, fit in self.layer_fits.items()},
             "selected_pairs": [list(pair) for pair in self.selected_pairs],
         }
 
@@ -339,13 +555,17 @@ class AlignmentModule(L.LightningModule):
                     metadata["data_fingerprint"],
                     self.run_metadata["data_fingerprint"],
                 )
-        if state["mi"] is not None:
-            self.mi = torch.tensor(state["mi"], dtype=torch.float64)
+        for name in ("mi", "mi_shuffled", "r2"):
+            if state.get(name) is not None:
+                setattr(self, name, torch.tensor(state[name], dtype=torch.float64))
+        self.layer_fits = {int(i): fit for i, fit in state.get("layer_fits", {}).items()}
         self.selected_pairs = [tuple(pair) for pair in state["selected_pairs"]]
 
     # -- optimisation ------------------------------------------------------------------------
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> dict[str, Any] | None:
+        if self.hparams.objective == "translate":
+            return None  # closed form (configure_model); the epoch only runs validation
         optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
@@ -370,7 +590,9 @@ class AlignmentModule(L.LightningModule):
             ).mean()
         return losses
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if self.hparams.objective == "translate":
+            return None  # fitted in closed form in configure_model
         losses = self._losses(batch)
         loss = losses["recon_loss"] + self.hparams.lambda_tr * losses.get("translate_loss", 0.0)
         size = batch["expert"].shape[0]
@@ -426,24 +648,33 @@ class AlignmentModule(L.LightningModule):
         return torch.cat(images)
 
     def compute_pairs(self) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """MI [L_E, L_T] between encoded expert and target states of the whole dev split, and
-        the selected (expert, target) index pairs; stored on the module (codes enter through
-        `mi_states`).
+        """MI [L_E, L_T] between encoded expert and target states, the same with the rows'
+        pairing shuffled (the estimator's floor), and the selected (expert, target) index
+        pairs; stored on the module (codes enter through `mi_states`).
 
-        Every rank reads the same whole split and computes the same matrix: no collective.
+        States: held-out token positions of the corpus when there is one, else the whole dev
+        split. Every rank reads the same rows and computes the same matrix: no collective.
         Runs after every validation epoch; cheap for `gaussian`, one O(n^2) pass per layer
         pair for `ksg` (set `check_val_every_n_epoch` accordingly).
         """
-        dev = self._datamodule().split_tensors("dev")
-        self.mi = mi_matrix(self.mi_states(dev["expert"]), dev["target"].float(), self.mi_config)
-        self.selected_pairs = self._select(self.mi)
+        if self.tokens is not None:
+            rows = self.tokens["matrix_heldout"]
+            expert, target = self.tokens["expert"][rows], self.tokens["target"][rows]
+        else:
+            dev = self._datamodule().split_tensors("dev")
+            expert, target = dev["expert"], dev["target"]
+        codes, target = self.mi_states(expert.float()), target.float()
+        order = torch.randperm(len(target), generator=torch.Generator().manual_seed(0))
+        self.mi = mi_matrix(codes, target, self.mi_config)
+        self.mi_shuffled = mi_matrix(codes, target[order], self.mi_config)
+        self.selected_pairs = self._select(self.mi, self.r2)
         log.info(
             "MI pairing (expert, target layers): %s",
             [self._real(pair) for pair in self.selected_pairs],
         )
         return self.mi, self.selected_pairs
 
-    def _select(self, mi: torch.Tensor) -> list[tuple[int, int]]:
+    def _select(self, mi: torch.Tensor, r2: torch.Tensor | None) -> list[tuple[int, int]]:
         meta = self.run_metadata
         return select_pairs(
             mi,
@@ -452,6 +683,7 @@ class AlignmentModule(L.LightningModule):
             target_layers=meta["target_layers"],
             num_expert_layers=meta["expert_num_layers"],
             num_target_layers=meta["target_num_layers"],
+            r2=r2,
         )
 
     def _real(self, pair: tuple[int, int]) -> tuple[int, int]:
@@ -494,6 +726,15 @@ class AlignmentModule(L.LightningModule):
         dev = self._datamodule().split_tensors("dev")
         autoencoders = copy.deepcopy(self.autoencoders).float().cpu()
         variance = explained_variance(autoencoders, dev["expert"].float())
+        mapped = list(dict.fromkeys([*self.translation_pairs, *self.selected_pairs]))
+        pair_maps = [
+            {
+                "expert_layer": self._real(pair)[0],
+                "target_layer": self._real(pair)[1],
+                **self.map_r2(*pair),
+            }
+            for pair in mapped
+        ]
         save_alignment(
             directory / ALIGNMENT_FILE,
             autoencoders,
@@ -503,14 +744,18 @@ class AlignmentModule(L.LightningModule):
                 "lambda_tr": self.hparams.lambda_tr,
                 "translation_pairs": [list(self._real(pair)) for pair in self.translation_pairs],
                 "dev_explained_variance": [round(float(v), 6) for v in variance],
+                "pair_maps": pair_maps,
+                "layer_fits": [self.layer_fits[i] for i in sorted(self.layer_fits)],
+                "corpus_positions": None if self.tokens is None else int(self.tokens["positions"]),
                 **kept,
             },
         )
+        matrices = {"mi": self.mi, "mi_shuffled": self.mi_shuffled, "r2": self.r2}
         save_artifact(
             directory / MI_FILE,
             "mi",
             {
-                "mi": self.mi,
+                **{name: value for name, value in matrices.items() if value is not None},
                 "expert_layers": torch.tensor(meta["expert_layers"]),
                 "target_layers": torch.tensor(meta["target_layers"]),
             },
@@ -519,7 +764,8 @@ class AlignmentModule(L.LightningModule):
                 "estimator": self.mi_config.estimator,
                 "mi_rank": self.mi_config.mi_rank,
                 "states": "encoded expert vs target",
-                "split": "dev",
+                "split": "held-out token positions" if self.tokens is not None else "dev",
+                "r2": "held-out R^2 of a ridge map per pair (window only)",
                 "objective": self.hparams.objective,
             },
         )
@@ -530,15 +776,20 @@ class AlignmentModule(L.LightningModule):
             self.pairing_config,
             meta["expert_layers"],
             meta["target_layers"],
+            extra={"mi_shuffled": self.mi_shuffled, "translatability_r2": self.r2},
         )
         save_json(directory / PAIRS_FILE, {**payload, **identity, "kind": "pairs"})
-        mi_heatmap(
-            self.mi,
-            self.selected_pairs,
-            directory / MI_HEATMAP_FILE,
-            Path(meta["expert_model_id"]).name,
-            Path(meta["target_model_id"]).name,
-            expert_layers=meta["expert_layers"],
-            target_layers=meta["target_layers"],
-        )
+        names = (Path(meta["expert_model_id"]).name, Path(meta["target_model_id"]).name)
+        layers = {"expert_layers": meta["expert_layers"], "target_layers": meta["target_layers"]}
+        mi_heatmap(self.mi, self.selected_pairs, directory / MI_HEATMAP_FILE, *names, **layers)
+        if self.r2 is not None:
+            mi_heatmap(
+                self.r2,
+                self.selected_pairs,
+                directory / R2_HEATMAP_FILE,
+                *names,
+                **layers,
+                label="held-out R^2",
+                title="Ridge-map R^2",
+            )
         log.info("alignment artifacts written to %s (%s weights)", directory, kept["weights"])

@@ -20,10 +20,13 @@ from expertsteer.artifacts import (
     MI_FILE,
     MI_HEATMAP_FILE,
     PAIRS_FILE,
+    R2_HEATMAP_FILE,
     ArtifactError,
     load_artifact,
     save_artifact,
 )
+from expertsteer.token_pairs import CorpusConfig
+from expertsteer.translate import TranslateConfig, fit_pair, r2_score
 from lightning_modules.alignment import AlignmentModule
 
 # -- the auto-encoders -----------------------------------------------------------------------
@@ -401,7 +404,7 @@ def test_pairs_that_do_not_fit_the_data_fail_before_training(recon_run, tmp_path
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        (dict(objective="translate"), "objective must be one of"),
+        (dict(objective="transfer"), "objective must be one of"),
         (dict(objective="recon+translate"), "needs the translation pairs"),
         (dict(pairs=[[1, 2]], pairs_file="p.json"), "either pairs or pairs_file"),
         (dict(objective="recon+translate", pairs=[[1]]), "non-empty list"),
@@ -413,3 +416,85 @@ def test_pairs_that_do_not_fit_the_data_fail_before_training(recon_run, tmp_path
 def test_bad_settings_fail_at_init(settings, message):
     with pytest.raises(ValueError, match=message):
         AlignmentModule(**settings)
+
+
+# -- token-level corpus, translate objective, translatable pairing --------------------------
+
+
+def _corpus(tmp_path, **overrides):
+    lines = [
+        f"On day {k} the weather was {'sunny' if k % 2 else 'rainy'} and warm." for k in range(40)
+    ]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return CorpusConfig(**{"tasks": [], "files": [str(path)], "size": 40, **overrides})
+
+
+@pytest.fixture(scope="module")
+def translate_run(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("translate")
+    datamodule = _datamodule(tiny_dirs, root / "cache", corpus=_corpus(root))
+    module = AlignmentModule(
+        objective="translate",
+        select="translatable",
+        mi_rank=4,
+        translate=TranslateConfig(lambdas=[1e-2, 1.0], heldout_rows=200),
+    )
+    trainer, _ = _fit(module, datamodule, root, max_epochs=1, monitor=False)
+    return {"root": root, "datamodule": datamodule, "module": module, "trainer": trainer}
+
+
+def test_translate_fits_ridge_maps_in_closed_form(translate_run):
+    module, datamodule = translate_run["module"], translate_run["datamodule"]
+    tokens = datamodule.token_pairs()
+    assert tokens["positions"] == tokens["expert"].shape[0] > 100
+    assert tokens["source"].unique().tolist() == [0, 1]  # corpus and steer items
+    aligner = module.autoencoders
+    fit_rows, heldout = ~tokens["heldout"], tokens["heldout"]
+    for i, fit in module.layer_fits.items():
+        j = fit["target_index"]
+        y_fit = tokens["target"][fit_rows, j].double()
+        expected = fit_pair(
+            aligner.standardise_layer(i, tokens["expert"][fit_rows, i].float()),
+            aligner.standardise_target(i, y_fit.float()),
+            aligner.standardise_layer(i, tokens["expert"][heldout, i].float()),
+            aligner.standardise_target(i, tokens["target"][heldout, j].float()),
+            module.translate_config,
+        )
+        torch.testing.assert_close(aligner.encoder_weight[i], expected.encoder.float())
+        assert fit["heldout_r2"] == pytest.approx(expected.heldout_r2)
+        # the encoder predicts its target layer better than shuffled pairs do
+        assert fit["heldout_r2"] > fit["shuffled_r2"]
+        # its codes live in the target's (standardised) coordinates
+        code = aligner.encode(i, tokens["expert"][heldout, i].float())
+        goal = aligner.standardise_target(i, tokens["target"][heldout, j].float())
+        assert r2_score(code, goal) == pytest.approx(fit["heldout_r2"], abs=0.05)
+
+
+def test_translatable_pairing_and_artifacts(translate_run):
+    root, module = translate_run["root"], translate_run["module"]
+    r2 = module.r2
+    window = torch.isfinite(r2[0])
+    assert 0 < int(window.sum()) < r2.shape[1]  # only the window's target layers
+    (i, j), *_ = module.selected_pairs
+    assert r2[i, j] == r2.nan_to_num(-1e9).max()
+    payload = json.loads((root / PAIRS_FILE).read_text())
+    entry = payload["pairs"][0]
+    assert entry["translatability_r2"] == pytest.approx(float(r2[i, j]))
+    assert entry["mi_shuffled"] < entry["mi"] or entry["mi"] < 0.05
+    tensors, mi_meta = load_artifact(root / MI_FILE, "mi")
+    assert {"mi", "mi_shuffled", "r2"} <= set(tensors)
+    assert mi_meta["split"] == "held-out token positions"
+    assert (root / R2_HEATMAP_FILE).read_bytes()[:4] == b"\x89PNG"
+    _, metadata = load_alignment(root / ALIGNMENT_FILE)
+    assert metadata["objective"] == "translate" and metadata["corpus_positions"] > 100
+    (pair_map,) = metadata["pair_maps"]
+    assert set(pair_map) >= {"heldout_r2", "shuffled_r2", "steer_items_r2", "dev_items_r2"}
+    assert len(metadata["layer_fits"]) == module.autoencoders.num_layers
+
+
+def test_translate_and_translatable_need_a_corpus(tiny_dirs, tmp_path):
+    datamodule = _datamodule(tiny_dirs, tmp_path / "cache")
+    for settings in (dict(objective="translate"), dict(select="translatable")):
+        with pytest.raises(ValueError, match="needs paired token states"):
+            _fit(AlignmentModule(**settings), datamodule, tmp_path, monitor=False)

@@ -57,6 +57,16 @@ def test_positions_pair_where_token_ends_coincide():
     assert {b for _, b in pairs}.isdisjoint({0, 1, 3})
 
 
+def test_first_positions_can_be_skipped():
+    plain = byte_tokenizer()
+    texts = [PairText("a", ("the weather",), False)]
+    decoder = _decoder("llama", chat=False)
+    tokenized = tokenize_texts(decoder, texts, 64)
+    assert pair_texts(tokenized, tokenized)[0][0] == (0, 0)
+    assert pair_texts(tokenized, tokenized, skip_first=1)[0][0] == (1, 1)
+    assert len(_ends(plain, "the weather")) == len(pair_texts(tokenized, tokenized)[0])
+
+
 def test_segments_pair_relative_to_their_start_in_each_template():
     prompt, completion = "the weather", "sunny"
     formatted_a = f"<x>{prompt}<y>{completion}"
@@ -170,10 +180,14 @@ def test_capture_is_cached_resumable_and_sourced(tmp_path):
 
 
 def test_heldout_whole_texts_and_config_errors():
-    mask = heldout_texts(10, 0.2, seed=3)
-    assert mask.sum() == 2 and torch.equal(mask, heldout_texts(10, 0.2, seed=3))
+    ids = [f"c:{k}" for k in range(10)]
+    mask = heldout_texts(ids, 0.2, seed=3)
+    assert mask.sum() == 2 and torch.equal(mask, heldout_texts(ids, 0.2, seed=3))
+    steer = [f"steer:{k}{sign}" for k in range(6) for sign in "+-"]
+    mask = heldout_texts(steer, 0.5)
+    assert mask.sum() == 6 and torch.equal(mask[0::2], mask[1::2])  # twins held out together
     with pytest.raises(TokenPairError, match="nothing to fit"):
-        heldout_texts(1, 0.5)
+        heldout_texts(["a"], 0.5)
     with pytest.raises(ValueError, match="corpus.heldout"):
         CorpusConfig(heldout=1.0)
     with pytest.raises(ValueError, match="corpus is empty"):

@@ -1,0 +1,222 @@
+"""Target-tied alignment: ridge maps from standardised expert states to target states.
+
+For expert layer i and target layer j, with x the expert state standardised per feature and
+y = (h^T_j - mean_j) / scale_j the target state centred and divided by one scalar (so that
+directions keep the target's raw geometry), the encoder is the ridge solution
+
+    W = argmin_W  sum_k || W x_k - y_k ||^2 + lambda n || W ||_F^2  =  Y^T X (X^T X + lambda n I)^-1
+
+(lambda is relative to the row count n: with standardised inputs, X^T X / n has unit
+diagonal, so one grid fits every layer and corpus size). The decoder is the ridge back-map
+from y to x with the same lambda. Optional reduced rank r keeps W's action on the r leading
+principal directions of its fitted values: W_r = P_r P_r^T W.
+
+Why not the paper's reconstruction loss: it is unchanged under (W, V) -> (R W, V R^-1) for any
+invertible R, so it leaves the code basis — and with it every mapped expert direction —
+arbitrary. The ridge map is unique and tied to the target's coordinates.
+
+Lambda is chosen per pair by R^2 on one half of the held-out texts and R^2 is reported on the
+other half, so the reported figure is not the one the choice maximised. All held-out figures
+are pooled over features: R^2 = 1 - SSE / SST, SST about the held-out rows' own mean.
+
+A direction v in RAW expert coordinates maps through the linear part: f(h + v) - f(h) =
+W (v / sigma), sigma the expert standard deviations (`AffineAutoencoders.encode_direction`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from expertsteer.errors import ExpertSteerError
+
+
+class TranslationError(ExpertSteerError):
+    """Paired states from which no map can be fitted."""
+
+
+@dataclass
+class TranslateConfig:
+    """Ridge settings of the `translate` objective."""
+
+    lambdas: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0])
+    """Ridge grid, as multiples of the row count (inputs are standardised)."""
+    rank: int | None = None
+    """Reduced rank of the map (None: full rank)."""
+    matrix_rows: int = 8000
+    """Fit rows (drawn, seeded) for the all-pairs R^2 matrix; the final maps use every row."""
+    heldout_rows: int = 3000
+    """Held-out rows (drawn, seeded) for the R^2 matrix and the MI estimate."""
+    seed: int = 0
+    """Seed of those draws and of the shuffled-pairs control."""
+
+    def __post_init__(self) -> None:
+        self.lambdas = [float(v) for v in self.lambdas]
+        if not self.lambdas or any(not math.isfinite(v) or v <= 0 for v in self.lambdas):
+            raise ValueError(f"translate lambdas must be finite and > 0, got {self.lambdas}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"translate rank must be None or >= 1, got {self.rank}")
+        for name in ("matrix_rows", "heldout_rows"):
+            if getattr(self, name) < 4:
+                raise ValueError(f"translate {name} must be >= 4, got {getattr(self, name)}")
+
+
+def r2_score(prediction: torch.Tensor, target: torch.Tensor) -> float:
+    """Pooled R^2 = 1 - SSE / SST of predictions [n, d], SST about the targets' own mean."""
+    target = target.double()
+    sse = (prediction.double() - target).pow(2).sum()
+    sst = (target - target.mean(0)).pow(2).sum().clamp_min(1e-30)
+    return float(1.0 - sse / sst)
+
+
+@dataclass
+class RidgeBasis:
+    """Eigendecomposition of X^T X for one input matrix: solves every lambda and output."""
+
+    x: torch.Tensor
+    """Inputs [n, d] (centred)."""
+    eigenvalues: torch.Tensor
+    """[d], ascending, clamped at 0."""
+    eigenvectors: torch.Tensor
+    """[d, d] columns."""
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> RidgeBasis:
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise TranslationError(f"ridge inputs must be [n >= 2, d], got {tuple(x.shape)}")
+        values, vectors = torch.linalg.eigh(x.T @ x)
+        return cls(x, values.clamp_min(0), vectors)
+
+    def projected(self, y: torch.Tensor) -> torch.Tensor:
+        """Q^T X^T Y [d, d_y]: everything of the outputs a ridge solution needs."""
+        return self.eigenvectors.T @ (self.x.T @ y)
+
+    def weights(self, projected: torch.Tensor, lam: float) -> torch.Tensor:
+        """Ridge coefficients B [d, d_y] (prediction X B) for `lam` relative to n."""
+        shrink = 1.0 / (self.eigenvalues + lam * self.x.shape[0])
+        return self.eigenvectors @ (shrink[:, None] * projected)
+
+
+def ridge_map(
+    x: torch.Tensor, y: torch.Tensor, lam: float, rank: int | None = None
+) -> torch.Tensor:
+    """Ridge map [d_y, d_x] from centred inputs x [n, d_x] to centred outputs y [n, d_y]
+    (prediction: x @ W.T), optionally restricted to `rank` principal output directions."""
+    basis = RidgeBasis.of(x)
+    coefficients = basis.weights(basis.projected(y), lam)
+    if rank is not None and rank < min(coefficients.shape):
+        fitted = x @ coefficients
+        _, _, right = torch.linalg.svd(fitted, full_matrices=False)
+        keep = right[:rank].T
+        coefficients = coefficients @ keep @ keep.T
+    return coefficients.T.contiguous()
+
+
+@dataclass
+class R2Matrix:
+    """Held-out R^2 of the ridge map of every (expert layer, target layer) pair."""
+
+    r2: torch.Tensor
+    """[L_E, L_T] R^2 on the report half of the held-out rows (NaN outside `columns`)."""
+    lambdas: torch.Tensor
+    """[L_E, L_T] lambda chosen on the select half."""
+
+
+def _halves(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    half = count // 2
+    return order[:half], order[half:]
+
+
+def r2_matrix(
+    x_fit: torch.Tensor,
+    y_fit: torch.Tensor,
+    x_heldout: torch.Tensor,
+    y_heldout: torch.Tensor,
+    lambdas: list[float],
+    columns: torch.Tensor | None = None,
+    seed: int = 0,
+) -> R2Matrix:
+    """R^2 [L_E, L_T] of ridge maps from x [n, L_E, d_E] (standardised) to y [n, L_T, d_T].
+
+    Each expert layer's Gram matrix is decomposed once and serves every target layer and
+    lambda. `columns` (bool [L_T]) limits the target layers computed (the pairing window).
+    """
+    if x_fit.shape[0] != y_fit.shape[0] or x_heldout.shape[0] != y_heldout.shape[0]:
+        raise TranslationError("expert and target rows differ in count")
+    if x_heldout.shape[0] < 4:
+        raise TranslationError(f"at least 4 held-out rows are needed, got {x_heldout.shape[0]}")
+    layers_e, layers_t = x_fit.shape[1], y_fit.shape[1]
+    columns = torch.ones(layers_t, dtype=torch.bool) if columns is None else columns
+    select, report = _halves(x_heldout.shape[0], seed)
+    r2 = torch.full((layers_e, layers_t), math.nan, dtype=torch.float64)
+    chosen = torch.full((layers_e, layers_t), math.nan, dtype=torch.float64)
+    y_mean = y_fit.float().mean(0)
+    for i in range(layers_e):
+        x_mean = x_fit[:, i].float().mean(0)
+        basis = RidgeBasis.of(x_fit[:, i].float() - x_mean)
+        x_ho = x_heldout[:, i].float() - x_mean
+        for j in torch.nonzero(columns).flatten().tolist():
+            projected = basis.projected(y_fit[:, j].float() - y_mean[j])
+            y_ho = y_heldout[:, j].float() - y_mean[j]
+            best = (-math.inf, math.nan, math.nan)
+            for lam in lambdas:
+                prediction = x_ho @ basis.weights(projected, lam)
+                score = r2_score(prediction[select], y_ho[select])
+                if score > best[0]:
+                    best = (score, r2_score(prediction[report], y_ho[report]), lam)
+            r2[i, j], chosen[i, j] = best[1], best[2]
+    return R2Matrix(r2, chosen)
+
+
+@dataclass
+class PairFit:
+    """One fitted map and its held-out figures."""
+
+    encoder: torch.Tensor
+    """[d_T, d_E] standardised expert -> scaled target."""
+    decoder: torch.Tensor
+    """[d_E, d_T] back-map."""
+    lam: float
+    """Lambda used (chosen on the select half of the held-out rows)."""
+    heldout_r2: float
+    """R^2 on the report half of the held-out rows."""
+    shuffled_r2: float
+    """The same, for a map fitted with the fit rows' pairing shuffled."""
+
+
+def fit_pair(
+    x_fit: torch.Tensor,
+    y_fit: torch.Tensor,
+    x_heldout: torch.Tensor,
+    y_heldout: torch.Tensor,
+    config: TranslateConfig,
+) -> PairFit:
+    """Ridge map (float64) of one pair: x standardised expert states [n, d_E], y scaled
+    target states [n, d_T], both already centred by the fit rows' means."""
+    x, y = x_fit.double(), y_fit.double()
+    x_ho, y_ho = x_heldout.double(), y_heldout.double()
+    select, report = _halves(x_ho.shape[0], config.seed)
+    basis = RidgeBasis.of(x)
+    projected = basis.projected(y)
+    scores = [
+        r2_score(x_ho[select] @ basis.weights(projected, lam), y_ho[select])
+        for lam in config.lambdas
+    ]
+    lam = config.lambdas[max(range(len(scores)), key=scores.__getitem__)]
+    coefficients = basis.weights(projected, lam)
+    if config.rank is not None and config.rank < min(coefficients.shape):
+        _, _, right = torch.linalg.svd(x @ coefficients, full_matrices=False)
+        keep = right[: config.rank].T
+        coefficients = coefficients @ keep @ keep.T
+    permutation = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed))
+    shuffled = basis.weights(basis.projected(y[permutation]), lam)
+    return PairFit(
+        encoder=coefficients.T.contiguous(),
+        decoder=ridge_map(y, x, lam),
+        lam=lam,
+        heldout_r2=r2_score(x_ho[report] @ coefficients, y_ho[report]),
+        shuffled_r2=r2_score(x_ho[report] @ shuffled, y_ho[report]),
+    )
