@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -144,8 +145,10 @@ class RFMSettings:
 class EvalSettings:
     """The validate stage."""
 
-    alphas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4])
-    """Steering strengths tried on dev (fractions of the mean residual norm)."""
+    alphas: list[float] = field(default_factory=lambda: [-0.9, -0.3, -0.1, 0.1, 0.3, 0.9])
+    """Steering strengths tried on dev (fractions of the mean residual norm); signed, non-zero."""
+    null_k: int = 6
+    """Random null draws, each chosen on dev like a method (p vs null >= 1/(K+1))."""
     positions: str = "all"
     """Steered positions."""
     layer_choice: str = "all"
@@ -164,6 +167,14 @@ class EvalSettings:
     """Their budget."""
     headroom: bool = True
     """Score the expert too."""
+
+    def __post_init__(self) -> None:
+        if not self.alphas or any(not math.isfinite(a) or a == 0 for a in self.alphas):
+            raise ExperimentError(
+                f"evaluation.alphas must be finite and non-zero (zero is `none`), got {self.alphas}"
+            )
+        if self.null_k < 0:
+            raise ExperimentError(f"evaluation.null_k must be >= 0, got {self.null_k}")
 
 
 @dataclass
@@ -442,6 +453,9 @@ def stage_configs(experiment: Experiment, task: str) -> dict[str, tuple[str, dic
                 "calibration": e.calibration,
                 "max_new_tokens": e.max_new_tokens,
                 "batch_size": e.batch_size,
+                "null_k": e.null_k,
+                # A stream apart from the `random` method's (seeded with the experiment seed).
+                "null_seed": experiment.seed + 1,
             },
         },
         "data": {

@@ -118,6 +118,15 @@ def paired_bootstrap_ci(
     `correct_a[i]` and `correct_b[i]` must refer to the same item (same prompts, same order).
     """
     _check_level(level, n_boot)
+    difference, samples = _paired_differences(correct_a, correct_b, n_boot, seed)
+    low, high = _interval(samples, level)
+    return float(difference.mean()), low, high
+
+
+def _paired_differences(
+    correct_a: torch.Tensor, correct_b: torch.Tensor, n_boot: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-item differences a - b and the means of `n_boot` paired resamples of them."""
     a, b = _as_values(correct_a, "correct_a"), _as_values(correct_b, "correct_b")
     if a.shape != b.shape:
         raise ValueError(
@@ -127,8 +136,34 @@ def paired_bootstrap_ci(
     samples = torch.cat(
         [difference[idx].mean(dim=1) for idx in _resampled_indices(len(a), n_boot, seed)]
     )
-    low, high = _interval(samples, level)
-    return float(difference.mean()), low, high
+    return difference, samples
+
+
+def paired_bootstrap_p(
+    correct_a: torch.Tensor, correct_b: torch.Tensor, n_boot: int = 2000, seed: int = 0
+) -> float:
+    """Two-sided paired-bootstrap p-value of mean(a) - mean(b) = 0.
+
+    From the same resamples as `paired_bootstrap_ci` (same seed): p = 2 min(P*(d <= 0),
+    P*(d >= 0)), each share counted as (1 + count) / (1 + n_boot) so that p is never 0, capped
+    at 1. Resamples with a difference of exactly 0 count on both sides (conservative). So
+    p < 0.05 goes with a 95% percentile interval that excludes 0; two items sets that never
+    differ give p = 1.
+    """
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    _, samples = _paired_differences(correct_a, correct_b, n_boot, seed)
+    below = (1 + int((samples <= 0).sum())) / (1 + n_boot)
+    above = (1 + int((samples >= 0).sum())) / (1 + n_boot)
+    return min(1.0, 2 * min(below, above))
+
+
+def empirical_p(value: float, null: list[float]) -> float:
+    """One-sided empirical p-value of `value` against null draws: (1 + #{null >= value}) /
+    (1 + n). Never below 1 / (n + 1); ties count against `value`."""
+    if not null:
+        raise ValueError("no null draws to compare with")
+    return (1 + sum(draw >= value for draw in null)) / (1 + len(null))
 
 
 def gap_closed(steered: float, target: float, expert: float, min_gap: float = 1e-6) -> float | None:

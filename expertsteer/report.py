@@ -13,13 +13,22 @@ import torch
 
 from expertsteer.artifacts import MI_HEATMAP_FILE
 from expertsteer.cache import atomic_file
+from expertsteer.controls import (
+    CONTROLS,
+    LEVEL,
+    NONE_BIAS,
+    comparison_count,
+    conclusion,
+    steered_methods,
+)
 from expertsteer.metrics import paired_bootstrap_ci
-from expertsteer.plots import accuracy_vs_alpha, auroc_curves
+from expertsteer.plots import accuracy_vs_alpha, auroc_curves, null_gains
 
 REPORT_FILE = "report.md"
 ALPHA_FIGURE = "accuracy_vs_alpha.png"
 AUROC_FIGURE = "rfm_auroc.png"
-BASELINES = ("none", "expert")
+NULL_FIGURE = "null_gains.png"
+BASELINES = CONTROLS
 
 
 def layers_key(layers: list[int] | tuple[int, ...]) -> str:
@@ -43,6 +52,22 @@ def _difference(entry: dict[str, float] | None) -> str:
     )
 
 
+def _p(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _versus(entry: dict[str, Any], control: str) -> str:
+    """Paired difference to a control with its p-value, or — where there is none."""
+    comparison = entry.get(f"vs_{control}")
+    if comparison is None:
+        return "—"
+    return f"{_difference(comparison)} (p {_p(entry.get(f'p_vs_{control}'))})"
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def _verdict(entry: dict[str, float]) -> str:
     if entry["low"] > 0:
         return "better"
@@ -55,6 +80,9 @@ def describe(method: str, entry: dict[str, Any]) -> str:
     """What a method is, from its artifact's metadata."""
     if method == "none":
         return "target, unsteered"
+    if method == NONE_BIAS:
+        offsets = ", ".join(f"{b:+.2f}" for b in entry.get("offsets") or [])
+        return f"target, unsteered, class offsets tuned on dev ({offsets})"
     if method == "expert":
         return "expert model itself"
     source = entry.get("source")
@@ -65,11 +93,14 @@ def describe(method: str, entry: dict[str, Any]) -> str:
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
-    """Markdown table: every method's test accuracy with its interval and choice."""
+    """Markdown table: every method's test accuracy with its interval, its comparisons with
+    the controls (paired difference in points [95% CI] and p-value), macro-F1, habit rate,
+    and its dev choice."""
     lines = [
-        "| method | what | test acc % [95% CI] | vs none, points [95% paired CI] | "
+        "| method | what | test acc % [95% CI] | vs none, points [95% paired CI] (p) | "
+        "vs none+bias (p) | p vs null | macro-F1 | habit | "
         "gap closed (if the expert is sig. better) | alpha | layers | dev acc % |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     headroom = metrics.get("headroom")
     # A share of a gap the expert does not significantly have is noise divided by noise.
@@ -84,7 +115,11 @@ def summary_table(metrics: dict[str, Any]) -> str:
                     method,
                     describe(method, entry),
                     _interval(entry["test"]),
-                    _difference(entry.get("vs_none")) if steered else "—",
+                    _versus(entry, "none"),
+                    _versus(entry, "none_bias"),
+                    _p(entry.get("p_vs_null")),
+                    _share(entry.get("macro_f1")),
+                    _share(entry.get("habit_rate")),
                     "—" if gap is None else f"{100 * gap:+.0f}%",
                     f"{entry['alpha']:g}" if steered else "—",
                     layers_key(entry["layers"]) if steered else "—",
@@ -119,9 +154,57 @@ def _figures(run_dir: Path, metrics: dict[str, Any]) -> dict[str, str]:
     if aurocs:
         auroc_curves(aurocs, run_dir / AUROC_FIGURE, f"{metrics['task']}: RFM dev AUROC")
         figures["auroc"] = AUROC_FIGURE
+    null = metrics.get("null")
+    if null and null.get("gains"):
+        gains = {
+            m: metrics["methods"][m]["vs_none"]["difference"] for m in steered_methods(metrics)
+        }
+        title = f"{metrics['task']}: test gain over none, random null (K = {null['k']})"
+        null_gains(null["gains"], gains, null["p95"], run_dir / NULL_FIGURE, title)
+        figures["null"] = NULL_FIGURE
     if (run_dir / MI_HEATMAP_FILE).is_file():
         figures["mi"] = MI_HEATMAP_FILE
     return figures
+
+
+def controls_section(metrics: dict[str, Any]) -> list[str]:
+    """The conclusion line, how many comparisons it rests on, and the two controls."""
+    count = comparison_count(metrics)
+    lines = [
+        f"**Conclusion**: {conclusion(metrics)}",
+        "",
+        f"A method helps only if it beats `none`, `none+bias` and the random null, each at "
+        f"p < {LEVEL:g}, with a gain above the null's 95th percentile. {count} comparisons "
+        f"were made ({len(steered_methods(metrics))} steered methods x each control); p-values "
+        f"are unadjusted (a Bonferroni level would be {LEVEL:g}/{max(count, 1)} = "
+        f"{LEVEL / max(count, 1):.4f}). vs none and none+bias: two-sided paired bootstrap over "
+        "test items; vs the null: one-sided empirical, (1 + #{null gain >= gain}) / (1 + K).",
+        "",
+    ]
+    bias = metrics.get("none_bias") or {}
+    if NONE_BIAS in metrics["methods"]:
+        entry = metrics["methods"][NONE_BIAS]
+        lines.append(
+            f"* `none+bias` (a moved decision threshold): per-class log-odds offsets "
+            f"{[round(b, 3) for b in entry['offsets']]} chosen on dev among {entry['budget']} "
+            f"candidates (as many as the alpha grid has alphas); test "
+            f"{_interval(entry['test'])}, vs none {_versus(entry, 'none')}."
+        )
+    elif bias.get("applicable") is False:
+        lines.append(f"* `none+bias`: not applicable ({bias.get('reason')}).")
+    null = metrics.get("null")
+    if null and null.get("gains"):
+        lines.append(
+            f"* Random null: K = {null['k']} label-free random unit vectors (seed "
+            f"{null['seed']}) on the layers and norm scales of `{null['reference']}`, each "
+            f"through the same dev choice as a method; test gains over none, points: median "
+            f"{100 * null['median']:+.1f}, 95th percentile {100 * null['p95']:+.1f}, range "
+            f"[{100 * null['min']:+.1f}, {100 * null['max']:+.1f}]; smallest attainable p "
+            f"{null['smallest_p']:.3f}."
+        )
+    else:
+        lines.append("* Random null: none drawn (K = 0); no method can be called a gain.")
+    return [*lines, ""]
 
 
 def _cell(text: str, limit: int = 160) -> str:
@@ -178,7 +261,7 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
         f"{metrics['n_dev']} dev items choose each method's alpha from {metrics['alphas']} "
         f"(layers: {metrics['layer_choice']}); {metrics['n_test']} test items are scored once "
         "at that choice. Intervals: 95% percentile bootstrap over items; differences are paired "
-        "(same items).",
+        "(same items). Habit: share of test items given the most common answer.",
         "",
     ]
     if metrics.get("headroom") is not None:
@@ -189,6 +272,9 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
             "",
         ]
     lines += ["## Test accuracy", "", summary_table(metrics), ""]
+    lines += ["## Controls and conclusion", "", *controls_section(metrics)]
+    if "null" in figures:
+        lines += [f"![random null]({figures['null']})", ""]
     findings = _findings(metrics)
     if findings:
         lines += ["## ExpertSteer against each method (test, paired)", "", *findings, ""]

@@ -1,13 +1,29 @@
 """`SteeringEvaluator`: the callback that steers during `validate` and writes the report.
 
-Dev batches (dataloader 0): every method x target-layer set x alpha of the grid is scored on the
-batch, beside the unsteered target and the expert (the `SteeringModule`'s own step). Before the
-first test batch (dataloader 1) the dev results of all ranks are gathered and each method's
-(layers, alpha) is chosen by dev accuracy (ties: the smaller alpha, then all layers together).
-Test batches then score each method once, at its choice. At the epoch end the test results are
-gathered, every figure gets a 95% bootstrap interval, each method a paired interval against the
-unsteered target and its share of the expert-target gap, `val/<task>/<method>/acc` is logged,
-and rank 0 writes `metrics.json`, `report.md` and the figures into the run directory.
+Dev batches (dataloader 0): every steered configuration — each method and each draw of the
+random null (`SteeringModule.steered_names`) x target-layer set x alpha of the signed grid — is
+scored on the batch, beside the unsteered target and the expert (the `SteeringModule`'s own
+step). Before the first test batch (dataloader 1) the dev results of all ranks are gathered
+and each method's and each null draw's (layers, alpha) is chosen by one rule, `_choose`: best
+dev accuracy; ties go to the smaller |alpha|, then to all layers together, then to the positive
+sign. Test batches then score each once, at its choice.
+
+At the epoch end the test results are gathered and summarised (`metrics.json`):
+
+* every figure with a 95% bootstrap interval; macro-F1, habit rate and the predicted-class
+  shares per method and control;
+* `none+bias`: the unsteered target with per-class log-odds offsets on its calibrated option
+  scores, fitted on dev with as many candidate settings as the alpha grid has alphas
+  (`expertsteer.controls.fit_offsets`) — a moved decision threshold, no forward pass;
+  not applicable in generation-scored modes (numeric tasks), which have no option scores;
+* `null`: the test gain over `none` of every null draw at its dev choice, with its median and
+  95th percentile;
+* per steered method: paired interval and two-sided paired-bootstrap p-value against `none`
+  and `none+bias`, the one-sided empirical p-value against the null, and the one-line
+  conclusion (`expertsteer.controls.conclusion`).
+
+`val/<task>/<method>/acc` is logged, and rank 0 writes `metrics.json`, `report.md` and the
+figures into the run directory.
 
 Under DDP every rank scores its shard of each split; duplicates a padded sampler adds are
 dropped by example id when results are gathered.
@@ -25,16 +41,43 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from expertsteer.artifacts import METRICS_FILE, save_json
-from expertsteer.metrics import bootstrap_ci, gap_closed, paired_bootstrap_ci
+from expertsteer.controls import (
+    LEVEL,
+    NONE_BIAS,
+    comparison_count,
+    conclusion,
+    fit_offsets,
+    helps,
+    null_summary,
+    offset_predictions,
+    smallest_null_p,
+)
+from expertsteer.metrics import (
+    bootstrap_ci,
+    empirical_p,
+    gap_closed,
+    macro_f1,
+    paired_bootstrap_ci,
+    paired_bootstrap_p,
+)
 from expertsteer.prompts import render_prompt
 from expertsteer.report import layers_key, write_report
-from expertsteer.scoring import EvalResult
+from expertsteer.scoring import EvalResult, habit_rate
 from expertsteer.tasks import Example
 from lightning_modules.steer import EXPERT, NONE, SteeringModule
 
 log = logging.getLogger(__name__)
 
 LAYER_CHOICES = ("all", "dev")
+DEFAULT_ALPHAS = (-0.9, -0.3, -0.1, 0.1, 0.3, 0.9)
+"""Signed: a direction's sign is chosen on dev like its size (both signs of every vector)."""
+NO_OPTION_SCORES = (
+    "generation-scored task: no option scores to offset; the random null is the control"
+)
+P_VALUES = (
+    "vs none and none+bias: two-sided paired bootstrap over test items; vs the null: "
+    "one-sided empirical (1 + #{null gain >= gain}) / (1 + K)"
+)
 Key = tuple[str, str, float, tuple[int, ...]]
 """(split, method, alpha, target layers) of one scored configuration."""
 
@@ -42,7 +85,13 @@ Key = tuple[str, str, float, tuple[int, ...]]
 def _item_records(result: EvalResult) -> dict[str, dict[str, Any]]:
     records = {}
     for index, item_id in enumerate(result.ids):
-        record = {"correct": bool(result.correct[index]), "prediction": result.predictions[index]}
+        record = {
+            "correct": bool(result.correct[index]),
+            "prediction": result.predictions[index],
+            "gold": result.gold[index],
+        }
+        if result.calibrated is not None:
+            record["scores"] = result.calibrated[index].tolist()
         if result.generations is not None:
             record["generation"] = result.generations[index]
         records[item_id] = record
@@ -66,6 +115,67 @@ def _correct(items: dict[str, dict], ids: list[str]) -> torch.Tensor:
     return torch.tensor([items[item_id]["correct"] for item_id in ids], dtype=torch.float64)
 
 
+def _gain(steered: torch.Tensor, none: torch.Tensor) -> float:
+    """Test gain over `none`: the mean paired difference (as `vs_none` reports it)."""
+    return float((steered - none).mean())
+
+
+def _score_matrix(items: dict[str, dict], ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[N, K]` calibrated option scores (-inf where an item has fewer options) and gold."""
+    width = max(len(items[item_id]["scores"]) for item_id in ids)
+    scores = torch.full((len(ids), width), float("-inf"), dtype=torch.float64)
+    for row, item_id in enumerate(ids):
+        values = items[item_id]["scores"]
+        scores[row, : len(values)] = torch.tensor(values, dtype=torch.float64)
+    gold = torch.tensor([int(items[item_id]["gold"]) for item_id in ids])
+    return scores, gold
+
+
+def _num_classes(task_type: str, items: dict[str, dict]) -> int | None:
+    """Option positions / labels of the task (None for numeric answers)."""
+    if task_type == "numeric":
+        return None
+    seen = [int(r["gold"]) for r in items.values()]
+    seen += [int(r["prediction"]) for r in items.values() if r["prediction"] is not None]
+    widths = [len(r["scores"]) for r in items.values() if "scores" in r]
+    return max(seen + [w - 1 for w in widths]) + 1
+
+
+def _predictions(items: dict[str, dict], ids: list[str]) -> list[Any]:
+    return [items[item_id]["prediction"] for item_id in ids]
+
+
+def _class_metrics(
+    predictions: list[Any], gold: list[int | float], classes: int | None
+) -> dict[str, Any]:
+    """Macro-F1, habit rate and predicted-class shares of test predictions (numeric tasks,
+    `classes` None: the habit rate alone — the share of the most common number)."""
+    out: dict[str, Any] = {"habit_rate": habit_rate(predictions)}
+    if classes is None:
+        return out | {"macro_f1": None, "predicted_share": None}
+    preds = torch.tensor([-1 if p is None else int(p) for p in predictions])
+    target = torch.tensor([int(g) for g in gold])
+    counts = torch.bincount(preds[preds >= 0], minlength=classes).tolist()
+    return out | {
+        "macro_f1": macro_f1(preds, target, num_classes=classes),
+        "predicted_share": {str(k): count / len(preds) for k, count in enumerate(counts)},
+    }
+
+
+def choose_setting(
+    accuracies: dict[tuple[tuple[int, ...], float], float], layer_order: list[tuple[int, ...]]
+) -> tuple[tuple[int, ...], float]:
+    """The (layers, alpha) with the best dev accuracy; ties go to the smaller |alpha|, then to
+    the earlier layer set of `layer_order` (all layers together first), then to alpha > 0."""
+    if not accuracies:
+        raise ValueError("no dev results to choose from")
+    order = {layers: k for k, layers in enumerate(layer_order)}
+    return max(
+        accuracies,
+        key=lambda s: (accuracies[s], -abs(s[1]), -order.get(s[0], len(order)), s[1]),
+    )
+
+
 class SteeringEvaluator(Callback):
     """Chooses alpha (and layers) per method on dev, scores test once, writes the report."""
 
@@ -82,8 +192,11 @@ class SteeringEvaluator(Callback):
         """
         Args:
             alphas: Steering strengths tried on dev, as fractions of each layer's mean residual
-                norm (default 0.05, 0.1, 0.2, 0.4). Zero is not a candidate: a method is
-                reported at its best non-zero strength, so "no gain" shows as no gain.
+                norm (default ±0.1, ±0.3, ±0.9: signed, so each direction's sign is chosen on
+                dev too, and wide enough to reach strengths that break the outputs). Zero is
+                not a candidate: a method is reported at its best non-zero strength, so "no
+                gain" shows as no gain. The null's draws use the same grid, and `none+bias`
+                gets as many candidate offsets as there are alphas.
             layer_choice: `all` steers every layer of a method's artifact together; `dev` also
                 tries each layer alone and keeps the best on dev (with `select: dev` pairing).
             num_samples: Test prompts answered in free text with and without steering.
@@ -93,7 +206,7 @@ class SteeringEvaluator(Callback):
             report: Write `metrics.json`, `report.md` and figures (rank 0).
         """
         super().__init__()
-        alphas = [0.05, 0.1, 0.2, 0.4] if alphas is None else [float(a) for a in alphas]
+        alphas = list(DEFAULT_ALPHAS) if alphas is None else [float(a) for a in alphas]
         if not alphas or any(not math.isfinite(a) or a == 0 for a in alphas):
             raise ValueError(f"alphas must be finite and non-zero, got {alphas}")
         if layer_choice not in LAYER_CHOICES:
@@ -150,7 +263,7 @@ class SteeringEvaluator(Callback):
         for name, result in outputs.items():
             self._store(split, name, 0.0, (), result)
         with torch.inference_mode():
-            for method in pl_module.hparams.methods:
+            for method in pl_module.steered_names:
                 if split == "dev":
                     grid = [
                         (layers, alpha)
@@ -165,18 +278,17 @@ class SteeringEvaluator(Callback):
                     self._store(split, method, alpha, layers, steered)
 
     def _choose(self, pl_module: SteeringModule) -> None:
-        """Each method's (layers, alpha) with the best dev accuracy, from all ranks' dev items."""
+        """Each method's and null draw's (layers, alpha), from all ranks' dev items, by one
+        rule (`choose_setting`)."""
         dev = {key: items for key, items in _gather(self.records).items() if key[0] == "dev"}
-        for method in pl_module.hparams.methods:
-            candidates = [
-                (key, sum(r["correct"] for r in items.values()) / len(items))
+        for method in pl_module.steered_names:
+            accuracies = {
+                (key[3], key[2]): sum(r["correct"] for r in items.values()) / len(items)
                 for key, items in dev.items()
                 if key[1] == method
-            ]
-            order = {layers: k for k, layers in enumerate(pl_module.layer_sets(method, "dev"))}
-            (_, _, alpha, layers), accuracy = max(
-                candidates, key=lambda c: (c[1], -abs(c[0][2]), -order.get(c[0][3], 0))
-            )
+            }
+            layers, alpha = choose_setting(accuracies, pl_module.layer_sets(method, "dev"))
+            accuracy = accuracies[(layers, alpha)]
             self.chosen[method] = (layers, alpha)
             log.info(
                 "%s: alpha %g on layers %s chosen on dev (accuracy %.3f)",
@@ -213,7 +325,13 @@ class SteeringEvaluator(Callback):
         boot = {"n_boot": self.n_boot, "seed": self.seed}
         test_ids = sorted(records[("test", NONE, 0.0, ())])
         dev_ids = sorted(records[("dev", NONE, 0.0, ())])
-        none_test = _correct(records[("test", NONE, 0.0, ())], test_ids)
+        none_items = records[("test", NONE, 0.0, ())]
+        none_test = _correct(none_items, test_ids)
+        gold = [none_items[item_id]["gold"] for item_id in test_ids]
+        classes = _num_classes(pl_module.task_type, none_items)
+
+        def class_metrics(predictions: list[Any]) -> dict[str, Any]:
+            return _class_metrics(predictions, gold, classes)
 
         def summary(correct: torch.Tensor) -> dict[str, float]:
             mean, low, high = bootstrap_ci(correct, **boot)
@@ -223,29 +341,63 @@ class SteeringEvaluator(Callback):
             mean, low, high = paired_bootstrap_ci(a, b, **boot)
             return {"difference": mean, "low": low, "high": high}
 
+        def test_items(name: str) -> dict[str, dict]:
+            layers, alpha = self.chosen[name]
+            return records[("test", name, alpha, layers)]
+
         methods: dict[str, Any] = {}
+        correct: dict[str, torch.Tensor] = {}
         baselines = [NONE] + ([EXPERT] if ("test", EXPERT, 0.0, ()) in records else [])
         for name in baselines:
+            correct[name] = _correct(records[("test", name, 0.0, ())], test_ids)
             methods[name] = {
-                "test": summary(_correct(records[("test", name, 0.0, ())], test_ids)),
+                "test": summary(correct[name]),
                 "dev": summary(_correct(records[("dev", name, 0.0, ())], dev_ids)),
+                **class_metrics(_predictions(records[("test", name, 0.0, ())], test_ids)),
             }
+        bias = self._none_bias(records, dev_ids, test_ids)
+        if bias is not None:
+            offsets, dev_correct, test_correct, test_predictions = bias
+            correct[NONE_BIAS] = test_correct
+            methods[NONE_BIAS] = {
+                "offsets": offsets,
+                "budget": len(self.alphas),
+                "test": summary(test_correct),
+                "dev": summary(dev_correct),
+                "vs_none": paired(test_correct, none_test),
+                "p_vs_none": paired_bootstrap_p(test_correct, none_test, **boot),
+                **class_metrics(test_predictions),
+            }
+        null = self._null(pl_module, records, test_ids, none_test)
         expert_acc = methods.get(EXPERT, {}).get("test", {}).get("accuracy")
         for method in pl_module.hparams.methods:
             layers, alpha = self.chosen[method]
-            steered = _correct(records[("test", method, alpha, layers)], test_ids)
+            steered = _correct(test_items(method), test_ids)
+            correct[method] = steered
             steering = pl_module.steering[method]
             curves: dict[str, dict[str, float]] = {}
             for (split, name, a, ls), items in records.items():
                 if split == "dev" and name == method:
                     accuracy = float(_correct(items, dev_ids).mean())
                     curves.setdefault(layers_key(ls), {})[f"{a:g}"] = accuracy
-            methods[method] = {
+            entry: dict[str, Any] = {
                 "alpha": alpha,
                 "layers": list(layers),
                 "test": summary(steered),
                 "dev": {"accuracy": curves[layers_key(layers)][f"{alpha:g}"]},
                 "vs_none": paired(steered, none_test),
+                "p_vs_none": paired_bootstrap_p(steered, none_test, **boot),
+                "vs_none_bias": None,
+                "p_vs_none_bias": None,
+                "p_vs_null": (
+                    None if null is None else empirical_p(_gain(steered, none_test), null["gains"])
+                ),
+                **class_metrics(_predictions(test_items(method), test_ids)),
+            }
+            if NONE_BIAS in correct:
+                entry["vs_none_bias"] = paired(steered, correct[NONE_BIAS])
+                entry["p_vs_none_bias"] = paired_bootstrap_p(steered, correct[NONE_BIAS], **boot)
+            methods[method] = entry | {
                 "gap_closed": (
                     None
                     if expert_acc is None
@@ -262,10 +414,9 @@ class SteeringEvaluator(Callback):
             }
         headroom = None
         if EXPERT in methods:
-            expert_test = _correct(records[("test", EXPERT, 0.0, ())], test_ids)
-            headroom = paired(expert_test, none_test)
+            headroom = paired(correct[EXPERT], none_test)
         hp = pl_module.hparams
-        return {
+        metrics: dict[str, Any] = {
             "kind": "metrics",
             "task": pl_module.task_name,
             "task_type": pl_module.task_type,
@@ -280,12 +431,85 @@ class SteeringEvaluator(Callback):
             "n_dev": len(dev_ids),
             "n_test": len(test_ids),
             "headroom": headroom,
+            "none_bias": (
+                {"applicable": True, "budget": len(self.alphas)}
+                if bias is not None
+                else {"applicable": False, "reason": NO_OPTION_SCORES}
+            ),
+            "null": null,
             "methods": methods,
             "test_items": {
-                key[1]: {i: records[key][i]["correct"] for i in test_ids}
-                for key in records
-                if key[0] == "test"
+                name: {i: bool(value) for i, value in zip(test_ids, vector.tolist(), strict=True)}
+                for name, vector in correct.items()
             },
+        }
+        metrics["comparisons"] = {
+            "count": comparison_count(metrics),
+            "level": LEVEL,
+            "tests": P_VALUES,
+        }
+        metrics["conclusion"] = {
+            "helps": [m for m in hp.methods if helps(metrics, m)],
+            "text": conclusion(metrics),
+        }
+        return metrics
+
+    def _none_bias(
+        self, records: dict[Key, dict], dev_ids: list[str], test_ids: list[str]
+    ) -> tuple[list[float], torch.Tensor, torch.Tensor, list[int]] | None:
+        """`none+bias`: offsets fitted on the unsteered target's dev scores (as many candidate
+        settings as the alpha grid has alphas), applied to its test scores. None in
+        generation-scored modes, which have no option scores to offset."""
+        dev, test = records[("dev", NONE, 0.0, ())], records[("test", NONE, 0.0, ())]
+        if "scores" not in dev[dev_ids[0]]:
+            return None
+        dev_scores, dev_gold = _score_matrix(dev, dev_ids)
+        test_scores, test_gold = _score_matrix(test, test_ids)
+        offsets = fit_offsets(dev_scores, dev_gold, budget=len(self.alphas))
+        width = test_scores.shape[1]
+        test_offsets = torch.zeros(width, dtype=torch.float64)
+        test_offsets[: min(width, len(offsets))] = offsets[:width]
+        dev_correct = offset_predictions(dev_scores, offsets) == dev_gold
+        test_predictions = offset_predictions(test_scores, test_offsets)
+        log.info("none+bias: offsets %s chosen on dev", [round(float(b), 4) for b in offsets])
+        return (
+            offsets.tolist(),
+            dev_correct.double(),
+            (test_predictions == test_gold).double(),
+            test_predictions.tolist(),
+        )
+
+    def _null(
+        self,
+        pl_module: SteeringModule,
+        records: dict[Key, dict],
+        test_ids: list[str],
+        none_test: torch.Tensor,
+    ) -> dict[str, Any] | None:
+        """The random null: each draw's test gain over `none` at its dev choice.
+
+        `gains` has one entry per draw. The signed alpha grid holds both signs of every
+        draw, and v and -v span the same candidates under it, so a draw's sign is part of
+        its dev choice (`alphas` records the signed alpha each draw took), just as a method
+        may take a negative alpha: one gain per draw, not two."""
+        if not pl_module.null_names:
+            return None
+        gains, alphas, layer_sets = [], [], []
+        for name in pl_module.null_names:
+            layers, alpha = self.chosen[name]
+            steered = _correct(records[("test", name, alpha, layers)], test_ids)
+            gains.append(_gain(steered, none_test))
+            alphas.append(alpha)
+            layer_sets.append(list(layers))
+        return {
+            "k": len(gains),
+            "seed": pl_module.hparams.null_seed,
+            "reference": pl_module.null_reference,
+            "gains": gains,
+            "alphas": alphas,
+            "layers": layer_sets,
+            **null_summary(gains),
+            "smallest_p": smallest_null_p(len(gains)),
         }
 
     def _samples(self, pl_module: SteeringModule, trainer: L.Trainer) -> list[dict[str, Any]]:
@@ -293,7 +517,8 @@ class SteeringEvaluator(Callback):
         examples = trainer.datamodule.splits()["test"][: self.num_samples]
         prompts = [render_prompt(pl_module.task_type, example) for example in examples]
         outputs = {NONE: pl_module.generate(prompts, self.sample_tokens)}
-        for method, (layers, alpha) in self.chosen.items():
+        for method in pl_module.hparams.methods:
+            layers, alpha = self.chosen[method]
             intervention = pl_module.intervention(method, alpha, layers)
             outputs[method] = pl_module.generate(prompts, self.sample_tokens, intervention)
         if pl_module.expert_decoder is not None:

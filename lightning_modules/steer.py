@@ -6,6 +6,13 @@ The module loads what is steered and how it is scored; the `SteeringEvaluator` c
 test once and writes the report. Every artifact is read and checked against the configured
 models and task before any model loads, so a vector made for another model pair or task, or a
 layer the target does not have, fails at once.
+
+With `null_k > 0` the module also holds the random null: `null_k` draws `null/0`,
+`null/1`, ..., each a random unit vector per target layer of a reference method (`expertsteer`
+by default, else the first method) with that method's norm scales s_j, so a draw steers the
+same layers with the same alpha * s_j as the method. The draws come from a generator seeded by
+`null_seed` alone (`expertsteer.extractors.random_unit_vectors`): they never see a label, and
+draws 0..n-1 are the same for any larger K. The evaluator treats every draw like a method.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import lightning as L
 import torch
 
 from expertsteer.artifacts import ArtifactError
+from expertsteer.controls import NONE_BIAS
 from expertsteer.decoder import Decoder
+from expertsteer.extractors import random_unit_vectors
 from expertsteer.scoring import (
     DEFAULT_MODE,
     MODES_BY_TYPE,
@@ -43,6 +52,26 @@ NONE = "none"
 """The unsteered target, always evaluated."""
 EXPERT = "expert"
 """The expert model itself, unsteered (the headroom)."""
+NULL_PREFIX = "null/"
+"""Name prefix of the random null's draws (`null/0`, `null/1`, ...)."""
+MAIN_METHOD = "expertsteer"
+"""The default reference of the null's layers and norm scales."""
+
+
+def null_steering(reference: SteeringVectors, k: int, seed: int) -> list[SteeringVectors]:
+    """`k` random controls shaped like `reference`: per draw, one independent random unit
+    vector for each of its target layers, with its norm scales. Labels never enter."""
+    layers = reference.layers
+    rows = random_unit_vectors(k * len(layers), reference.width, seed)
+    rows = rows.view(k, len(layers), reference.width).float()
+    return [
+        SteeringVectors(
+            vectors={layer: rows[draw, n] for n, layer in enumerate(layers)},
+            norm_scale={layer: reference.norm_scale[layer] for layer in layers},
+            metadata={"method": "random", "source": "null", "draw": draw, "seed": seed},
+        )
+        for draw in range(k)
+    ]
 
 
 class SteeringModule(L.LightningModule):
@@ -61,6 +90,9 @@ class SteeringModule(L.LightningModule):
         batch_size: int = 8,
         model_dtype: str = "float32",
         chat_template: bool | None = None,
+        null_k: int = 0,
+        null_seed: int = 1,
+        null_reference: str | None = None,
     ) -> None:
         """
         Args:
@@ -78,6 +110,12 @@ class SteeringModule(L.LightningModule):
             batch_size: Prompts per forward / generate call.
             model_dtype: Dtype the models run in: float32 or bfloat16.
             chat_template: Apply chat templates (default: when the tokenizer has one).
+            null_k: Random null draws, each chosen on dev and scored on test like a method
+                (0: no null, and no method can then be called a gain).
+            null_seed: Seed of the null's draws (the experiment passes its seed + 1, apart
+                from the `random` method's own seed).
+            null_reference: Method whose target layers and norm scales the draws copy
+                (default `expertsteer` if present, else the first method).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -85,15 +123,23 @@ class SteeringModule(L.LightningModule):
             raise ValueError(f"positions must be one of {POSITIONS}, got '{positions}'")
         if not methods:
             raise ValueError("methods is empty: name at least one steering.safetensors to test")
-        reserved = {NONE, EXPERT} & set(methods)
+        reserved = {NONE, NONE_BIAS, EXPERT} & set(methods)
+        reserved |= {name for name in methods if name.startswith(NULL_PREFIX)}
         if reserved:
             raise ValueError(f"method names {sorted(reserved)} are reserved; rename them")
+        if null_k < 0:
+            raise ValueError(f"null_k must be >= 0, got {null_k}")
+        if null_reference is not None and null_reference not in methods:
+            raise ValueError(
+                f"null_reference '{null_reference}' is not one of the methods {sorted(methods)}"
+            )
         if calibration == "mean":
             raise ValueError(
                 "calibration 'mean' depends on which items share a batch; use content_free or "
                 "none in the evaluation stage"
             )
         self.steering: dict[str, SteeringVectors] = {}
+        self.null_names: list[str] = []
         self.calibration_cache: dict[Any, dict] = {}
         self.target_decoder: Decoder | None = None
         self.expert_decoder: Decoder | None = None
@@ -141,6 +187,23 @@ class SteeringModule(L.LightningModule):
                     f"'{made_for}', this evaluation is on '{task.name}'"
                 )
             self.steering[method] = steering
+        self.null_names = [f"{NULL_PREFIX}{draw}" for draw in range(hp.null_k)]
+        if hp.null_k:
+            draws = null_steering(self.steering[self.null_reference], hp.null_k, hp.null_seed)
+            self.steering.update(zip(self.null_names, draws, strict=True))
+
+    @property
+    def null_reference(self) -> str:
+        """The method whose layers and norm scales the null's draws copy."""
+        methods = list(self.hparams.methods)
+        if self.hparams.null_reference is not None:
+            return self.hparams.null_reference
+        return MAIN_METHOD if MAIN_METHOD in methods else methods[0]
+
+    @property
+    def steered_names(self) -> list[str]:
+        """Every steered configuration the evaluator chooses on dev: methods, then null draws."""
+        return [*self.hparams.methods, *self.null_names]
 
     def _load(self, name: str) -> Decoder:
         loaded = load_model(name, dtype=self.hparams.model_dtype)

@@ -130,6 +130,18 @@ def test_task_overrides_apply_to_their_task_only(tiny_dirs, tmp_path):
     assert experiment.for_task("sentiment_concept").splits.test == 8
 
 
+def test_evaluation_gets_the_null_and_a_signed_grid_by_default(tiny_dirs, tmp_path):
+    config = _tiny_experiment(tiny_dirs, tmp_path)
+    del config["evaluation"]["alphas"]
+    experiment = load_experiment(_write(tmp_path, config))
+    evaluate = stage_configs(experiment, "arithmetic")["evaluate"][1]
+    alphas = evaluate["trainer"]["callbacks"][0]["init_args"]["alphas"]
+    assert min(alphas) < 0 < max(alphas) and 0 not in alphas
+    assert sorted(alphas) == sorted(-a for a in alphas)  # both signs of every strength
+    model = evaluate["model"]["init_args"]
+    assert model["null_k"] == 6 and model["null_seed"] == experiment.seed + 1
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -139,6 +151,8 @@ def test_task_overrides_apply_to_their_task_only(tiny_dirs, tmp_path):
         ({"tasks": ["no_such_task"]}, "no_such_task"),
         ({"target": "no-such-model"}, "no-such-model"),
         ({"task_overrides": {"sst2": {}}}, "not in tasks"),
+        ({"evaluation": {"alphas": [-0.1, 0.0, 0.1]}}, "non-zero (zero is `none`)"),
+        ({"evaluation": {"null_k": -1}}, "evaluation.null_k must be >= 0"),
     ],
 )
 def test_bad_experiment_configs_fail_before_any_model_loads(tiny_dirs, tmp_path, change, message):
