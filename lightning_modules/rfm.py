@@ -37,6 +37,12 @@ from expertsteer.rfm import (
     top_directions,
     validation_loss,
 )
+from expertsteer.transfer import (
+    direction_diagnostics,
+    mapped_random_directions,
+    native_direction,
+    transfer_verdict,
+)
 from expertsteer.vectors import SteeringVectors, save_steering
 
 log = logging.getLogger(__name__)
@@ -392,7 +398,65 @@ class RFMModule(L.LightningModule):
             },
             "fits": fits,
         }
+        if self.hparams.source == "expert":
+            metadata["transfer"] = [
+                self.transfer_entry(pair, vectors[pair[1]]) for pair in self.layer_pairs
+            ]
         return SteeringVectors(vectors, norm_scale, directions, metadata)
+
+    @torch.no_grad()
+    def transfer_entry(self, pair: tuple[int, int], mapped: torch.Tensor) -> dict:
+        """Transfer diagnostics of the mapped direction at `pair` (`expertsteer.transfer`):
+        the alignment's map figures at the pair, and the direction against the target's own
+        direction from the same extractor, the mapped-random null and random directions."""
+        datamodule = self.trainer.datamodule
+        expert_key, target_key = datamodule.keys()
+        steer, dev = datamodule.split_tensors("steer"), datamodule.split_tensors("dev")
+        i, j = pair
+        index, column = expert_key.layers.index(i), target_key.layers.index(j)
+        aligner = self.aligner.double()
+        native = native_direction(
+            self.hparams.method,
+            steer["target"][:, column],
+            steer["label"],
+            dev["target"][:, column],
+            dev["label"],
+            seed=self.hparams.seed,
+        )
+        null = mapped_random_directions(
+            lambda v: aligner.encode_direction(index, v),
+            aligner.expert_std[index],
+            seed=self.hparams.seed,
+        )
+        figures = direction_diagnostics(
+            mapped,
+            native,
+            null,
+            steer["target"][:, column],
+            steer["label"],
+            dev["target"][:, column],
+            dev["label"],
+            seed=self.hparams.seed,
+        )
+        maps = {
+            (m["expert_layer"], m["target_layer"]): m
+            for m in (self.alignment_meta or {}).get("pair_maps", [])
+        }
+        entry = {
+            "expert_layer": i,
+            "target_layer": j,
+            "alignment": (self.alignment_meta or {}).get("objective"),
+            **{
+                k: v
+                for k, v in maps.get((i, j), {}).items()
+                if k not in ("expert_layer", "target_layer")
+            },
+            "extractor": self.hparams.method,
+            "direction": figures,
+            "verdict": transfer_verdict({self.hparams.method: figures})[self.hparams.method],
+        }
+        log.info("transfer at pair %s: %s", pair, figures)
+        return entry
 
     def _orient(self, pair: tuple[int, int], rows: torch.Tensor) -> torch.Tensor:
         """Flip rows so that steer-split projections (in the target-space coordinates the

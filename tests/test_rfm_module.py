@@ -5,6 +5,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from torchmetrics.functional.classification import binary_auroc
 
 from datamodules.paired_activations import PairedActivationDataModule
 from expertsteer.alignment import AffineAutoencoders, save_alignment
@@ -133,6 +134,29 @@ def test_expert_encoded_and_raw_spaces_map_into_the_target_width(data, alignment
     assert projections[y == 1].mean() >= projections[y == 0].mean()
     assert steering.metadata["space"] == "raw"
     assert steering.metadata["alignment_objective"] == "recon"
+
+
+def test_expert_vectors_carry_transfer_diagnostics(data, alignment, tmp_path):
+    path, _ = alignment
+    module = RFMModule(method="mean_diff", alignment_file=str(path), pairs=[[2, 1]])
+    _fit(module, data, tmp_path)
+    steering = load_steering(tmp_path / STEERING_FILE)
+    (entry,) = steering.metadata["transfer"]
+    assert (entry["expert_layer"], entry["target_layer"]) == (2, 1)
+    assert entry["alignment"] == "recon" and entry["extractor"] == "mean_diff"
+    x, y = _xy(data, "steer", "target", 1)
+    native = x[y == 1].mean(0) - x[y == 0].mean(0)
+    cosine = float(steering.vectors[1].double() @ native / native.norm())
+    assert entry["direction"]["cos_target_native"] == pytest.approx(cosine, abs=1e-6)
+    assert 0 <= entry["direction"]["null_cos_p95"] <= 1
+    xv, yv = _xy(data, "dev", "target", 1)
+    assert entry["direction"]["auroc_native"] == pytest.approx(
+        float(binary_auroc((xv @ native).float(), yv)), abs=1e-6
+    )
+    assert set(entry["verdict"]) == {"cos_above_null", "auroc_near_native", "auroc_above_random"}
+    target_only = RFMModule(method="mean_diff", source="target", pairs=[[2, 1]])
+    _fit(target_only, data, tmp_path / "target")
+    assert "transfer" not in load_steering(tmp_path / "target" / STEERING_FILE).metadata
 
 
 @pytest.mark.parametrize("method", ["mean_diff", "pca_diff", "logistic", "random"])
