@@ -12,9 +12,10 @@ sizes and everything reruns (the activation cache is fingerprinted separately an
 whenever the captured items are the same).
 
 Run directory of one task (`<output_root>/<name>/<task>/`):
-`alignment.safetensors`, `mi.safetensors`, `pairs.json`, `mi_heatmap.png` (reconstruction
-alignment and pairing), `steering.safetensors` (ExpertSteer), `translate/` (recon+translate
-alignment), `methods/<method>/steering.safetensors` (the other methods), `metrics.json`,
+`alignment.safetensors`, `mi.safetensors`, `pairs.json`, `mi_heatmap.png`, `r2_heatmap.png`
+(reconstruction alignment and pairing), `steering.safetensors` (ExpertSteer), `translate/`
+(target-tied ridge alignment), `recon_translate/` (recon+translate, when a method uses it),
+`methods/<method>/steering.safetensors` (the other methods), `metrics.json`,
 `report.md` and figures, `stages/*.yaml` (the exact stage configs), `logs/` (CSV metrics),
 `stages.json`.
 """
@@ -51,7 +52,13 @@ from expertsteer.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
 log = logging.getLogger(__name__)
 
 STAGES_FILE = "stages.json"
-OBJECTIVES = ("recon", "recon+translate")
+OBJECTIVES = ("recon", "translate", "recon+translate")
+ALIGNMENT_DIRS = {"recon": "", "translate": "translate", "recon+translate": "recon_translate"}
+ALIGNMENT_STAGES = {
+    "recon": "align",
+    "translate": "align_translate",
+    "recon+translate": "align_recon_translate",
+}
 
 
 class ExperimentError(ExpertSteerError):
@@ -76,9 +83,13 @@ METHODS: dict[str, MethodSpec] = {
     "target_rfm": MethodSpec("rfm", "target"),
     "expert_mean_diff": MethodSpec("mean_diff", "expert", "recon"),
     "expertsteer": MethodSpec("rfm", "expert", "recon"),
-    "expertsteer_translate": MethodSpec("rfm", "expert", "recon+translate"),
+    "expert_mean_diff_translate": MethodSpec("mean_diff", "expert", "translate"),
+    "expertsteer_translate": MethodSpec("rfm", "expert", "translate"),
+    "expert_mean_diff_recon_translate": MethodSpec("mean_diff", "expert", "recon+translate"),
+    "expertsteer_recon_translate": MethodSpec("rfm", "expert", "recon+translate"),
 }
-"""The methods of the evaluation protocol (SPEC): target-self and expert-derived vectors."""
+"""The methods of the evaluation protocol (SPEC): target-self and expert-derived vectors; every
+expert RFM method has a mean-difference twin under the same alignment objective."""
 MAIN_METHOD = "expertsteer"
 
 
@@ -121,10 +132,17 @@ class AlignmentSettings:
     """Target-depth window of the pairs."""
     expert_window: list[float] = field(default_factory=lambda: [0.0, 1.0])
     """Expert-depth window of the pairs."""
-    select: str = "mi"
-    """mi (lowest MI) or dev (the evaluator chooses among `candidates` on dev)."""
+    select: str = "lowest_mi"
+    """lowest_mi (the paper), translatable (best held-out R^2; needs a corpus) or dev (the
+    evaluator chooses among `candidates` lowest-MI pairs on dev)."""
     candidates: int = 4
     """Candidates kept with select: dev."""
+    corpus: dict[str, Any] | None = field(default_factory=dict)
+    """Token-level paired corpus (`expertsteer.token_pairs.CorpusConfig` fields; `{}` for the
+    defaults, null for none). Needed by `translate` and `select: translatable`; with it, MI is
+    estimated on held-out token positions."""
+    translate: dict[str, Any] = field(default_factory=dict)
+    """Ridge settings of the `translate` objective (`expertsteer.translate.TranslateConfig`)."""
 
 
 @dataclass
@@ -289,9 +307,45 @@ def check(experiment: Experiment) -> None:
             raise ExperimentError(
                 f"alignment.items must be steering or prompts, got '{settings.alignment.items}'"
             )
+        _check_alignment(settings)
         for split in ("steer", "dev", "test"):
             if getattr(settings.splits, split) < 1:
                 raise ExperimentError(f"splits.{split} must be >= 1 (task '{task}')")
+
+
+def _check_alignment(settings: Experiment) -> None:
+    """Corpus, ridge and pairing settings, checked by building them (errors name the option)."""
+    from expertsteer.mi import PairingConfig
+    from expertsteer.token_pairs import CorpusConfig
+    from expertsteer.translate import TranslateConfig
+
+    a = settings.alignment
+    for name, cls, values in (
+        ("corpus", CorpusConfig, a.corpus),
+        ("translate", TranslateConfig, a.translate),
+    ):
+        if values is None:
+            continue
+        try:
+            cls(**values)
+        except (TypeError, ValueError) as error:
+            raise ExperimentError(f"alignment.{name}: {error}") from error
+    try:
+        PairingConfig(
+            top_k=a.top_k,
+            window=tuple(a.window),
+            select=a.select,
+            candidates=a.candidates,
+            expert_window=tuple(a.expert_window),
+        )
+    except ValueError as error:
+        raise ExperimentError(f"alignment: {error}") from error
+    needs_corpus = [m for m in settings.methods if METHODS[m].alignment == "translate"]
+    if a.corpus is None and (needs_corpus or a.select == "translatable"):
+        raise ExperimentError(
+            f"methods {needs_corpus} / select '{a.select}' need the token-level corpus: set "
+            "alignment.corpus ({} for the defaults)"
+        )
 
 
 # -- stage configs ------------------------------------------------------------------------------
@@ -309,8 +363,8 @@ def _trainer(experiment: Experiment, run_dir: Path, name: str, **extra: Any) -> 
     }
 
 
-def _activations(experiment: Experiment, task: str, item_kind: str) -> dict:
-    return {
+def _activations(experiment: Experiment, task: str, item_kind: str, corpus: bool = False) -> dict:
+    config = {
         "class_path": "PairedActivationDataModule",
         "init_args": {
             "expert": experiment.expert,
@@ -327,10 +381,13 @@ def _activations(experiment: Experiment, task: str, item_kind: str) -> dict:
             "capture_splits": ["steer", "dev"],
         },
     }
+    if corpus and experiment.alignment.corpus is not None:
+        config["init_args"]["corpus"] = dict(experiment.alignment.corpus)
+    return config
 
 
 def alignment_dir(run_dir: Path, objective: str) -> Path:
-    return run_dir if objective == "recon" else run_dir / "translate"
+    return run_dir / ALIGNMENT_DIRS[objective] if ALIGNMENT_DIRS[objective] else run_dir
 
 
 def method_dir(run_dir: Path, method: str) -> Path:
@@ -347,21 +404,25 @@ def stage_configs(experiment: Experiment, task: str) -> dict[str, tuple[str, dic
         key=OBJECTIVES.index,
     )
     for objective in objectives:
-        name = "align" if objective == "recon" else "align_translate"
-        callbacks = [
-            {
-                "class_path": "lightning.pytorch.callbacks.EarlyStopping",
-                "init_args": {"monitor": "val/recon_loss", "patience": a.patience},
-            },
-            {
-                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "init_args": {
-                    "monitor": "val/recon_loss",
-                    "save_top_k": 1,
-                    "dirpath": str(run_dir / "checkpoints" / name),
+        name = ALIGNMENT_STAGES[objective]
+        trainer = {"max_epochs": a.max_epochs}
+        if objective == "translate":
+            trainer = {"max_epochs": 1, "enable_checkpointing": False}  # closed form
+        else:
+            trainer["callbacks"] = [
+                {
+                    "class_path": "lightning.pytorch.callbacks.EarlyStopping",
+                    "init_args": {"monitor": "val/recon_loss", "patience": a.patience},
                 },
-            },
-        ]
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "monitor": "val/recon_loss",
+                        "save_top_k": 1,
+                        "dirpath": str(run_dir / "checkpoints" / name),
+                    },
+                },
+            ]
         model = {
             "objective": objective,
             "lambda_tr": a.lambda_tr,
@@ -374,16 +435,15 @@ def stage_configs(experiment: Experiment, task: str) -> dict[str, tuple[str, dic
             "expert_window": list(a.expert_window),
             "select": a.select,
             "candidates": a.candidates,
+            "translate": dict(a.translate),
         }
         if objective != "recon":
             model["pairs_file"] = str(run_dir / PAIRS_FILE)
         config = {
             "seed_everything": experiment.seed,
-            "trainer": _trainer(
-                experiment, run_dir, name, max_epochs=a.max_epochs, callbacks=callbacks
-            ),
+            "trainer": _trainer(experiment, run_dir, name, **trainer),
             "model": {"class_path": "AlignmentModule", "init_args": model},
-            "data": _activations(experiment, task, a.items),
+            "data": _activations(experiment, task, a.items, corpus=True),
         }
         stages[name] = ("fit", config, [] if objective == "recon" else ["align"])
     r = experiment.rfm
@@ -403,7 +463,7 @@ def stage_configs(experiment: Experiment, task: str) -> dict[str, tuple[str, dic
         upstream = ["align"]
         if spec.alignment:
             model["alignment_file"] = str(alignment_dir(run_dir, spec.alignment) / ALIGNMENT_FILE)
-            upstream.append("align" if spec.alignment == "recon" else "align_translate")
+            upstream.append(ALIGNMENT_STAGES[spec.alignment])
         epochs = r.iterations + 1 if spec.extractor == "rfm" else 1
         config = {
             "seed_everything": experiment.seed,
@@ -479,8 +539,9 @@ def stage_outputs(experiment: Experiment, task: str, stage: str) -> list[Path]:
     run_dir = experiment.run_dir(task)
     if stage == "align":
         return [run_dir / ALIGNMENT_FILE, run_dir / PAIRS_FILE]
-    if stage == "align_translate":
-        return [alignment_dir(run_dir, "recon+translate") / ALIGNMENT_FILE]
+    objectives = {name: objective for objective, name in ALIGNMENT_STAGES.items()}
+    if stage in objectives:
+        return [alignment_dir(run_dir, objectives[stage]) / ALIGNMENT_FILE]
     if stage.startswith("vectors_"):
         return [method_dir(run_dir, stage.removeprefix("vectors_")) / STEERING_FILE]
     return [run_dir / METRICS_FILE]

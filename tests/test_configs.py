@@ -8,6 +8,7 @@ import lightning
 import pytest
 import yaml
 
+from expertsteer.alignment import load_alignment
 from expertsteer.artifacts import ALIGNMENT_FILE, MI_HEATMAP_FILE, PAIRS_FILE, STEERING_FILE
 from expertsteer.cli import lightning_cli, main
 from expertsteer.experiment import load_experiment, plan
@@ -15,6 +16,7 @@ from expertsteer.report import REPORT_FILE
 from expertsteer.vectors import load_steering
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 STAGES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 
 
@@ -27,10 +29,8 @@ def test_trainer_presets_build_a_trainer(path, tmp_path):
 
 # Configs whose modules read an earlier stage's artifact when built get an inline stand-in.
 STANDALONE = {
-    "align_translate.yaml": [
-        "--model.init_args.pairs_file=null",
-        "--model.init_args.pairs=[[1, 1]]",
-    ]
+    name: ["--model.init_args.pairs_file=null", "--model.init_args.pairs=[[1, 1]]"]
+    for name in ("align_recon_translate.yaml", "align_translate.yaml")
 }
 
 
@@ -70,15 +70,29 @@ def test_stage_configs_run_end_to_end_on_tiny_models(tiny_dirs, tmp_path):
     main([*align, "--trainer.max_epochs=3", "--model.init_args.window=[0.0, 1.0]"])
     for name in (ALIGNMENT_FILE, PAIRS_FILE, MI_HEATMAP_FILE):
         assert (run / name).is_file(), name
-    translate = ["fit", "--config", str(CONFIGS / "align_translate.yaml")]
-    translate += _tiny(tiny_dirs, run / "translate", cache)
+    recon_translate = ["fit", "--config", str(CONFIGS / "align_recon_translate.yaml")]
+    recon_translate += _tiny(tiny_dirs, run / "recon_translate", cache)
     main(
         [
-            *translate,
+            *recon_translate,
             "--trainer.fast_dev_run=true",
             f"--model.init_args.pairs_file={run / PAIRS_FILE}",
         ]
     )
+    translate = ["fit", "--config", str(CONFIGS / "align_translate.yaml")]
+    translate += _tiny(tiny_dirs, run / "translate", cache, task="arithmetic")
+    main(
+        [
+            *translate,
+            f"--model.init_args.pairs_file={run / PAIRS_FILE}",
+            "--model.init_args.window=[0.0, 1.0]",
+            "--data.init_args.corpus.tasks=[multiarith]",
+            "--data.init_args.corpus.size=30",
+            f"--data.init_args.data_root={DATA_ROOT}",
+        ]
+    )
+    _, translated = load_alignment(run / "translate" / ALIGNMENT_FILE)
+    assert translated["objective"] == "translate" and translated["corpus_positions"] > 100
     rfm = ["fit", "--config", str(CONFIGS / "rfm.yaml"), *_tiny(tiny_dirs, run, cache)]
     rfm += [
         f"--model.init_args.alignment_file={run / ALIGNMENT_FILE}",
@@ -131,6 +145,8 @@ def test_experiment_configs_load_and_run_on_tiny_models(path, tiny_dirs, tmp_pat
         "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
     }
     config["alignment"] |= {"max_epochs": 2, "window": [0.0, 1.0]}
+    if config["alignment"].get("corpus") is not None:
+        config["alignment"]["corpus"] = {**config["alignment"]["corpus"], "size": 40}
     config["rfm"] |= {"iterations": 2}
     config["evaluation"] |= {"alphas": [0.5], "num_samples": 1, "sample_tokens": 4}
     tiny = tmp_path / "tiny.yaml"

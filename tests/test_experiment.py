@@ -37,7 +37,12 @@ def _tiny_experiment(tiny_dirs, tmp_path, **changes) -> dict:
         "tasks": ["arithmetic"],
         "splits": {"steer": 16, "dev": 8, "test": 8},
         # The deeper part of the target: llama.cpp has no control vector for block 0.
-        "alignment": {"max_epochs": 2, "window": [0.4, 1.0]},
+        "alignment": {
+            "max_epochs": 2,
+            "window": [0.4, 1.0],
+            # a generated corpus: no benchmark files needed
+            "corpus": {"tasks": ["sentiment_concept"], "size": 30},
+        },
         "rfm": {"iterations": 2},
         "evaluation": {
             "alphas": [0.5, 2.0],
@@ -73,6 +78,7 @@ def test_run_writes_every_artifact_and_reuses_finished_stages(
     for name in (ALIGNMENT_FILE, PAIRS_FILE, MI_HEATMAP_FILE, STEERING_FILE, REPORT_FILE):
         assert (run / name).is_file(), name
     assert (run / "translate" / ALIGNMENT_FILE).is_file()
+    assert (run / "recon_translate" / ALIGNMENT_FILE).is_file()
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"none", "expert", *METHODS}
     for method in METHODS:
@@ -81,8 +87,15 @@ def test_run_writes_every_artifact_and_reuses_finished_stages(
         assert entry["test"]["n"] == 8 and 0.0 <= entry["test"]["accuracy"] <= 1.0
         assert set(entry["dev_curve"][",".join(map(str, entry["layers"]))]) == {"0.5", "2"}
     assert load_steering(run / STEERING_FILE).metadata["alignment_objective"] == "recon"
-    translated = load_steering(run / "methods" / "expertsteer_translate" / STEERING_FILE)
-    assert translated.metadata["alignment_objective"] == "recon+translate"
+    for method, objective in (
+        ("expertsteer_translate", "translate"),
+        ("expert_mean_diff_translate", "translate"),
+        ("expertsteer_recon_translate", "recon+translate"),
+    ):
+        steering = load_steering(run / "methods" / method / STEERING_FILE)
+        assert steering.metadata["alignment_objective"] == objective
+        (entry,) = steering.metadata["transfer"]
+        assert entry["alignment"] == objective and "cos_target_native" in entry["direction"]
     out = capsys.readouterr().out
     assert "| expertsteer |" in out and str(run / REPORT_FILE) in out
     report = (run / REPORT_FILE).read_text()
