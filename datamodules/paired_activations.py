@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -157,6 +158,10 @@ class PairedActivationDataModule(L.LightningDataModule):
             corpus_storage_dtype: Cache dtype of the token-level states.
         """
         super().__init__()
+        # Checkpoints store hyperparameters; a plain dict keeps them loadable with
+        # torch.load(weights_only=True), which refuses dataclass instances.
+        self.corpus = CorpusConfig(**corpus) if isinstance(corpus, dict) else corpus
+        corpus = None if self.corpus is None else asdict(self.corpus)
         self.save_hyperparameters()
         if item_kind not in ITEM_KINDS:
             raise ValueError(f"item_kind must be one of {ITEM_KINDS}, got '{item_kind}'")
@@ -187,9 +192,6 @@ class PairedActivationDataModule(L.LightningDataModule):
                 f"corpus_storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got "
                 f"'{corpus_storage_dtype}'"
             )
-        if isinstance(corpus, dict):
-            corpus = CorpusConfig(**corpus)
-        self.corpus = corpus
         self._models: dict[str, Decoder] | None = None
         self._tokens: dict | None = None
         self._splits: dict[str, list[Item]] | None = None

@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,11 @@ class AlignmentModule(L.LightningModule):
                 held-out MI); used whenever the data module has a corpus.
         """
         super().__init__()
+        # A plain dict in the hyperparameters keeps checkpoints loadable with weights_only.
+        self.translate_config = (
+            TranslateConfig(**translate) if isinstance(translate, dict) else translate
+        ) or TranslateConfig()
+        translate = asdict(self.translate_config)
         self.save_hyperparameters()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got '{objective}'")
@@ -222,9 +228,6 @@ class AlignmentModule(L.LightningModule):
             if objective != "recon" and pairs is not None
             else []
         )
-        if isinstance(translate, dict):
-            translate = TranslateConfig(**translate)
-        self.translate_config = translate or TranslateConfig()
         self.automatic_optimization = objective != "translate"
         self.mi_config = MIConfig(estimator=mi_estimator, mi_rank=mi_rank)
         self.pairing_config = PairingConfig(
