@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from expertsteer.artifacts import MI_HEATMAP_FILE
+from expertsteer.artifacts import MI_HEATMAP_FILE, R2_HEATMAP_FILE
 from expertsteer.cache import atomic_file
 from expertsteer.controls import (
     CONTROLS,
@@ -246,6 +246,44 @@ def _pairwise(metrics: dict[str, Any], a: str, b: str) -> dict[str, float] | Non
     return {"difference": mean, "low": low, "high": high}
 
 
+def _r2(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def transfer_section(metrics: dict[str, Any]) -> list[str]:
+    """Per alignment and pair: the map's R^2 and each expert direction against the target's
+    own direction, the mapped-random null and random directions (`expertsteer.transfer`)."""
+    entries = metrics.get("transfer") or []
+    if not entries:
+        return []
+    lines = [
+        "R^2 of the alignment's map into the target's layer on held-out token positions (and "
+        "with the pairing shuffled), on held-out steer items' positions and on dev items' "
+        "last-token states. cos: mapped expert direction vs the target's own direction from "
+        "the same extractor; null p95: 95th percentile of |cos| for mapped random expert "
+        "directions. AUROC: target dev states projected on the mapped, the target's own and "
+        "random directions (all oriented on the steer split). Transfer = cos above the null, "
+        "AUROC within 0.05 of native and 0.1 above random.",
+        "",
+        "| alignment | pair | positions | R² held-out | R² shuffled | R² steer items "
+        "| R² dev items | method | cos | null p95 | AUROC mapped | native | random | transfer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in entries:
+        for method, d in entry["directions"].items():
+            verdict = d.get("verdict") or {}
+            lines.append(
+                f"| {entry['alignment']} | E{entry['expert_layer']}→T{entry['target_layer']} "
+                f"| {entry.get('positions') or '–'} | {_r2(entry.get('heldout_r2'))} "
+                f"| {_r2(entry.get('shuffled_r2'))} | {_r2(entry.get('steer_items_r2'))} "
+                f"| {_r2(entry.get('dev_items_r2'))} | {method} "
+                f"| {d['cos_target_native']:.3f} | {d['null_cos_p95']:.3f} "
+                f"| {d['auroc_mapped']:.3f} | {d['auroc_native']:.3f} | {d['auroc_random']:.3f} "
+                f"| {'yes' if verdict and all(verdict.values()) else 'no'} |"
+            )
+    return [*lines, ""]
+
+
 def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
     """Write `report.md` (and its figures) for one task's evaluation into `run_dir`."""
     run_dir = Path(run_dir)
@@ -271,6 +309,9 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
             f"{_difference(metrics['headroom'])} points ({_verdict(metrics['headroom'])}).",
             "",
         ]
+    transfer = transfer_section(metrics)
+    if transfer:
+        lines += ["## Transfer diagnostics (before any steering)", "", *transfer]
     lines += ["## Test accuracy", "", summary_table(metrics), ""]
     lines += ["## Controls and conclusion", "", *controls_section(metrics)]
     if "null" in figures:
@@ -290,6 +331,13 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
     if "mi" in figures:
         lines += ["## Layer pairing (mutual information)", "", f"![MI heatmap]({figures['mi']})"]
         lines.append("")
+    if (run_dir / R2_HEATMAP_FILE).is_file():
+        lines += [
+            "## Translatability (held-out R^2 of a ridge map per layer pair)",
+            "",
+            f"![R2 heatmap]({R2_HEATMAP_FILE})",
+            "",
+        ]
     samples = metrics.get("samples") or []
     if samples:
         lines += ["## Sample generations (test prompts, greedy)", ""]

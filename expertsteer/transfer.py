@@ -119,3 +119,32 @@ def transfer_verdict(directions: dict[str, dict[str, float]]) -> dict[str, Any]:
         }
         for method, d in directions.items()
     }
+
+
+MAP_FIELDS = ("positions", "heldout_r2", "shuffled_r2", "steer_items_r2", "dev_items_r2")
+
+
+def transfer_summary(metadata: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The `transfer` list of metrics.json from each method's steering metadata (method name
+    -> metadata): one entry per (expert layer, target layer, alignment objective), holding the
+    map's R^2 figures and, per expert method at that pair, its direction diagnostics."""
+    entries: dict[tuple, dict[str, Any]] = {}
+    for method, meta in metadata.items():
+        for item in meta.get("transfer") or []:
+            key = (item["expert_layer"], item["target_layer"], item.get("alignment"))
+            entry = entries.setdefault(
+                key,
+                {
+                    "expert_layer": item["expert_layer"],
+                    "target_layer": item["target_layer"],
+                    "alignment": item.get("alignment"),
+                    **{name: item.get(name) for name in MAP_FIELDS},
+                    "directions": {},
+                },
+            )
+            entry["directions"][method] = {
+                **item["direction"],
+                "extractor": item.get("extractor"),
+                "verdict": item.get("verdict"),
+            }
+    return list(entries.values())

@@ -64,6 +64,7 @@ from expertsteer.prompts import render_prompt
 from expertsteer.report import layers_key, write_report
 from expertsteer.scoring import EvalResult, habit_rate
 from expertsteer.tasks import Example
+from expertsteer.transfer import transfer_summary
 from lightning_modules.steer import EXPERT, NONE, SteeringModule
 
 log = logging.getLogger(__name__)
@@ -438,6 +439,9 @@ class SteeringEvaluator(Callback):
             ),
             "null": null,
             "methods": methods,
+            "transfer": transfer_summary(
+                {m: pl_module.steering[m].metadata for m in pl_module.hparams.methods}
+            ),
             "test_items": {
                 name: {i: bool(value) for i, value in zip(test_ids, vector.tolist(), strict=True)}
                 for name, vector in correct.items()

@@ -6,10 +6,12 @@ import torch
 
 from expertsteer.alignment import AffineAutoencoders
 from expertsteer.extractors import extract
+from expertsteer.report import transfer_section
 from expertsteer.transfer import (
     direction_diagnostics,
     mapped_random_directions,
     native_direction,
+    transfer_summary,
     transfer_verdict,
 )
 from expertsteer.translate import TranslateConfig, fit_pair
@@ -107,3 +109,46 @@ def test_two_recon_seeds_map_one_direction_to_unrelated_directions():
     assert abs(float(cosine)) < float(null_p95) + 0.1
     # the same two maps agree on nothing a translate map would fix: both are exact on x
     assert abs(float(cosine)) < 0.6
+
+
+def _item(expert_layer, alignment, cos, extractor="rfm"):
+    figures = {
+        "cos_target_native": cos,
+        "null_cos_p95": 0.1,
+        "auroc_mapped": 0.7,
+        "auroc_native": 0.72,
+        "auroc_random": 0.5,
+    }
+    return {
+        "expert_layer": expert_layer,
+        "target_layer": 9,
+        "alignment": alignment,
+        "positions": 1000,
+        "heldout_r2": 0.6,
+        "shuffled_r2": -0.01,
+        "steer_items_r2": 0.5,
+        "dev_items_r2": 0.3,
+        "extractor": extractor,
+        "direction": figures,
+        "verdict": transfer_verdict({extractor: figures})[extractor],
+    }
+
+
+def test_transfer_summary_groups_methods_by_pair_and_alignment_and_the_report_shows_it():
+    metadata = {
+        "expertsteer": {"transfer": [_item(19, "recon", 0.02)]},
+        "expert_mean_diff": {"transfer": [_item(19, "recon", 0.05, "mean_diff")]},
+        "expertsteer_translate": {"transfer": [_item(19, "translate", 0.6)]},
+        "target_rfm": {"method": "rfm"},
+    }
+    entries = transfer_summary(metadata)
+    assert [(e["alignment"], sorted(e["directions"])) for e in entries] == [
+        ("recon", ["expert_mean_diff", "expertsteer"]),
+        ("translate", ["expertsteer_translate"]),
+    ]
+    assert entries[1]["heldout_r2"] == 0.6 and entries[1]["positions"] == 1000
+    lines = transfer_section({"transfer": entries})
+    rows = [line for line in lines if line.startswith("| recon") or line.startswith("| translate")]
+    assert len(rows) == 3
+    assert rows[-1].endswith("| yes |") and rows[0].endswith("| no |")
+    assert transfer_section({"transfer": []}) == []
