@@ -1,3 +1,4 @@
+import copy
 import json
 
 import lightning as L
@@ -469,6 +470,14 @@ def test_translate_fits_ridge_maps_in_closed_form(translate_run):
         code = aligner.encode(i, tokens["expert"][heldout, i].float())
         goal = aligner.standardise_target(i, tokens["target"][heldout, j].float())
         assert r2_score(code, goal) == pytest.approx(fit["heldout_r2"], abs=0.05)
+        # a raw expert direction maps through the linear part: f(h + eps v) - f(h) = eps W v/s
+        h = tokens["expert"][:5, i].double()
+        v = torch.randn(aligner.expert_dim, generator=torch.Generator().manual_seed(i))
+        double = copy.deepcopy(aligner).double()
+        with torch.no_grad():
+            moved = (double.encode(i, h + 1e-3 * v) - double.encode(i, h)) / 1e-3
+            expected = double.encode_direction(i, v.double())
+        torch.testing.assert_close(moved, expected.expand_as(moved), rtol=1e-6, atol=1e-8)
 
 
 def test_translatable_pairing_and_artifacts(translate_run):
