@@ -62,6 +62,7 @@ from expertsteer.zoo import (
 log = logging.getLogger(__name__)
 
 ITEM_KINDS = ("steering", "prompts")
+TRAIN_SOURCES = ("items", "tokens")
 
 
 class ActivationDataset(Dataset):
@@ -125,6 +126,7 @@ class PairedActivationDataModule(L.LightningDataModule):
         capture_splits: list[str] | None = None,
         corpus: CorpusConfig | None = None,
         corpus_storage_dtype: str = "float16",
+        train_on: str = "items",
     ) -> None:
         """
         Args:
@@ -156,6 +158,9 @@ class PairedActivationDataModule(L.LightningDataModule):
                 generic texts of other tasks plus this task's steer items, for the
                 `translate` alignment, translatability and held-out MI. None: no corpus.
             corpus_storage_dtype: Cache dtype of the token-level states.
+            train_on: What the training dataloader serves: `items` (the steer split's
+                sequence-level states) or `tokens` (the corpus's fit positions, for gradient
+                refinement of a `translate` alignment).
         """
         super().__init__()
         # Checkpoints store hyperparameters; a plain dict keeps them loadable with
@@ -187,6 +192,10 @@ class PairedActivationDataModule(L.LightningDataModule):
                 f"{capture_splits}"
             )
         self.captured = [split for split in SPLITS if split in captured]
+        if train_on not in TRAIN_SOURCES:
+            raise ValueError(f"train_on must be one of {TRAIN_SOURCES}, got '{train_on}'")
+        if train_on == "tokens" and self.corpus is None:
+            raise ValueError("train_on 'tokens' needs a token-level corpus: set `corpus`")
         if corpus_storage_dtype not in STORAGE_DTYPES:
             raise ValueError(
                 f"corpus_storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got "
@@ -461,6 +470,21 @@ class PairedActivationDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.hparams.train_on == "tokens":
+            tokens = self.token_pairs()
+            fit = ~tokens["heldout"]
+            rows = {
+                "expert": tokens["expert"][fit],
+                "target": tokens["target"][fit],
+                "label": torch.full((int(fit.sum()),), -1, dtype=torch.long),
+                "id": [f"token:{k}" for k in range(int(fit.sum()))],
+            }
+            return DataLoader(
+                ActivationDataset(rows),
+                batch_size=self.hparams.batch_size,
+                shuffle=True,
+                num_workers=self.hparams.num_workers,
+            )
         return self._loader("steer", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -161,6 +161,7 @@ class AlignmentModule(L.LightningModule):
         candidates: int = 4,
         expert_window: tuple[float, float] = (0.0, 1.0),
         translate: TranslateConfig | None = None,
+        refine: bool = False,
     ) -> None:
         """
         Args:
@@ -186,6 +187,10 @@ class AlignmentModule(L.LightningModule):
             expert_window: Allowed relative depth of the expert layer.
             translate: Ridge settings (lambda grid, rank, rows of the R^2 matrix and of the
                 held-out MI); used whenever the data module has a corpus.
+            refine: With `translate`: after the closed form, train the same auto-encoders by
+                gradient on `recon_loss + lambda_tr * translate_loss` (every expert layer into
+                its target layer) — the path for corpora too large for a closed form, and the
+                one DDP shares out; give the data module `train_on: tokens`.
         """
         super().__init__()
         # A plain dict in the hyperparameters keeps checkpoints loadable with weights_only.
@@ -228,7 +233,9 @@ class AlignmentModule(L.LightningModule):
             if objective != "recon" and pairs is not None
             else []
         )
-        self.automatic_optimization = objective != "translate"
+        if refine and objective != "translate":
+            raise ValueError("refine applies to objective 'translate' only")
+        self.automatic_optimization = objective != "translate" or refine
         self.mi_config = MIConfig(estimator=mi_estimator, mi_rank=mi_rank)
         self.pairing_config = PairingConfig(
             top_k=top_k,
@@ -509,7 +516,7 @@ class AlignmentModule(L.LightningModule):
                     goal = goal[order]
                 return r2_score(code, goal)
 
-            fit = self.layer_fits.get(i)
+            fit = None if self.hparams.refine else self.layer_fits.get(i)
             if fit is not None and fit["target_index"] == j:
                 out["heldout_r2"], out["shuffled_r2"] = fit["heldout_r2"], fit["shuffled_r2"]
             else:
@@ -567,7 +574,7 @@ class AlignmentModule(L.LightningModule):
     # -- optimisation ------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any] | None:
-        if self.hparams.objective == "translate":
+        if not self.automatic_optimization:
             return None  # closed form (configure_model); the epoch only runs validation
         optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
@@ -583,18 +590,26 @@ class AlignmentModule(L.LightningModule):
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
+    def translation_targets(self) -> list[tuple[int, int]]:
+        """(expert, target) index pairs of the translation term: the configured pairs, or
+        with `translate` every expert layer and the target layer its map was fitted into."""
+        if self.hparams.objective == "translate":
+            return [(i, fit["target_index"]) for i, fit in sorted(self.layer_fits.items())]
+        return self.translation_pairs
+
     def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         expert = batch["expert"].to(self.dtype)
         losses = {"recon_loss": self.autoencoders.reconstruction_loss(expert).mean()}
-        if self.translation_pairs:
+        targets = self.translation_targets()
+        if targets:
             target = batch["target"].to(self.dtype)
             losses["translate_loss"] = self.autoencoders.translation_loss(
-                expert, target, self.translation_pairs
+                expert, target, targets
             ).mean()
         return losses
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        if self.hparams.objective == "translate":
+        if not self.automatic_optimization:
             return None  # fitted in closed form in configure_model
         losses = self._losses(batch)
         loss = losses["recon_loss"] + self.hparams.lambda_tr * losses.get("translate_loss", 0.0)

@@ -507,3 +507,42 @@ def test_translate_and_translatable_need_a_corpus(tiny_dirs, tmp_path):
     for settings in (dict(objective="translate"), dict(select="translatable")):
         with pytest.raises(ValueError, match="needs paired token states"):
             _fit(AlignmentModule(**settings), datamodule, tmp_path, monitor=False)
+
+
+def test_translate_refined_by_gradient_on_token_batches(translate_run, tiny_dirs, tmp_path):
+    closed = translate_run["module"]
+    datamodule = _datamodule(
+        tiny_dirs,
+        translate_run["root"] / "cache",
+        corpus=_corpus(translate_run["root"]),
+        train_on="tokens",
+        batch_size=256,
+    )
+    module = AlignmentModule(
+        objective="translate",
+        refine=True,
+        lr=1e-4,
+        mi_rank=4,
+        translate=TranslateConfig(lambdas=[1e-2, 1.0], heldout_rows=200),
+    )
+    trainer, _ = _fit(module, datamodule, tmp_path, max_epochs=1, monitor=False)
+    fit_rows = int((~datamodule.token_pairs()["heldout"]).sum())
+    assert trainer.num_training_batches == -(-fit_rows // 256)  # token batches, not items
+    start, end = closed.autoencoders, module.autoencoders
+    assert not torch.equal(start.encoder_weight, end.encoder_weight)
+    tokens = datamodule.token_pairs()
+    batch = {"expert": tokens["expert"][:512].float(), "target": tokens["target"][:512].float()}
+    with torch.no_grad():
+        before = closed._losses(batch)["translate_loss"]
+        after = module._losses(batch)["translate_loss"]
+    # a small step from the closed-form optimum leaves the translation about as good
+    assert float(after) < 1.1 * float(before)
+    _, metadata = load_alignment(tmp_path / ALIGNMENT_FILE)
+    assert metadata["pair_maps"][0]["heldout_r2"] is not None
+
+
+def test_refine_needs_translate_and_tokens_need_a_corpus(tiny_dirs, tmp_path):
+    with pytest.raises(ValueError, match="refine applies"):
+        AlignmentModule(objective="recon", refine=True)
+    with pytest.raises(ValueError, match="train_on 'tokens' needs"):
+        _datamodule(tiny_dirs, tmp_path, train_on="tokens")
