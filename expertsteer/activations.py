@@ -6,7 +6,8 @@ Layout of one entry, `<cache>/activations/<fingerprint>/`:
   and `label [n]`, with the item ids in the metadata. Each shard is written under a temporary
   name and renamed when complete, so a restarted capture keeps finished shards and redoes
   only the rest.
-* `meta.json` — written last: what was captured. An entry without it is incomplete.
+* `meta.json` — written last: what was captured, with every shard's sha256 (checked on load,
+  so a damaged shard of the right size is not read as data). An entry without it is incomplete.
 
 The fingerprint hashes everything the states depend on: both models' ids and weight checksums,
 chat-template use, layers, position mode, storage dtype, shard size and every item's text and
@@ -24,13 +25,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from expertsteer.cache import atomic_file
+from expertsteer.cache import atomic_file, sha256_file
 from expertsteer.errors import ExpertSteerError
 from expertsteer.prompts import Item
 
 META = "meta.json"
 # 2: completions of steering items are part of the captured text (version 1 dropped them).
-FORMAT_VERSION = 2
+# 3: meta.json records each shard's sha256.
+FORMAT_VERSION = 3
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -102,7 +104,13 @@ def write_shard(
         save_file(tensors, str(tmp), metadata={"ids": json.dumps(ids)})
 
 
-def read_shard(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+def read_shard(path: Path, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Tensors and ids of one shard; with `sha256`, the file must have that checksum."""
+    if sha256 is not None and path.is_file() and sha256_file(path) != sha256:
+        raise CacheMismatchError(
+            f"cannot read activation shard {path}: its sha256 differs from the one recorded at "
+            f"capture (damaged or edited); delete {path.parent} to capture again"
+        )
     try:
         with safe_open(str(path), framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
@@ -114,7 +122,18 @@ def read_shard(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     return tensors, ids
 
 
+def shard_names(meta: dict) -> list[str]:
+    """Every shard file of an entry described by `meta` (its split sizes and shard size)."""
+    return [
+        shard_name(split, k)
+        for split, count in sorted(meta["splits"].items())
+        for k in range(len(shard_ranges(count, meta["shard_size"])))
+    ]
+
+
 def write_meta(directory: Path, meta: dict) -> None:
+    """Write `meta.json` (last: it marks the entry complete) with every shard's sha256."""
+    meta = {**meta, "shard_sha256": {n: sha256_file(directory / n) for n in shard_names(meta)}}
     with atomic_file(directory / META) as tmp:
         tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
 
@@ -132,10 +151,14 @@ def read_meta(directory: Path) -> dict | None:
 def load_split(directory: Path, split: str, meta: dict) -> dict[str, torch.Tensor | list[str]]:
     """All shards of one split, concatenated; checked against `meta`."""
     count = meta["splits"][split]
-    parts = [
-        read_shard(directory / shard_name(split, k))
-        for k in range(len(shard_ranges(count, meta["shard_size"])))
-    ]
+    checksums = meta.get("shard_sha256")
+    if checksums is None:
+        raise CacheMismatchError(
+            f"cache {directory} records no shard checksums (written by an older ExpertSteer); "
+            "delete it to capture again"
+        )
+    names = [shard_name(split, k) for k in range(len(shard_ranges(count, meta["shard_size"])))]
+    parts = [read_shard(directory / name, checksums.get(name, "")) for name in names]
     expert = torch.cat([tensors["expert"] for tensors, _ in parts])
     target = torch.cat([tensors["target"] for tensors, _ in parts])
     labels = torch.cat([tensors["label"] for tensors, _ in parts])

@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from expertsteer.errors import ExpertSteerError
+
 CACHE_ENV = "EXPERTSTEER_CACHE"
 _CHUNK = 1 << 20
 
@@ -50,16 +52,30 @@ def concatenate(parts: list[Path], out: Path) -> str:
     return digest.hexdigest()
 
 
+class LockedError(ExpertSteerError):
+    """Another process holds a lock this one was told not to wait for."""
+
+
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on `path` (created if missing), released on exit."""
+def file_lock(path: Path, wait: bool = True) -> Iterator[None]:
+    """Exclusive advisory lock on `path` (created if missing), released on exit; with
+    `wait=False` a lock held elsewhere raises `LockedError` at once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            raise LockedError(f"{path} is locked by another process") from error
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 @contextlib.contextmanager
@@ -69,9 +85,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     # mkstemp creates 0600; give the final file the usual permissions (0666 minus umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)
+    tmp.chmod(0o666 & ~_umask())
     try:
         yield tmp
         os.replace(tmp, final)
@@ -87,6 +101,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    # mkdtemp creates 0700; give the final folder the usual permissions (0777 minus umask).
+    tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
         if final.exists():

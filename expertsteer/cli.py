@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from expertsteer.artifacts import METRICS_FILE, load_json
@@ -85,7 +87,12 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from expertsteer.experiment import load_experiment, plan, run_experiment
+    from expertsteer.experiment import (
+        load_experiment,
+        plan,
+        run_experiment,
+        validate_stage_configs,
+    )
     from expertsteer.report import REPORT_FILE, summary_table
 
     experiment = load_experiment(args.config)
@@ -95,6 +102,8 @@ def _run(args: argparse.Namespace) -> None:
             raise ExpertSteerError(f"--task {missing} not in the experiment's tasks")
         experiment.tasks = list(args.task)
     if args.dry_run:
+        for task in experiment.tasks:
+            validate_stage_configs(experiment, task)
         for task in experiment.tasks:
             for stage, command, path, _, reuse in plan(experiment, task):
                 state = "reuse" if reuse and not args.force else "run"
@@ -113,7 +122,7 @@ def _run(args: argparse.Namespace) -> None:
 def _export_gguf(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from expertsteer.experiment import METHODS, method_dir
+    from expertsteer.experiment import METHODS, current_metrics, method_dir
     from expertsteer.export import export_gguf
 
     run = Path(args.run_dir)
@@ -122,7 +131,7 @@ def _export_gguf(args: argparse.Namespace) -> None:
     source = method_dir(run, args.method) if run.is_dir() else run
     alpha = args.alpha
     if alpha is None and run.is_dir() and (run / METRICS_FILE).is_file():
-        entry = load_json(run / METRICS_FILE, "metrics")["methods"].get(args.method)
+        entry = current_metrics(run)["methods"].get(args.method)
         alpha = None if entry is None else entry["alpha"]
         if alpha is not None:
             log.info("alpha %g: chosen on dev for %s (metrics.json)", alpha, args.method)
@@ -133,9 +142,10 @@ def _export_gguf(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from expertsteer.experiment import current_metrics
     from expertsteer.report import summary_table, write_report
 
-    metrics = load_json(Path(args.run_dir) / METRICS_FILE, "metrics")
+    metrics = current_metrics(Path(args.run_dir))
     path = write_report(args.run_dir, metrics)
     print(summary_table(metrics))
     print(f"\nreport: {path}")
@@ -229,7 +239,12 @@ STAGE_MODULES = (
 )
 
 
-def lightning_cli(args: list[str] | None = None, run: bool = True) -> Any:
+def lightning_cli(
+    args: list[str] | dict[str, Any] | None = None,
+    run: bool = True,
+    exit_on_error: bool = True,
+    build_model: bool = True,
+) -> Any:
     """LightningCLI over the stage modules and DataModules (`fit`, `validate`, `test`).
 
     Configs name classes by short name (`class_path: RFMModule`): the stage packages are
@@ -259,14 +274,63 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> Any:
         def before_validate(self) -> None:
             self._preflight()
 
+        def instantiate_classes(self) -> None:
+            if not build_model:
+                # The model's values are parsed and type-checked above; building it would
+                # read upstream artifacts that do not exist yet.
+                from jsonargparse import Namespace
+
+                self.config["model"] = Namespace(
+                    class_path=PLACEHOLDER_MODEL, init_args=Namespace()
+                )
+            super().instantiate_classes()
+
     return ExpertSteerCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": exit_on_error},
         args=args,
         run=run,
     )
+
+
+PLACEHOLDER_MODEL = "lightning.pytorch.demos.boring_classes.BoringModel"
+
+
+def parse_stage_config(config: dict[str, Any], build_model: bool = True) -> None:
+    """Parse one stage config and build its trainer, data and (if `build_model`) model as the
+    stage would (no weights load in `__init__`); any bad value raises `ExpertSteerError`."""
+    try:
+        with _quiet("lightning.pytorch", "lightning.fabric"):
+            lightning_cli(config, run=False, exit_on_error=False, build_model=build_model)
+    except ExpertSteerError:
+        raise
+    except Exception as error:  # jsonargparse, Lightning and __init__ checks raise many types
+        raise ExpertSteerError(_first_line(error)) from error
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Silence the INFO lines (seed, devices, tips) a trainer prints when it is built."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _first_line(error: BaseException) -> str:
+    """The innermost cause of an error, on one line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split())
+    return text[:600] or type(error).__name__
 
 
 def main(args: list[str] | None = None) -> None:

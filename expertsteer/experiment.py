@@ -22,6 +22,7 @@ Run directory of one task (`<output_root>/<name>/<task>/`):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -32,6 +33,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ from expertsteer.artifacts import (
     load_json,
     save_json,
 )
+from expertsteer.cache import CACHE_ENV, LockedError, file_lock, sha256_file
 from expertsteer.errors import ExpertSteerError
 from expertsteer.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
 
@@ -63,6 +66,38 @@ ALIGNMENT_STAGES = {
 
 class ExperimentError(ExpertSteerError):
     """An experiment config that cannot run."""
+
+
+ALPHA_LIMIT = 20.0
+"""Largest |alpha| accepted: alpha is a fraction of the mean residual norm, and far beyond a
+few norms the steered state is the vector alone (garbage text, then non-finite logits)."""
+
+
+def _integer(option: str, value: Any, minimum: int) -> None:
+    """`value` must be an int (not a bool or float) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ExperimentError(f"{option} must be an integer >= {minimum}, got {value!r}")
+
+
+def _number(option: str, value: Any, positive: bool = True) -> None:
+    """`value` must be a finite real number (> 0 if `positive`, else >= 0)."""
+    real = isinstance(value, int | float) and not isinstance(value, bool)
+    if not real or not math.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ExperimentError(f"{option} must be a finite number {bound}, got {value!r}")
+
+
+def _choice(option: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ExperimentError(f"{option} must be one of {list(choices)}, got {value!r}")
+
+
+def _numbers(option: str, values: Any, positive: bool = True) -> None:
+    """A non-empty list of finite numbers."""
+    if not isinstance(values, list) or not values:
+        raise ExperimentError(f"{option} must be a non-empty list of numbers, got {values!r}")
+    for value in values:
+        _number(option, value, positive)
 
 
 @dataclass(frozen=True)
@@ -104,6 +139,10 @@ class Splits:
     test: int = 200
     """Reported once."""
 
+    def __post_init__(self) -> None:
+        for split in ("steer", "dev", "test"):
+            _integer(f"splits.{split}", getattr(self, split), 1)
+
 
 @dataclass
 class AlignmentSettings:
@@ -144,6 +183,29 @@ class AlignmentSettings:
     translate: dict[str, Any] = field(default_factory=dict)
     """Ridge settings of the `translate` objective (`expertsteer.translate.TranslateConfig`)."""
 
+    def __post_init__(self) -> None:
+        _integer("alignment.max_epochs", self.max_epochs, 1)
+        _integer("alignment.patience", self.patience, 0)
+        _number("alignment.lr", self.lr)
+        _integer("alignment.batch_size", self.batch_size, 1)
+        _number("alignment.lambda_tr", self.lambda_tr, positive=False)
+        _choice("alignment.items", self.items, ("steering", "prompts"))
+        _choice("alignment.mi_estimator", self.mi_estimator, ("gaussian", "ksg"))
+        _integer("alignment.mi_rank", self.mi_rank, 1)
+        _integer("alignment.top_k", self.top_k, 1)
+        _integer("alignment.candidates", self.candidates, 1)
+        for option in ("window", "expert_window"):
+            values = getattr(self, option)
+            _numbers(f"alignment.{option}", values, positive=False)
+            if len(values) != 2:
+                raise ExperimentError(f"alignment.{option} must be [low, high], got {values!r}")
+        if self.corpus is not None and not isinstance(self.corpus, dict):
+            raise ExperimentError(
+                f"alignment.corpus must be a mapping or null, got {self.corpus!r}"
+            )
+        if not isinstance(self.translate, dict):
+            raise ExperimentError(f"alignment.translate must be a mapping, got {self.translate!r}")
+
 
 @dataclass
 class RFMSettings:
@@ -157,6 +219,12 @@ class RFMSettings:
     """Bandwidth grid, multiples of the median distance."""
     space: str = "encoded"
     """Expert methods: fit on encoded (default) or raw expert states."""
+
+    def __post_init__(self) -> None:
+        _integer("rfm.iterations", self.iterations, 1)
+        _number("rfm.ridge", self.ridge)
+        _numbers("rfm.bandwidth_scales", self.bandwidth_scales)
+        _choice("rfm.space", self.space, ("encoded", "raw"))
 
 
 @dataclass
@@ -187,12 +255,39 @@ class EvalSettings:
     """Score the expert too."""
 
     def __post_init__(self) -> None:
-        if not self.alphas or any(not math.isfinite(a) or a == 0 for a in self.alphas):
+        from expertsteer.scoring import CALIBRATIONS, SCORE_MODES
+        from expertsteer.vectors import POSITIONS
+
+        alphas = self.alphas
+        real = isinstance(alphas, list) and all(
+            isinstance(a, int | float) and not isinstance(a, bool) for a in alphas
+        )
+        if not real or not alphas or any(not math.isfinite(a) or a == 0 for a in alphas):
             raise ExperimentError(
-                f"evaluation.alphas must be finite and non-zero (zero is `none`), got {self.alphas}"
+                "evaluation.alphas must be a non-empty list of finite numbers, each non-zero "
+                f"(zero is `none`), got {alphas!r}"
             )
-        if self.null_k < 0:
-            raise ExperimentError(f"evaluation.null_k must be >= 0, got {self.null_k}")
+        extreme = [a for a in alphas if abs(a) > ALPHA_LIMIT]
+        if extreme:
+            raise ExperimentError(
+                f"evaluation.alphas {extreme} exceed +-{ALPHA_LIMIT:g}: alpha is a fraction of "
+                "the mean residual norm, and at such strengths the target only emits the vector "
+                "(garbage text, then non-finite logits); use strengths of a few norms at most"
+            )
+        _integer("evaluation.null_k", self.null_k, 0)
+        _choice("evaluation.positions", self.positions, POSITIONS)
+        _choice("evaluation.layer_choice", self.layer_choice, ("all", "dev"))
+        _choice("evaluation.mode", self.mode, (None, *SCORE_MODES))
+        _choice("evaluation.calibration", self.calibration, (None, *CALIBRATIONS))
+        if self.max_new_tokens is not None:
+            _integer("evaluation.max_new_tokens", self.max_new_tokens, 1)
+        _integer("evaluation.batch_size", self.batch_size, 1)
+        _integer("evaluation.num_samples", self.num_samples, 0)
+        _integer("evaluation.sample_tokens", self.sample_tokens, 1)
+        if not isinstance(self.headroom, bool):
+            raise ExperimentError(
+                f"evaluation.headroom must be true or false, got {self.headroom!r}"
+            )
 
 
 @dataclass
@@ -226,8 +321,33 @@ class Experiment:
     task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Task -> settings replacing the above for that task only (e.g. splits, evaluation)."""
 
+    def __post_init__(self) -> None:
+        from expertsteer.tasks import TASK_NAME
+
+        if not isinstance(self.name, str) or not TASK_NAME.fullmatch(self.name):
+            raise ExperimentError(
+                f"name {self.name!r} must be letters, digits, '_', '.', '+' or '-' (not starting "
+                "with '.'): it names the folder of the runs"
+            )
+        _choice("position", self.position, ("last", "mean"))
+        _integer("seed", self.seed, 0)
+        for option in ("tasks", "methods"):
+            values = getattr(self, option)
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise ExperimentError(f"{option} must be a list of names, got {values!r}")
+        for option in ("output_root", "expert", "target", "data_root"):
+            if not isinstance(getattr(self, option), str):
+                raise ExperimentError(f"{option} must be a string, got {getattr(self, option)!r}")
+        if not isinstance(self.trainer, dict):
+            raise ExperimentError(f"trainer must be a mapping, got {self.trainer!r}")
+        if not isinstance(self.task_overrides, dict):
+            raise ExperimentError(f"task_overrides must be a mapping, got {self.task_overrides!r}")
+
     def run_dir(self, task: str) -> Path:
-        return Path(self.output_root) / self.name / task.replace("/", "_")
+        """`<output_root>/<name>/<task name>` (a task YAML's `name`, not its path)."""
+        from expertsteer.benchmarks import resolve_task
+
+        return Path(self.output_root) / self.name / resolve_task(task).name
 
     def for_task(self, task: str) -> Experiment:
         """This experiment with `task_overrides[task]` applied."""
@@ -300,17 +420,52 @@ def check(experiment: Experiment) -> None:
             raise ExperimentError(f"task_overrides names '{task}', which is not in tasks")
     for name in (experiment.expert, experiment.target):
         model_dims(name)
+    run_dirs: dict[Path, str] = {}
     for task in experiment.tasks:
         resolve_task(task)
         settings = experiment.for_task(task)
-        if settings.alignment.items not in ("steering", "prompts"):
-            raise ExperimentError(
-                f"alignment.items must be steering or prompts, got '{settings.alignment.items}'"
-            )
         _check_alignment(settings)
-        for split in ("steer", "dev", "test"):
-            if getattr(settings.splits, split) < 1:
-                raise ExperimentError(f"splits.{split} must be >= 1 (task '{task}')")
+        _check_accelerator(settings.trainer)
+        run_dir = settings.run_dir(task)
+        if run_dir in run_dirs:
+            raise ExperimentError(
+                f"tasks '{run_dirs[run_dir]}' and '{task}' have the same name, so one run "
+                f"directory ({run_dir}); rename one task"
+            )
+        run_dirs[run_dir] = task
+        _check_writable(run_dir, "output_root")
+    _check_writable(_cache_root(), f"the cache (set {CACHE_ENV} to move it)")
+
+
+def _check_accelerator(trainer: dict[str, Any]) -> None:
+    """`accelerator: gpu` on a machine without one fails here, not after the first stage."""
+    import torch
+
+    accelerator = str(trainer.get("accelerator", "auto")).lower()
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ExperimentError(
+            f"trainer.accelerator is '{accelerator}' but no CUDA GPU is visible here; set "
+            "trainer.accelerator: cpu (or auto)"
+        )
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ExperimentError("trainer.accelerator is 'mps' but MPS is not available here")
+
+
+def _cache_root() -> Path:
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "expertsteer"
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """The nearest existing folder of `path` must be writable (checked before any stage)."""
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ExperimentError(
+            f"cannot write {path}: {existing} is not a writable folder; change {option} or "
+            "the folder's permissions"
+        )
 
 
 def _check_alignment(settings: Experiment) -> None:
@@ -554,61 +709,183 @@ def _fingerprint(text: str, upstream: list[str]) -> str:
     return hashlib.sha256(json.dumps([text, upstream]).encode()).hexdigest()[:16]
 
 
-def _read_stages(run_dir: Path) -> dict[str, str]:
+@dataclass
+class StageRecord:
+    """`stages.json`: what each finished stage was run with and what it wrote."""
+
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    """Stage -> fingerprint of the config it finished with."""
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Stage -> output path (relative to the run directory) -> sha256 when it finished."""
+
+    def forget(self, stage: str) -> None:
+        self.fingerprints.pop(stage, None)
+        self.outputs.pop(stage, None)
+
+    def intact(self, run_dir: Path, stage: str, paths: list[Path]) -> bool:
+        """Whether every output of `stage` is still the file the stage wrote (a truncated,
+        edited or replaced file has another checksum)."""
+        recorded = self.outputs.get(stage, {})
+        return all(
+            path.is_file() and recorded.get(_relative(run_dir, path)) == sha256_file(path)
+            for path in paths
+        )
+
+
+def _relative(run_dir: Path, path: Path) -> str:
+    return str(path.relative_to(run_dir))
+
+
+def _read_stages(run_dir: Path) -> StageRecord:
     path = run_dir / STAGES_FILE
-    return load_json(path, "stages")["fingerprints"] if path.is_file() else {}
+    if not path.is_file():
+        return StageRecord()
+    payload = load_json(path, "stages")
+    return StageRecord(payload.get("fingerprints", {}), payload.get("outputs", {}))
+
+
+def _save_stages(run_dir: Path, record: StageRecord) -> None:
+    save_json(run_dir / STAGES_FILE, {"kind": "stages", **dataclasses.asdict(record)})
 
 
 def plan(experiment: Experiment, task: str) -> list[tuple[str, str, Path, str, bool]]:
-    """(stage, subcommand, config path, fingerprint, reuse?) per stage, writing nothing."""
+    """(stage, subcommand, config path, fingerprint, reuse?) per stage, writing nothing. A
+    stage is reused when its fingerprint matches, its outputs are byte for byte what it wrote
+    (sha256 in `stages.json`) and no upstream stage reruns."""
     settings = experiment.for_task(task)
-    done = _read_stages(settings.run_dir(task))
+    run_dir = settings.run_dir(task)
+    record = _read_stages(run_dir)
     fingerprints: dict[str, str] = {}
     rows = []
     stale: set[str] = set()
     for stage, (command, config, upstream) in stage_configs(settings, task).items():
         text = yaml.safe_dump(config, sort_keys=False)
         fingerprints[stage] = _fingerprint(text, [fingerprints[u] for u in upstream])
-        outputs_exist = all(p.is_file() for p in stage_outputs(settings, task, stage))
         reuse = (
-            done.get(stage) == fingerprints[stage]
-            and outputs_exist
+            record.fingerprints.get(stage) == fingerprints[stage]
             and not stale.intersection(upstream)
+            and record.intact(run_dir, stage, stage_outputs(settings, task, stage))
         )
         if not reuse:
             stale.add(stage)
-        path = settings.run_dir(task) / "stages" / f"{stage}.yaml"
+        path = run_dir / "stages" / f"{stage}.yaml"
         rows.append((stage, command, path, fingerprints[stage], reuse))
     return rows
 
 
+RESULT_FILES = (METRICS_FILE, "report.md")
+"""What the evaluation writes for the vectors it scored: removed before any stage reruns, so
+that a failed or killed rerun never leaves results beside vectors they do not describe."""
+
+
 def run_task(experiment: Experiment, task: str, force: bool = False) -> Path:
-    """Run (or reuse) every stage of one task; returns the run directory."""
+    """Run (or reuse) every stage of one task under the run directory's lock; returns the
+    run directory."""
     settings = experiment.for_task(task)
     run_dir = settings.run_dir(task)
     configs = stage_configs(settings, task)
-    done = _read_stages(run_dir)
-    for stage, command, path, digest, reuse in plan(experiment, task):
-        if reuse and not force:
-            log.info("[%s] %s: reused (fingerprint %s)", task, stage, digest)
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(configs[stage][1], sort_keys=False))
-        log.info("[%s] %s: running `expertsteer %s --config %s`", task, stage, command, path)
-        started = time.perf_counter()
-        done.pop(stage, None)
-        save_json(run_dir / STAGES_FILE, {"kind": "stages", "fingerprints": done})
-        code = _run_stage(settings, command, path)
-        if code != 0:
-            why = str(code).removeprefix("expertsteer: error: ")
-            raise ExperimentError(
-                f"stage '{stage}' of task '{task}' failed ({why}); its config is {path}, "
-                f"rerun it alone with `expertsteer {command} --config {path}`"
-            )
-        done[stage] = digest
-        save_json(run_dir / STAGES_FILE, {"kind": "stages", "fingerprints": done})
-        log.info("[%s] %s: done in %.1f s", task, stage, time.perf_counter() - started)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        rows = plan(experiment, task)
+        record = _read_stages(run_dir)
+        rerun = [stage for stage, *_, reuse in rows if force or not reuse]
+        for stage in rerun:
+            record.forget(stage)
+        if rerun:
+            for name in RESULT_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+        _save_stages(run_dir, record)
+        for stage, command, path, digest, _ in rows:
+            if stage not in rerun:
+                log.info("[%s] %s: reused (fingerprint %s)", task, stage, digest)
+                continue
+            _run_one(settings, task, stage, command, path, configs[stage][1])
+            outputs = stage_outputs(settings, task, stage)
+            record.fingerprints[stage] = digest
+            record.outputs[stage] = {_relative(run_dir, o): sha256_file(o) for o in outputs}
+            _save_stages(run_dir, record)
     return run_dir
+
+
+def _run_one(
+    settings: Experiment, task: str, stage: str, command: str, path: Path, config: dict
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    log.info("[%s] %s: running `expertsteer %s --config %s`", task, stage, command, path)
+    started = time.perf_counter()
+    code = _run_stage(settings, command, path)
+    missing = [str(o) for o in stage_outputs(settings, task, stage) if not o.is_file()]
+    if code == 0 and missing:
+        code = f"it wrote no {', '.join(missing)}"
+    if code != 0:
+        why = str(code).removeprefix("expertsteer: error: ")
+        raise ExperimentError(
+            f"stage '{stage}' of task '{task}' failed ({why}); its config is {path}, "
+            f"rerun it alone with `expertsteer {command} --config {path}`"
+        )
+    log.info("[%s] %s: done in %.1f s", task, stage, time.perf_counter() - started)
+
+
+LOCK_FILE = "run.lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Only one `expertsteer run` per run directory at a time; a second one fails at once."""
+    try:
+        with file_lock(run_dir / LOCK_FILE, wait=False):
+            yield
+    except LockedError as error:
+        raise ExperimentError(
+            f"another `expertsteer run` is working in {run_dir} ({error}); wait for it to "
+            "finish, or give this experiment another name or output_root"
+        ) from error
+
+
+def current_metrics(run_dir: Path) -> dict:
+    """`metrics.json` of a run directory, only if it scored the vectors now there: the
+    evaluation finished after every vectors stage and no recorded output has changed since."""
+    metrics_path = run_dir / METRICS_FILE
+    if not (run_dir / STAGES_FILE).is_file():
+        log.warning(
+            "%s has no %s (stages run by hand): cannot check that %s belongs to its vectors",
+            run_dir,
+            STAGES_FILE,
+            METRICS_FILE,
+        )
+        return load_json(metrics_path, "metrics")
+    record = _read_stages(run_dir)
+    changed = [
+        stage
+        for stage, outputs in record.outputs.items()
+        if not record.intact(run_dir, stage, [run_dir / name for name in outputs])
+    ]
+    if "evaluate" not in record.fingerprints or changed:
+        why = (
+            f"outputs of {changed} changed since"
+            if changed
+            else "the last evaluation did not finish"
+        )
+        raise ExperimentError(
+            f"{metrics_path} does not belong to the vectors in {run_dir} ({why}); rerun "
+            "`expertsteer run` to evaluate them (or give the strength with --alpha)"
+        )
+    return load_json(metrics_path, "metrics")
+
+
+def validate_stage_configs(experiment: Experiment, task: str) -> None:
+    """Build and parse every stage config of `task` as its LightningCLI run would (classes
+    instantiated, no model loaded), so a bad value fails before the first stage starts."""
+    from expertsteer.cli import parse_stage_config
+
+    settings = experiment.for_task(task)
+    for stage, (_, config, upstream) in stage_configs(settings, task).items():
+        try:
+            # A stage fed by other stages' files is type-checked, not built, before they exist.
+            parse_stage_config(config, build_model=not upstream or stage == "evaluate")
+        except ExpertSteerError as error:
+            raise ExperimentError(f"task '{task}', stage '{stage}': {error}") from error
 
 
 def distributed(experiment: Experiment) -> bool:
@@ -643,6 +920,9 @@ def _pythonpath() -> str:
 
 
 def run_experiment(experiment: Experiment, force: bool = False) -> dict[str, Path]:
-    """Every task of the experiment, in order; task -> run directory."""
+    """Every task of the experiment, in order; task -> run directory. Every stage config of
+    every task is parsed first."""
     check(experiment)
+    for task in experiment.tasks:
+        validate_stage_configs(experiment, task)
     return {task: run_task(experiment, task, force) for task in experiment.tasks}

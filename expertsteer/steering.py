@@ -26,6 +26,7 @@ from typing import Any
 
 import nnsight
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from expertsteer.decoder import Decoder, block_hidden
 from expertsteer.vectors import POSITIONS, SteeringVectors
@@ -278,6 +279,9 @@ def steered_generate_ids(
                 "additions are laid out per prompt row; generate one sequence per prompt"
             )
     generate_kwargs.setdefault("do_sample", False)
+    processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+    processors.append(CheckLogits(intervention))
+    generate_kwargs["logits_processor"] = processors
     encoding = decoder.encode(prompts)
     mask = encoding["attention_mask"]
     width = mask.shape[1]
@@ -299,17 +303,57 @@ def steered_generate_ids(
     blocks = decoder.blocks()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_CUT_SHORT, category=UserWarning)
-        with decoder.lm.generate(max_new_tokens=max_new_tokens, **generate_kwargs) as tracer:
-            # The steering loop may outrun an EOS-shortened run, which ends its block early, so
-            # the result is read in a block of its own.
-            with tracer.invoke(encoding):
-                if additions:
-                    for step in tracer.iter[first:stop]:
-                        for layer, added in additions.items():
-                            _steer(blocks[layer], added, weights, width + step)
-            with tracer.invoke():
-                ids = tracer.result.save()
+        try:
+            with decoder.lm.generate(max_new_tokens=max_new_tokens, **generate_kwargs) as tracer:
+                # The steering loop may outrun an EOS-shortened run, which ends its block
+                # early, so the result is read in a block of its own.
+                with tracer.invoke(encoding):
+                    if additions:
+                        for step in tracer.iter[first:stop]:
+                            for layer, added in additions.items():
+                                _steer(blocks[layer], added, weights, width + step)
+                with tracer.invoke():
+                    ids = tracer.result.save()
+        except Exception as error:
+            cause = _degenerate_cause(error)
+            if cause is None:
+                raise
+            raise cause from error
     return ids[:, width:]
+
+
+class DegenerateLogitsError(FloatingPointError):
+    """Generation met NaN / inf logits, or logits equal across the vocabulary (an overflowed
+    state normalised to zero); greedy decoding would silently pick token 0."""
+
+
+class CheckLogits(LogitsProcessor):
+    """Raises `DegenerateLogitsError` at the first decode step whose logits are not finite or
+    carry no preference (every token scored the same)."""
+
+    def __init__(self, intervention: Intervention | None) -> None:
+        self.alpha = None if intervention is None else intervention.alpha
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        flat = scores.amax(dim=-1) == scores.amin(dim=-1)
+        if torch.isnan(scores).any() or torch.isposinf(scores).any() or flat.any():
+            where = "" if self.alpha is None else f" under steering at alpha {self.alpha:g}"
+            raise DegenerateLogitsError(
+                f"non-finite or constant logits at decode step {input_ids.shape[1]}{where}: "
+                "the steered states overflow; use a smaller alpha (a few mean residual norms "
+                "at most)"
+            )
+        return scores
+
+
+def _degenerate_cause(error: BaseException) -> DegenerateLogitsError | None:
+    """The `DegenerateLogitsError` behind `error` (nnsight may wrap what generate raised)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, DegenerateLogitsError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def prompt_lengths(

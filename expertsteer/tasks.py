@@ -9,6 +9,7 @@ a YAML file with the same keys and needs no code.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -18,9 +19,13 @@ from typing import Any
 
 from expertsteer.errors import ExpertSteerError
 
+log = logging.getLogger(__name__)
+
 TASK_TYPES = ("choice", "yesno", "classification", "numeric", "concept")
 ANSWER_FORMATS = ("index", "index1", "letter", "text", "number", "label")
 LETTERS = "ABCDEFGHIJ"
+# A task name names a run directory: no separators, no leading dot (`..` would escape it).
+TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 FORMATS = {
     ".json": "json",
     ".jsonl": "json",
@@ -33,6 +38,14 @@ FORMATS = {
 
 class TaskError(ExpertSteerError):
     """A task definition or its data is unusable."""
+
+
+class MissingFieldError(ValueError):
+    """A row has no value (or an empty one) for a field the task reads."""
+
+    def __init__(self, field_path: str) -> None:
+        super().__init__(f"field '{field_path}' is missing or empty")
+        self.field = field_path
 
 
 @dataclass(frozen=True)
@@ -103,10 +116,21 @@ class TaskSpec:
     """Name of a built-in reader for files the datasets builders cannot read as rows."""
     loader_options: dict[str, Any] = field(default_factory=dict)
     """Parameters of the pool loader (e.g. MMLU subjects, generator count and seed)."""
+    skip_unanswered: bool = False
+    """Drop rows whose answer field is empty (counted in the log) instead of failing."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not TASK_NAME.fullmatch(self.name):
+            raise TaskError(
+                f"task name {self.name!r} must be letters, digits, '_', '.', '+' or '-' (not "
+                "starting with '.'): it names the run directory"
+            )
         if isinstance(self.fields, dict):
-            self.fields = FieldMap(**self.fields)
+            try:
+                self.fields = FieldMap(**self.fields)
+            except TypeError as error:
+                known = [f.name for f in dataclasses.fields(FieldMap)]
+                raise TaskError(f"task '{self.name}': fields: {error}; known: {known}") from error
         if self.type not in TASK_TYPES:
             raise TaskError(
                 f"task '{self.name}': type must be one of {TASK_TYPES}, got '{self.type}'"
@@ -138,6 +162,8 @@ class Task:
     """Task type (see `TASK_TYPES`)."""
     pools: dict[str, list[Example]]
     """Pool name -> examples, in file order."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Pool name -> rows left out on purpose (no gold answer, a layout the parser skips)."""
 
     def all_examples(self) -> list[Example]:
         return [example for pool in self.pools.values() for example in pool]
@@ -178,6 +204,26 @@ def _get(row: dict, path: str) -> Any:
     return value
 
 
+def _present(row: dict, path: str) -> Any:
+    """The value at `path`; a missing or null one (datasets fills absent keys with None) is
+    an error naming the field."""
+    try:
+        value = _get(row, path)
+    except KeyError:
+        raise MissingFieldError(path) from None
+    if value is None:
+        raise MissingFieldError(path)
+    return value
+
+
+def _text(row: dict, path: str) -> str:
+    """The stripped text at `path`, which must be present and non-empty."""
+    text = str(_present(row, path)).strip()
+    if not text:
+        raise MissingFieldError(path)
+    return text
+
+
 def _hub_offline() -> bool:
     flags = (os.environ.get(name, "").lower() for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
     return any(flag in {"1", "true", "yes", "on"} for flag in flags)
@@ -186,12 +232,14 @@ def _hub_offline() -> bool:
 def resolve_paths(spec: TaskSpec, names: list[str], data_root: Path) -> list[Path]:
     """Absolute, existing data files of `spec`; a missing one is named with the fix."""
     paths = [Path(name) if Path(name).is_absolute() else data_root / name for name in names]
-    for path in paths:
+    for name, path in zip(names, paths, strict=True):
         if not path.is_file():
-            raise TaskError(
-                f"task '{spec.name}': data file {path} does not exist (set "
-                "data_root to the folder holding the benchmark files)"
+            fix = (
+                "set data_root to the folder holding the benchmark files"
+                if not Path(name).is_absolute()
+                else "paths in a task YAML are relative to the YAML's folder"
             )
+            raise TaskError(f"task '{spec.name}': data file {path} does not exist ({fix})")
     return paths
 
 
@@ -207,6 +255,10 @@ def load_rows(
             f"task '{spec.name}': cannot tell the format of {paths[0]}; set "
             "`format` (json, csv, parquet, text)"
         )
+    names = ", ".join(map(str, paths))
+    empty = [str(p) for p in paths if p.stat().st_size == 0]
+    if empty:
+        raise TaskError(f"task '{spec.name}': data file {', '.join(empty)} is empty (0 bytes)")
     try:
         dataset = datasets.load_dataset(
             builder,
@@ -214,11 +266,27 @@ def load_rows(
             split="train",
             **{**spec.read_options, **options},
         )
+        return dataset.to_list()
     except Exception as error:
+        if _is_decode_error(error):
+            raise TaskError(
+                f"task '{spec.name}': {names} is not UTF-8 text ({_root_cause(error)}); "
+                "re-save it as UTF-8 or set read_options: {encoding: <its encoding>}"
+            ) from error
         raise TaskError(
-            f"task '{spec.name}': could not read {', '.join(map(str, paths))} as {builder}: {error}"
+            f"task '{spec.name}': could not read {names} as {builder}: {_root_cause(error)}"
         ) from error
-    return dataset.to_list()
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception (datasets wraps reader errors in its own)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _is_decode_error(error: BaseException) -> bool:
+    return isinstance(_root_cause(error), UnicodeDecodeError) or "codec can't decode" in str(error)
 
 
 def read_rows(spec: TaskSpec, data_root: Path) -> dict[str, list[dict]]:
@@ -232,10 +300,24 @@ def read_rows(spec: TaskSpec, data_root: Path) -> dict[str, list[dict]]:
         return POOL_LOADERS[spec.pool_loader](spec, data_root)
     if not spec.files:
         return _read_hub(spec)
-    return {
-        pool: load_rows(spec, resolve_paths(spec, names, data_root))
-        for pool, names in spec.files.items()
-    }
+    return {pool: [row for _, row in rows] for pool, rows in _located_rows(spec, data_root).items()}
+
+
+def _located_rows(spec: TaskSpec, data_root: Path) -> dict[str, list[tuple[str, dict]]]:
+    """Rows per pool, each with where it came from ("<file>, data row <n>", 1-based)."""
+    if spec.pool_loader or not spec.files:
+        return {
+            pool: [(f"pool '{pool}', row {i}", row) for i, row in enumerate(rows)]
+            for pool, rows in read_rows(spec, data_root).items()
+        }
+    located: dict[str, list[tuple[str, dict]]] = {}
+    for pool, names in spec.files.items():
+        located[pool] = [
+            (f"{path}, data row {i + 1}", row)
+            for path in resolve_paths(spec, names, data_root)
+            for i, row in enumerate(load_rows(spec, [path]))
+        ]
+    return located
 
 
 def _read_hub(spec: TaskSpec) -> dict[str, list[dict]]:
@@ -264,17 +346,22 @@ def _read_hub(spec: TaskSpec) -> dict[str, list[dict]]:
 def parse_row(row: dict, index: int, spec: TaskSpec) -> Example | None:
     """Generic converter driven by the spec's field map and answer format."""
     fields = spec.fields
-    question = str(_get(row, fields.question)).strip()
-    context = str(_get(row, fields.context)).strip() if fields.context else ""
+    question = _text(row, fields.question)
+    context = _text(row, fields.context) if fields.context else ""
     if isinstance(fields.choices, list):
-        choices = tuple(str(_get(row, name)).strip() for name in fields.choices)
+        choices = tuple(_text(row, name) for name in fields.choices)
     elif fields.choices:
-        choices = tuple(str(option).strip() for option in _get(row, fields.choices))
+        options = _present(row, fields.choices)
+        if isinstance(options, str) or not isinstance(options, list | tuple):
+            raise ValueError(f"field '{fields.choices}' must hold a list of options")
+        choices = tuple(str(option).strip() for option in options)
     else:
         choices = tuple(spec.labels or ())
     raw = _get(row, fields.answer)
-    if raw is None or raw == "":
-        return None
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        if spec.skip_unanswered:
+            return None
+        raise MissingFieldError(fields.answer)
     answer = resolve_answer(raw, choices, spec)
     ident = str(_get(row, fields.id)) if fields.id else str(index)
     return Example(
@@ -325,24 +412,49 @@ def load_task(spec: TaskSpec, data_root: str | Path = ".") -> Task:
         )
     parser = ROW_PARSERS[spec.row_parser] if spec.row_parser else parse_row
     pools: dict[str, list[Example]] = {}
-    for pool, rows in read_rows(spec, Path(data_root)).items():
+    dropped: dict[str, int] = {}
+    for pool, rows in _located_rows(spec, Path(data_root)).items():
         examples = []
-        for index, row in enumerate(rows):
+        for index, (where, row) in enumerate(rows):
             try:
                 example = parser(row, index, spec)
+            except MissingFieldError as error:
+                raise TaskError(
+                    f"task '{spec.name}', {where}: field '{error.field}' is missing or empty "
+                    f"(the row has {sorted(row)}); fix the row, or the field map"
+                    + (
+                        ", or set skip_unanswered: true"
+                        if error.field == spec.fields.answer
+                        else ""
+                    )
+                ) from error
             except (KeyError, ValueError, IndexError, TypeError) as error:
                 raise TaskError(
-                    f"task '{spec.name}', pool '{pool}', row {index}: cannot "
+                    f"task '{spec.name}', {where}: cannot "
                     f"convert ({type(error).__name__}: {error}); check the field "
                     f"map against the row {sorted(row)}"
                 ) from error
             if example is not None:
                 examples.append(dataclasses.replace(example, id=f"{pool}/{example.id}"))
+        if not rows:
+            raise TaskError(f"task '{spec.name}': pool '{pool}' has no rows (empty data)")
         if not examples:
-            raise TaskError(f"task '{spec.name}': pool '{pool}' has no usable rows")
+            raise TaskError(
+                f"task '{spec.name}': pool '{pool}' has no usable rows (all {len(rows)} dropped)"
+            )
+        if len(examples) < len(rows):
+            dropped[pool] = len(rows) - len(examples)
+            log.warning(
+                "task '%s', pool '%s': %d of %d rows dropped (no gold answer or a layout the "
+                "parser skips)",
+                spec.name,
+                pool,
+                dropped[pool],
+                len(rows),
+            )
         pools[pool] = examples
     _check_unique_ids(spec.name, pools)
-    return Task(spec.name, spec.type, pools)
+    return Task(spec.name, spec.type, pools, dropped)
 
 
 def _check_unique_ids(name: str, pools: dict[str, list[Example]]) -> None:

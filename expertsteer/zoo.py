@@ -238,7 +238,12 @@ def model_dims(name: str) -> tuple[int, int]:
     elif not path.exists() and "/" in name and not name.startswith((".", "/")):
         config = _hub_config(name)
     else:
-        raise ModelNotFoundError(f"cannot read the dimensions of '{name}': no config.json")
+        close = difflib.get_close_matches(name, PACKAGED, n=1, cutoff=0.75)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ModelNotFoundError(
+            f"unknown model '{name}': not a packaged model ({', '.join(PACKAGED)}) and not a "
+            f"directory with a config.json.{hint}"
+        )
     config = config.get("text_config", config)
     hidden = config.get("hidden_size", config.get("n_embd"))
     layers = config.get("num_hidden_layers", config.get("n_layer"))
@@ -308,8 +313,25 @@ def prepare_packaged(name: str, store_dtype: str = "float32") -> Path:
     return final
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def _check_gguf(path: Path) -> None:
+    """A `.gguf` model path must be an existing GGUF file (checked by its magic bytes)."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"GGUF file not found: {path}; check the path")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelNotFoundError(
+            f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}); pass a "
+            "llama.cpp .gguf model, a model directory or a packaged model name"
+        )
+
+
 def prepare_gguf(path: Path, store_dtype: str = "float32") -> tuple[Path, str]:
     """Convert a user's `.gguf` file once; return the cached directory and the file's sha256."""
+    _check_gguf(path)
     digest = sha256_file(path)
     final = cache_dir() / "models" / f"gguf-{digest[:16]}"
     with file_lock(final.parent / f"{final.name}.lock"):

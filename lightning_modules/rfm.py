@@ -28,6 +28,7 @@ from torchmetrics.classification import BinaryAUROC
 
 from expertsteer.alignment import AffineAutoencoders, load_alignment
 from expertsteer.artifacts import ALIGNMENT_FILE, STEERING_FILE, load_json
+from expertsteer.benchmarks import resolve_task
 from expertsteer.cache import sha256_file
 from expertsteer.extractors import EXTRACTORS, extract
 from expertsteer.rfm import (
@@ -385,7 +386,8 @@ class RFMModule(L.LightningModule):
             "positions": "all",
             "norm_scale": "mean L2 norm of the target block output on the dev split",
             "data_fingerprint": datamodule.cache_path().name,
-            "task": datamodule.hparams.task,
+            # The task's name (a task YAML's `name`, not its path), as the evaluation sees it.
+            "task": resolve_task(datamodule.hparams.task).name,
             "alignment_objective": (self.alignment_meta or {}).get("objective"),
             "alignment_sha256": (
                 sha256_file(self.hparams.alignment_file) if self.aligner is not None else None

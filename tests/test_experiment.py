@@ -164,8 +164,8 @@ def test_evaluation_gets_the_null_and_a_signed_grid_by_default(tiny_dirs, tmp_pa
         ({"tasks": ["no_such_task"]}, "no_such_task"),
         ({"target": "no-such-model"}, "no-such-model"),
         ({"task_overrides": {"sst2": {}}}, "not in tasks"),
-        ({"evaluation": {"alphas": [-0.1, 0.0, 0.1]}}, "non-zero (zero is `none`)"),
-        ({"evaluation": {"null_k": -1}}, "evaluation.null_k must be >= 0"),
+        ({"evaluation": {"alphas": [-0.1, 0.0, 0.1]}}, "each non-zero (zero is `none`)"),
+        ({"evaluation": {"null_k": -1}}, "evaluation.null_k must be an integer >= 0"),
     ],
 )
 def test_bad_experiment_configs_fail_before_any_model_loads(tiny_dirs, tmp_path, change, message):

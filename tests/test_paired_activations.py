@@ -177,3 +177,15 @@ def test_storage_dtype_is_respected(tiny_dirs, tmp_path):
     module.setup()
     assert module.split_tensors("steer")["expert"].dtype == torch.bfloat16
     assert next(iter(module.val_dataloader()))["expert"].dtype == torch.float32
+
+
+def test_same_size_corruption_of_a_shard_is_caught_by_its_checksum(tiny_dirs, tmp_path):
+    module = _module(tiny_dirs, tmp_path)
+    module.prepare_data()
+    shard = module.cache_path() / activations.shard_name("steer", 0)
+    assert json.loads((module.cache_path() / META).read_text())["shard_sha256"][shard.name]
+    data = bytearray(shard.read_bytes())
+    data[-8:] = bytes(8)  # the last float of the labels / states: still a valid safetensors file
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheMismatchError, match="sha256 differs"):
+        module.setup("fit")

@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerFast
 from expertsteer.decoder import Decoder, block_hidden, left_pad_positions
 from expertsteer.steering import (
     POSITIONS,
+    DegenerateLogitsError,
     Intervention,
     mean_residual_norms,
     position_mask,
@@ -410,3 +411,16 @@ def test_generation_and_scoring_agree_on_positions():
         log_probs = steered_logits(decoder, joined, intervention, lengths)
         predicted = log_probs[:, width - 1 : -1].argmax(-1)
         assert torch.equal(predicted, ids), positions
+
+
+def test_degenerate_logits_under_extreme_steering_raise_instead_of_token_zero():
+    # At alpha 1e38 the residual overflows (NaN logits in a real model; here the norm turns the
+    # state to zero and every token scores the same): greedy argmax returns token 0 for every
+    # row, which a numeric task would score as a wrong answer, not as a broken run.
+    decoder = _decoder("llama")
+    intervention = _intervention("llama", "all", alpha=1e38)
+    with pytest.raises(DegenerateLogitsError, match="alpha 1e"):
+        steered_generate_ids(decoder, PROMPTS, intervention, NEW_TOKENS)
+    # Ordinary strengths generate as before.
+    ids = steered_generate_ids(decoder, PROMPTS, _intervention("llama", "all"), NEW_TOKENS)
+    assert ids.shape[0] == len(PROMPTS)

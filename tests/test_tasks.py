@@ -136,7 +136,7 @@ def test_user_task_errors_name_the_problem(tmp_path):
     rows = [{"uid": "a", "q": "Q?", "opts": ["x", "y"], "gold": "A"}]
     with pytest.raises(TaskError, match="unknown key"):
         resolve_task(str(_write_user_task(tmp_path, rows, colour="red")))
-    with pytest.raises(TaskError, match="row 0: cannot convert"):
+    with pytest.raises(TaskError, match=r"qa.jsonl, data row 1: field 'missing' is missing"):
         load_task(
             resolve_task(str(_write_user_task(tmp_path, rows, fields={"question": "missing"})))
         )
