@@ -135,21 +135,26 @@ def export_gguf(
             stacklevel=2,
         )
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out_path) as tmp:
-        writer = gguf.GGUFWriter(tmp, ARCHITECTURE)
-        try:
-            writer.add_string(MODEL_HINT_KEY, model_hint)
-            writer.add_uint32(LAYER_COUNT_KEY, len(vectors))
-            writer.add_float32(ALPHA_KEY, float(alpha))
-            writer.add_string(METADATA_KEY, json.dumps(metadata))
-            for layer, vector in vectors.items():
-                writer.add_tensor(f"{TENSOR_PREFIX}{layer}", vector.numpy())
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out_path) as tmp:
+            writer = gguf.GGUFWriter(tmp, ARCHITECTURE)
+            try:
+                writer.add_string(MODEL_HINT_KEY, model_hint)
+                writer.add_uint32(LAYER_COUNT_KEY, len(vectors))
+                writer.add_float32(ALPHA_KEY, float(alpha))
+                writer.add_string(METADATA_KEY, json.dumps(metadata))
+                for layer, vector in vectors.items():
+                    writer.add_tensor(f"{TENSOR_PREFIX}{layer}", vector.numpy())
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+            finally:
+                writer.close()
+    except OSError as error:
+        raise ExportError(
+            f"cannot write {out_path} ({error.strerror or error}); choose a writable folder"
+        ) from error
     log.info(
         "wrote %s: %d control vector(s) for %s at layers %s, alpha %g",
         out_path,

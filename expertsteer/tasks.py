@@ -8,6 +8,7 @@ a YAML file with the same keys and needs no code.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import logging
 import os
@@ -259,20 +260,19 @@ def load_rows(
     empty = [str(p) for p in paths if p.stat().st_size == 0]
     if empty:
         raise TaskError(f"task '{spec.name}': data file {', '.join(empty)} is empty (0 bytes)")
+    settings = {**spec.read_options, **options}
+    if builder in ("json", "csv", "text") and "encoding" not in settings:
+        for path in paths:
+            _check_utf8(spec, path)
     try:
         dataset = datasets.load_dataset(
             builder,
             data_files=[str(p) for p in paths],
             split="train",
-            **{**spec.read_options, **options},
+            **settings,
         )
         return dataset.to_list()
     except Exception as error:
-        if _is_decode_error(error):
-            raise TaskError(
-                f"task '{spec.name}': {names} is not UTF-8 text ({_root_cause(error)}); "
-                "re-save it as UTF-8 or set read_options: {encoding: <its encoding>}"
-            ) from error
         raise TaskError(
             f"task '{spec.name}': could not read {names} as {builder}: {_root_cause(error)}"
         ) from error
@@ -285,8 +285,25 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def _is_decode_error(error: BaseException) -> bool:
-    return isinstance(_root_cause(error), UnicodeDecodeError) or "codec can't decode" in str(error)
+def _check_utf8(spec: TaskSpec, path: Path) -> None:
+    """A text data file read without an `encoding` must be UTF-8 (the reader's own error
+    names neither the file nor the fix)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(1 << 20)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as error:
+                raise TaskError(
+                    f"task '{spec.name}': {path} is not UTF-8 text (byte "
+                    f"{offset + error.start}: {error.reason}); re-save it as UTF-8 or set "
+                    "read_options: {encoding: <its encoding>} in the task"
+                ) from error
+            if not block:
+                return
+            offset += len(block)
 
 
 def read_rows(spec: TaskSpec, data_root: Path) -> dict[str, list[dict]]:

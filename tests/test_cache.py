@@ -1,10 +1,19 @@
 import hashlib
 import multiprocessing
+import os
+import stat
 import time
 
 import pytest
 
-from expertsteer.cache import atomic_dir, atomic_file, cache_dir, concatenate, file_lock
+from expertsteer.cache import (
+    LockedError,
+    atomic_dir,
+    atomic_file,
+    cache_dir,
+    concatenate,
+    file_lock,
+)
 
 
 def test_cache_dir_follows_env(tmp_path, monkeypatch):
@@ -69,3 +78,27 @@ def test_file_lock_serialises_processes(tmp_path):
     assert len(lines) == 4
     # No interleaving: each holder leaves before the other enters.
     assert lines[0][0] == lines[1][0] and lines[2][0] == lines[3][0]
+
+
+def test_cache_files_and_folders_are_group_readable_like_ordinary_ones(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "entry") as tmp:
+            (tmp / "x.bin").write_bytes(b"x")
+        with atomic_file(tmp_path / "f.json") as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "entry").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
+
+
+def test_lock_without_waiting_fails_at_once_while_held(tmp_path):
+    with (
+        file_lock(tmp_path / "l.lock"),
+        pytest.raises(LockedError, match="locked"),
+        file_lock(tmp_path / "l.lock", wait=False),
+    ):
+        pass
+    with file_lock(tmp_path / "l.lock", wait=False):
+        pass

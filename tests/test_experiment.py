@@ -180,3 +180,161 @@ def test_bad_experiment_configs_fail_before_any_model_loads(tiny_dirs, tmp_path,
 def test_missing_experiment_file_is_a_clear_error(tmp_path):
     with pytest.raises(ExperimentError, match="not found"):
         load_experiment(tmp_path / "missing.yaml")
+
+
+def _user_task(tmp_path, fmt: str) -> Path:
+    """A two-label classification task of 40 rows in a CSV or JSONL file beside its YAML."""
+    rows = [
+        {"text": f"review {i}: {'great fun' if i % 2 else 'dull mess'}", "label": i % 2}
+        for i in range(40)
+    ]
+    data = tmp_path / "tasks" / f"reviews.{fmt}"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "csv":
+        data.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    else:
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {
+        "name": f"reviews_{fmt}",
+        "type": "classification",
+        "files": {"test": data.name},  # relative to the task YAML
+        "fields": {"question": "text", "answer": "label"},
+        "labels": ["negative", "positive"],
+        "instruction": "Is this review positive or negative?",
+    }
+    path = tmp_path / "tasks" / "reviews.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _user_experiment(tiny_dirs, tmp_path, fmt: str) -> tuple[Path, str]:
+    task = str(_user_task(tmp_path, fmt))
+    config = _tiny_experiment(
+        tiny_dirs, tmp_path, tasks=[task], methods=["random", "target_mean_diff", "expertsteer"]
+    )
+    return _write(tmp_path, config), task
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_user_task_yaml_runs_end_to_end_in_a_directory_named_after_the_task(
+    tiny_dirs, tmp_path, fmt
+):
+    path, task = _user_experiment(tiny_dirs, tmp_path, fmt)
+    main(["run", "--config", str(path)])
+    run = tmp_path / "runs" / "tiny" / f"reviews_{fmt}"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["methods"]["expertsteer"]["test"]["n"] == 8
+    assert load_steering(run / STEERING_FILE).metadata["task"] == f"reviews_{fmt}"
+    assert all(reuse for *_, reuse in plan(load_experiment(path), task))
+
+
+def test_damaged_outputs_rerun_and_stale_results_are_never_current(
+    tiny_dirs, tmp_path, monkeypatch
+):
+    path, task = _user_experiment(tiny_dirs, tmp_path, "csv")
+    main(["run", "--config", str(path)])
+    run = tmp_path / "runs" / "tiny" / "reviews_csv"
+    old_metrics = (run / "metrics.json").read_bytes()
+
+    # A truncated steering file is not "finished": its stage and the evaluation rerun.
+    random_file = run / "methods" / "random" / STEERING_FILE
+    random_file.write_bytes(random_file.read_bytes()[:-16])
+    assert {s for s, *_, reuse in plan(load_experiment(path), task) if not reuse} == {
+        "vectors_random",
+        "evaluate",
+    }
+
+    # The rerun refits the vectors, then the evaluation fails: no metrics.json / report.md of
+    # the previous vectors may stay behind as if they described the new ones.
+    from expertsteer import experiment as module
+
+    real = module._run_stage
+
+    def fail_evaluation(settings, command, stage_path):
+        return (
+            "expertsteer: error: killed"
+            if command == "validate"
+            else real(settings, command, stage_path)
+        )
+
+    monkeypatch.setattr(module, "_run_stage", fail_evaluation)
+    with pytest.raises(SystemExit, match="stage 'evaluate' of task"):
+        main(["run", "--config", str(path)])
+    assert not (run / "metrics.json").exists() and not (run / REPORT_FILE).exists()
+
+    # Even a restored old metrics.json is not taken as current by export-gguf or report.
+    (run / "metrics.json").write_bytes(old_metrics)
+    with pytest.raises(SystemExit, match="does not belong to the vectors"):
+        main(["export-gguf", str(run), str(tmp_path / "out.gguf"), "--model-hint", "llama"])
+    with pytest.raises(SystemExit, match="does not belong to the vectors"):
+        main(["report", str(run)])
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_a_second_run_of_the_same_experiment_is_refused_while_one_holds_the_lock(
+    tiny_dirs, tmp_path, monkeypatch
+):
+    from expertsteer.cache import file_lock
+    from expertsteer.experiment import LOCK_FILE, run_task
+
+    experiment = load_experiment(_write(tmp_path, _tiny_experiment(tiny_dirs, tmp_path)))
+    run = experiment.run_dir("arithmetic")
+    monkeypatch.setattr("expertsteer.experiment._run_stage", lambda *a: pytest.fail("a stage ran"))
+    with file_lock(run / LOCK_FILE), pytest.raises(ExperimentError, match="another"):
+        run_task(experiment, "arithmetic")
+
+
+BAD_VALUES = [
+    ({"evaluation": {"alphas": []}}, "evaluation.alphas"),
+    ({"evaluation": {"alphas": [float("nan")]}}, "evaluation.alphas"),
+    ({"evaluation": {"alphas": [float("inf")]}}, "evaluation.alphas"),
+    ({"evaluation": {"alphas": [0]}}, "evaluation.alphas"),
+    ({"evaluation": {"alphas": ["big"]}}, "evaluation.alphas"),
+    ({"evaluation": {"alphas": [1e6]}}, "exceed"),
+    ({"evaluation": {"positions": "middle"}}, "evaluation.positions"),
+    ({"evaluation": {"max_new_tokens": 0}}, "evaluation.max_new_tokens"),
+    ({"rfm": {"ridge": -1}}, "rfm.ridge"),
+    ({"rfm": {"iterations": 0}}, "rfm.iterations"),
+    ({"rfm": {"bandwidth_scales": []}}, "rfm.bandwidth_scales"),
+    ({"alignment": {"lr": 0}}, "alignment.lr"),
+    ({"alignment": {"mi_estimator": "kde"}}, "alignment.mi_estimator"),
+    ({"splits": {"steer": 16.7}}, "splits.steer"),
+    ({"splits": "many"}, "splits must be a mapping"),
+    ({"position": "first"}, "position must be one of"),
+    ({"name": "../escape"}, "name '../escape'"),
+    ({"target": "qwen2.5-coder-0.5b-instrct"}, "Did you mean"),
+    ({"target": "missing.gguf"}, "GGUF file not found"),
+    ({"trainer": {"accelerator": "cpu", "devices": 1, "precison": 32}}, "precison"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_VALUES)
+def test_dry_run_rejects_every_bad_value_with_one_line(
+    tiny_dirs, tmp_path, capsys, change, message
+):
+    config = _tiny_experiment(tiny_dirs, tmp_path, **change)
+    path = _write(tmp_path, config)
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--config", str(path), "--dry-run"])
+    text = str(exit_.value.code)
+    assert text.startswith("expertsteer: error:") and message in text, text
+    assert "\n" not in text and "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_gpu_accelerator_without_a_gpu_is_refused_before_any_stage(tiny_dirs, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    trainer = {"accelerator": "gpu", "devices": 1}
+    path = _write(tmp_path, _tiny_experiment(tiny_dirs, tmp_path, trainer=trainer))
+    with pytest.raises(ExperimentError, match="no CUDA GPU is visible"):
+        load_experiment(path)
+
+
+def test_unwritable_output_root_is_refused_before_any_stage(tiny_dirs, tmp_path):
+    # Under a plain file: no folder can be made there, whoever runs the test (even root).
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    config = _tiny_experiment(tiny_dirs, tmp_path, output_root=str(blocker / "runs"))
+    with pytest.raises(ExperimentError, match="not a writable folder"):
+        load_experiment(_write(tmp_path, config))

@@ -208,7 +208,7 @@ def test_failed_export_keeps_existing_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ExportError, match="disk full"):
         export_gguf(good, out)
     assert out.read_bytes() == b"previous control vector"
     assert _leftovers(tmp_path) == []
@@ -229,3 +229,11 @@ def test_read_control_vector_rejects_other_gguf(tmp_path):
     writer.close()
     with pytest.raises(ExportError, match="not a control vector"):
         read_control_vector(path)
+
+
+def test_unwritable_output_is_one_clear_error(tmp_path):
+    path = _saved(tmp_path, _steering(alpha=ALPHA, target_model_id="smollm2-135m-instruct"))
+    blocker = tmp_path / "a_file"  # a folder cannot be made under a file, even by root
+    blocker.write_text("")
+    with pytest.raises(ExportError, match="cannot write .*choose a writable folder"):
+        export_gguf(path, blocker / "out.gguf")

@@ -210,3 +210,58 @@ def test_user_task_reads_parquet_and_csv(tmp_path):
         task = load_task(spec)
         assert [e.answer for e in task.pools["all"]] == [0, 1] * 6
         assert task.pools["all"][3].choices == ("negative", "positive")
+
+
+def _rows(count: int = 6) -> list[dict]:
+    return [
+        {"uid": f"u{i}", "q": f"Q{i}?", "opts": ["x", "y"], "gold": "AB"[i % 2]}
+        for i in range(count)
+    ]
+
+
+def test_a_row_without_the_question_is_an_error_naming_file_row_and_field(tmp_path):
+    rows = _rows()
+    del rows[3]["q"]  # datasets fills the absent key with None: it used to become "None"
+    with pytest.raises(TaskError, match=r"qa\.jsonl, data row 4: field 'q' is missing"):
+        load_task(resolve_task(str(_write_user_task(tmp_path, rows))))
+
+
+def test_rows_without_an_answer_fail_unless_dropping_is_asked_for_and_then_are_counted(
+    tmp_path, caplog
+):
+    rows = _rows()
+    rows[2]["gold"] = None
+    rows[5]["gold"] = ""
+    with pytest.raises(TaskError, match=r"data row 3: field 'gold' is missing.*skip_unanswered"):
+        load_task(resolve_task(str(_write_user_task(tmp_path, rows))))
+    path = _write_user_task(tmp_path, rows, skip_unanswered=True)
+    with caplog.at_level("WARNING", logger="expertsteer.tasks"):
+        task = load_task(resolve_task(str(path)))
+    assert len(task.pools["test"]) == 4 and task.dropped == {"test": 2}
+    assert "2 of 6 rows dropped" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", ".hidden", ""])
+def test_a_task_name_that_is_not_a_plain_folder_name_is_refused(tmp_path, name):
+    with pytest.raises(TaskError, match="names the run directory"):
+        resolve_task(str(_write_user_task(tmp_path, _rows(), name=name)))
+
+
+def test_unreadable_data_files_are_named_with_the_reason(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ncaf\xe9 cr\xe8me,0\n".encode("latin-1"))
+    spec = dict(name="t", type="classification", labels=["a", "b"])
+    spec["fields"] = {"question": "text", "answer": "label"}
+    with pytest.raises(TaskError, match=r"empty\.csv is empty \(0 bytes\)"):
+        load_task(TaskSpec(**spec, files={"test": str(empty)}))
+    with pytest.raises(TaskError, match=r"latin\.csv is not UTF-8.*encoding"):
+        load_task(TaskSpec(**spec, files={"test": str(latin)}))
+
+
+def test_a_missing_file_of_a_task_yaml_points_at_the_yaml_folder_not_data_root(tmp_path):
+    path = _write_user_task(tmp_path, _rows(), files={"test": "nope.jsonl"})
+    with pytest.raises(TaskError, match="relative to the YAML's folder") as error:
+        load_task(resolve_task(str(path)))
+    assert "data_root" not in str(error.value)

@@ -140,3 +140,16 @@ def test_two_processes_preparing_at_once_convert_once(fake_packaged):
     assert (cache_dir() / "conversions.log").read_text().count("convert") == 1
     entries = sorted(p.name for p in (cache_dir() / "models").iterdir())
     assert entries == ["fake-model", "fake-model.lock"]
+
+
+def test_model_name_errors_in_checks_suggest_the_packaged_name_and_name_bad_gguf(tmp_path):
+    from expertsteer.zoo import model_dims
+
+    with pytest.raises(ModelNotFoundError, match="Did you mean 'qwen2.5-coder-0.5b-instruct'"):
+        model_dims("qwen2.5-coder-0.5b-instrct")
+    with pytest.raises(ModelNotFoundError, match="GGUF file not found"):
+        model_dims(str(tmp_path / "missing.gguf"))
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(ModelNotFoundError, match="is not a GGUF file"):
+        model_dims(str(fake))
