@@ -389,8 +389,13 @@ def capture_token_pairs(
         for index, span in todo:
             parts: dict[str, list[torch.Tensor]] = {"expert": [], "target": []}
             text_index: list[int] = []
-            for start in range(span.start, span.stop, batch_size):
-                batch = [k for k in range(start, min(start + batch_size, span.stop)) if pairs[k]]
+            # Batches of similar length waste little on padding; rows return to text order.
+            order = sorted(
+                (k for k in span if pairs[k]),
+                key=lambda k: max(len(tokenized[s].input_ids[k]) for s in tokenized),
+            )
+            for start in range(0, len(span), batch_size):
+                batch = order[start : start + batch_size]
                 for side, column in (("expert", 0), ("target", 1)):
                     if batch:
                         parts[side].append(
@@ -409,6 +414,11 @@ def capture_token_pairs(
                         parts[side][-1] = parts[side][-1].to(dtype)
                 text_index += [k for k in batch for _ in pairs[k]]
                 bar.update(1)
+            restore = torch.tensor(text_index, dtype=torch.long).argsort(stable=True)
+            text_index = sorted(text_index)
+            parts = {
+                side: [torch.cat(rows)[restore]] if rows else [] for side, rows in parts.items()
+            }
             tensors = {
                 side: torch.cat(parts[side])
                 if parts[side]

@@ -192,3 +192,23 @@ def test_heldout_whole_texts_and_config_errors():
         CorpusConfig(heldout=1.0)
     with pytest.raises(ValueError, match="corpus is empty"):
         CorpusConfig(size=0, steer_items=False)
+
+
+def test_length_sorted_batches_keep_text_order(tmp_path):
+    decoders = {
+        "expert": _decoder("qwen2", chat=True, merges=MERGES, seed=1),
+        "target": _decoder("llama", chat=False, seed=2),
+    }
+    keys = {
+        side: ModelKey(side, "sha", tuple(range(decoders[side].num_layers)), None)
+        for side in decoders
+    }
+    texts = [PairText(f"t{k}", ("the weather " * (1 + (7 * k) % 5),), False) for k in range(7)]
+    config = CorpusConfig(size=7, shard_texts=7)
+    one = ensure_token_pairs(tmp_path / "a", keys, texts, config, "float32", lambda: decoders, 1)
+    many = ensure_token_pairs(tmp_path / "b", keys, texts, config, "float32", lambda: decoders, 3)
+    a = load_token_pairs(one, read_token_meta(one))
+    b = load_token_pairs(many, read_token_meta(many))
+    assert torch.equal(a["text"], b["text"])
+    torch.testing.assert_close(a["expert"], b["expert"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a["target"], b["target"], atol=1e-4, rtol=1e-4)
