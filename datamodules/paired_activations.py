@@ -39,6 +39,7 @@ from expertsteer.benchmarks import resolve_task
 from expertsteer.cache import cache_dir, file_lock
 from expertsteer.capture import POSITIONS, capture
 from expertsteer.decoder import Decoder
+from expertsteer.errors import ExpertSteerError
 from expertsteer.prompts import Item, prompt_items, steering_items
 from expertsteer.splits import SPLITS, SplitSizes, make_splits
 from expertsteer.tasks import TaskError, load_task
@@ -84,17 +85,21 @@ class ActivationDataset(Dataset):
         }
 
 
+class LayerError(ExpertSteerError, ValueError):
+    """A requested decoder block does not exist (reported in one line by the CLI)."""
+
+
 def _check_layers(name: str, layers: list[int] | None, num_layers: int) -> tuple[int, ...]:
     if layers is None:
         return tuple(range(num_layers))
     bad = [layer for layer in layers if not -num_layers <= layer < num_layers]
     if bad:
-        raise ValueError(
+        raise LayerError(
             f"layer(s) {bad} do not exist in '{name}', which has {num_layers} "
-            f"decoder blocks (valid: 0..{num_layers - 1})"
+            f"decoder blocks (valid: 0..{num_layers - 1}); fix expert_layers / target_layers"
         )
     if not layers:
-        raise ValueError(f"empty layer list for '{name}'")
+        raise LayerError(f"empty layer list for '{name}'")
     return tuple(sorted({layer % num_layers for layer in layers}))
 
 

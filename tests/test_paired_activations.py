@@ -9,6 +9,7 @@ from expertsteer import activations
 from expertsteer.activations import META, CacheMismatchError
 from expertsteer.capture import capture
 from expertsteer.decoder import Decoder
+from expertsteer.errors import ExpertSteerError
 from expertsteer.tasks import TaskError
 from expertsteer.zoo import load_model
 
@@ -117,7 +118,8 @@ def test_layer_that_does_not_exist_fails_before_capture(tiny_dirs, tmp_path, mon
         "datamodules.paired_activations.load_model",
         lambda *a, **k: pytest.fail("models loaded before validation"),
     )
-    with pytest.raises(ValueError, match=r"layer\(s\) \[3\] do not exist"):
+    # An ExpertSteerError: the CLI prints it as one line, not a traceback.
+    with pytest.raises(ExpertSteerError, match=r"layer\(s\) \[3\] do not exist"):
         _module(tiny_dirs, tmp_path, target_layers=[0, 3]).prepare_data()
 
 
