@@ -302,6 +302,14 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
         "(same items). Habit: share of test items given the most common answer.",
         "",
     ]
+    dropped = {pool: count for pool, count in (metrics.get("dropped_rows") or {}).items() if count}
+    if dropped:
+        lines += [
+            "Rows dropped by the task loader (no answer, `skip_unanswered`): "
+            + ", ".join(f"{count} in pool '{pool}'" for pool, count in dropped.items())
+            + ".",
+            "",
+        ]
     if metrics.get("headroom") is not None:
         lines += [
             f"**Headroom**: expert {_interval(methods['expert']['test'])} vs unsteered target "

@@ -21,7 +21,7 @@ and the task itself contributes its steer split only.
 
 A capture is cached like the sequence-level activations: fingerprinted by both models, layers,
 storage dtype and every text, written in shards of `shard_texts` texts under temporary names,
-`meta.json` last, resumable shard by shard.
+`meta.json` last (with every shard's sha256, checked on load), resumable shard by shard.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from expertsteer.activations import STORAGE_DTYPES, CacheMismatchError, ModelKey
-from expertsteer.cache import atomic_file, file_lock
+from expertsteer.cache import atomic_file, file_lock, sha256_file
 from expertsteer.decoder import Decoder, block_hidden
 from expertsteer.errors import ExpertSteerError
 from expertsteer.prompts import Item, answer_text, render_prompt
@@ -441,6 +441,7 @@ def capture_token_pairs(
         "texts": [text.id for text in texts],
         "sources": [SOURCES["steer" if text.formatted else "corpus"] for text in texts],
         "shard_rows": rows_per_shard,
+        "shard_sha256": [sha256_file(_shard_path(directory, index)) for index, _ in shards],
         "positions": positions,
         "texts_without_pairs": unpaired,
         "tokens": {side: sum(len(ids) for ids in tokenized[side].input_ids) for side in tokenized},
@@ -473,8 +474,16 @@ def load_token_pairs(directory: Path, meta: dict[str, Any]) -> dict[str, torch.T
     """Every shard of a complete capture: `expert`, `target`, `text` (global text index) and
     `source` (0 corpus, 1 steer item), checked against `meta`."""
     parts: dict[str, list[torch.Tensor]] = {"expert": [], "target": [], "text": []}
+    checksums = meta.get("shard_sha256")
+    if checksums is None:
+        log.warning("token-pair cache %s records no shard checksums; read unchecked", directory)
     for index, rows in enumerate(meta["shard_rows"]):
         path = _shard_path(directory, index)
+        if checksums is not None and path.is_file() and sha256_file(path) != checksums[index]:
+            raise CacheMismatchError(
+                f"token-pair shard {path} differs from the one recorded when it was captured "
+                f"(sha256); delete {directory} to capture again"
+            )
         try:
             with safe_open(str(path), framework="pt") as handle:
                 for key in parts:

@@ -431,6 +431,7 @@ class SteeringEvaluator(Callback):
             "layer_choice": self.layer_choice,
             "n_dev": len(dev_ids),
             "n_test": len(test_ids),
+            "dropped_rows": _dropped_rows(pl_module),
             "headroom": headroom,
             "none_bias": (
                 {"applicable": True, "budget": len(self.alphas)}
@@ -536,6 +537,13 @@ class SteeringEvaluator(Callback):
             }
             for k, (example, prompt) in enumerate(zip(examples, prompts, strict=True))
         ]
+
+
+def _dropped_rows(pl_module: L.LightningModule) -> dict[str, int]:
+    """Rows the task loader dropped on purpose (`skip_unanswered`), per pool."""
+    datamodule = pl_module.trainer.datamodule
+    task = getattr(datamodule, "task", None)
+    return dict(getattr(task, "dropped", None) or {})
 
 
 def _gold_text(example: Example) -> str:

@@ -192,7 +192,8 @@ def _user_task(tmp_path, fmt: str) -> Path:
     data.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "csv":
         data.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
-    else:
+    else:  # two unanswered rows, dropped on purpose and counted in the report
+        rows += [{"text": "review without a label"}, {"text": "another one"}]
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = {
         "name": f"reviews_{fmt}",
@@ -201,6 +202,7 @@ def _user_task(tmp_path, fmt: str) -> Path:
         "fields": {"question": "text", "answer": "label"},
         "labels": ["negative", "positive"],
         "instruction": "Is this review positive or negative?",
+        "skip_unanswered": fmt == "jsonl",
     }
     path = tmp_path / "tasks" / "reviews.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -226,6 +228,9 @@ def test_user_task_yaml_runs_end_to_end_in_a_directory_named_after_the_task(
     assert metrics["methods"]["expertsteer"]["test"]["n"] == 8
     assert load_steering(run / STEERING_FILE).metadata["task"] == f"reviews_{fmt}"
     assert all(reuse for *_, reuse in plan(load_experiment(path), task))
+    dropped = {"test": 2} if fmt == "jsonl" else {}
+    assert {k: v for k, v in metrics["dropped_rows"].items() if v} == dropped
+    assert ("2 in pool 'test'" in (run / REPORT_FILE).read_text()) == (fmt == "jsonl")
 
 
 def test_damaged_outputs_rerun_and_stale_results_are_never_current(

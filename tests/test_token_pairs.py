@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expertsteer.activations import ModelKey
+from expertsteer.activations import CacheMismatchError, ModelKey
 from expertsteer.decoder import Decoder
 from expertsteer.token_pairs import (
     CorpusConfig,
@@ -177,6 +177,13 @@ def test_capture_is_cached_resumable_and_sourced(tmp_path):
     assert len(calls) == 2
     ensure_token_pairs(tmp_path, keys, texts, config, "float32", load)
     assert len(calls) == 2
+    # same-size corruption of a shard is caught by its checksum
+    shard = directory / "pairs-00002.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CacheMismatchError, match="sha256"):
+        load_token_pairs(directory, read_token_meta(directory))
 
 
 def test_heldout_whole_texts_and_config_errors():
