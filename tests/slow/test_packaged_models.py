@@ -66,3 +66,24 @@ def test_capture_matches_output_hidden_states(any_packaged):
         torch.testing.assert_close(
             states[layer], expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item()
         )
+
+
+def test_token_pairs_on_the_packaged_pair(decoders):
+    """Qwen and SmolLM2 tokenize differently; pairs still cover most word ends, and the last
+    token of a chat-formatted steering item (its RFM state) always pairs."""
+    from expertsteer.token_pairs import PairText, pair_texts, tokenize_texts
+
+    expert, target = decoders("qwen2.5-coder-0.5b-instruct"), decoders("smollm2-135m-instruct")
+    texts = [
+        PairText("raw", ("The quick brown fox jumps over the lazy dog near Zürich.",), False),
+        PairText(
+            "item", ("Is this review positive?\nA gripping, unhurried film.", "positive"), True
+        ),
+    ]
+    tok_e, tok_t = tokenize_texts(expert, texts, 96), tokenize_texts(target, texts, 96)
+    pairs = pair_texts(tok_e, tok_t, skip_first=1)
+    words = len(texts[0].segments[0].split())
+    assert len(pairs[0]) >= words - 2, pairs[0]
+    assert pairs[1][-1] == (len(tok_e.input_ids[1]) - 1, len(tok_t.input_ids[1]) - 1)
+    for k, (a, b) in enumerate(pairs[0]):
+        assert tok_e.offsets[0][a][1] == tok_t.offsets[0][b][1], k
