@@ -45,6 +45,7 @@ from expertsteer.transfer import (
     mapped_random_directions,
     native_direction,
 )
+from expertsteer.translate import TranslateConfig
 from expertsteer.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
 from lightning_modules.alignment import AlignmentModule
 
@@ -72,11 +73,18 @@ def fit_alignment(
     seed: int,
     root: Path,
     pairs: list[list[int]] | None = None,
+    matrix: bool = False,
 ) -> AlignmentModule:
     """One alignment stage as the experiment runs it (recon: early stopping on the dev
     reconstruction loss, best checkpoint kept; translate: one closed-form epoch)."""
     L.seed_everything(seed, verbose=False)
-    module = AlignmentModule(objective=objective, lr=3e-3, mi_rank=16, pairs=pairs)
+    module = AlignmentModule(
+        objective=objective,
+        lr=3e-3,
+        mi_rank=16,
+        pairs=pairs,
+        translate=TranslateConfig(matrix=matrix),
+    )
     callbacks = []
     if objective == "recon":
         callbacks = [
@@ -136,7 +144,7 @@ def task_rows(args: argparse.Namespace, task: str, root: Path) -> dict:
     rows, pairs = [], {}
     for seed in range(args.recon_seeds):
         started = time.perf_counter()
-        module = fit_alignment(data, "recon", seed, root / task / f"recon{seed}")
+        module = fit_alignment(data, "recon", seed, root / task / f"recon{seed}", matrix=seed == 0)
         timing.setdefault("recon_fit_s", []).append(round(time.perf_counter() - started, 1))
         if seed == 0:
             pairs["lowest_mi"] = module.selected_pairs[0]

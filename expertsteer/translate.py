@@ -51,6 +51,10 @@ class TranslateConfig:
     """Held-out rows (drawn, seeded) for the R^2 matrix and the MI estimate."""
     seed: int = 0
     """Seed of those draws and of the shuffled-pairs control."""
+    matrix: bool = True
+    """Compute the all-pairs R^2 matrix (translatability; `select: translatable` needs it).
+    Without it, an expert layer outside the configured pairs maps into the target layer at
+    the same relative depth."""
 
     def __post_init__(self) -> None:
         self.lambdas = [float(v) for v in self.lambdas]

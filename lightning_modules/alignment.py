@@ -364,7 +364,10 @@ class AlignmentModule(L.LightningModule):
         self._build(len(metadata["expert_layers"]), metadata["expert_dim"], metadata["target_dim"])
         if corpus is not None:
             self.tokens = self._token_rows(datamodule.token_pairs())
-            self.r2 = self._r2_matrix()
+            if self.translate_config.matrix:
+                self.r2 = self._r2_matrix()
+            elif self.pairing_config.select == "translatable":
+                raise ValueError("select 'translatable' needs translate.matrix: true")
         if self.hparams.objective == "translate":
             self._fit_translation()
         else:
@@ -452,6 +455,13 @@ class AlignmentModule(L.LightningModule):
         )
         return result.r2
 
+    def _same_depth(self, i: int) -> int:
+        """Index of the captured target layer closest in relative depth to expert layer i."""
+        meta = self.run_metadata
+        depth = (meta["expert_layers"][i] + 0.5) / meta["expert_num_layers"]
+        target = [(layer + 0.5) / meta["target_num_layers"] for layer in meta["target_layers"]]
+        return min(range(len(target)), key=lambda j: abs(target[j] - depth))
+
     @torch.no_grad()
     def _fit_translation(self) -> None:
         """Closed-form encoders and decoders for every expert layer (objective `translate`)."""
@@ -461,8 +471,10 @@ class AlignmentModule(L.LightningModule):
         chosen = dict(self.translation_pairs)
         for i in range(self.autoencoders.num_layers):
             j = chosen.get(i)
-            if j is None:
+            if j is None and self.r2 is not None:
                 j = int(self.r2[i].nan_to_num(-math.inf).argmax())
+            elif j is None:
+                j = self._same_depth(i)
             y_fit = tokens["target"][tokens["fit"], j]
             self.autoencoders.fit_target_standardisation(i, y_fit.float())
             result = fit_pair(

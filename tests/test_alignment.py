@@ -546,3 +546,32 @@ def test_refine_needs_translate_and_tokens_need_a_corpus(tiny_dirs, tmp_path):
         AlignmentModule(objective="recon", refine=True)
     with pytest.raises(ValueError, match="train_on 'tokens' needs"):
         _datamodule(tiny_dirs, tmp_path, train_on="tokens")
+
+
+def test_translate_without_the_matrix_maps_unpaired_layers_by_depth(translate_run, tmp_path):
+    datamodule = translate_run["datamodule"]
+    (i, j), *_ = translate_run["module"].selected_pairs
+    meta = AlignmentModule.describe(datamodule)
+    pair = [meta["expert_layers"][i], meta["target_layers"][j]]
+    module = AlignmentModule(
+        objective="translate",
+        pairs=[pair],
+        mi_rank=4,
+        translate=TranslateConfig(lambdas=[1e-2], heldout_rows=200, matrix=False),
+    )
+    _fit(module, datamodule, tmp_path, max_epochs=1, monitor=False)
+    assert module.r2 is None
+    assert module.layer_fits[i]["target_index"] == j
+    depth = {
+        k: (layer + 0.5) / meta["expert_num_layers"]
+        for k, layer in enumerate(meta["expert_layers"])
+    }
+    for k, fit in module.layer_fits.items():
+        if k != i:
+            target_depth = (fit["target_layer"] + 0.5) / meta["target_num_layers"]
+            assert abs(target_depth - depth[k]) <= 0.5 / meta["target_num_layers"] + 1e-9
+    with pytest.raises(ValueError, match="translate.matrix"):
+        bad = AlignmentModule(
+            select="translatable", translate=TranslateConfig(matrix=False), mi_rank=4
+        )
+        _fit(bad, datamodule, tmp_path / "bad", max_epochs=1, monitor=False)
