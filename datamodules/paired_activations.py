@@ -111,7 +111,7 @@ class PairedActivationDataModule(L.LightningDataModule):
         expert: str = DEFAULT_EXPERT,
         target: str = DEFAULT_TARGET,
         task: str = "arithmetic",
-        data_root: str = "../shared/data/benchmarks",
+        data_root: str | None = None,
         item_kind: str = "steering",
         expert_layers: list[int] | None = None,
         target_layers: list[int] | None = None,
@@ -138,7 +138,8 @@ class PairedActivationDataModule(L.LightningDataModule):
             expert: Expert model: packaged name, local directory, .gguf file or hub id.
             target: Target model, same forms.
             task: Built-in task name or path to a task YAML.
-            data_root: Folder holding the benchmark files of built-in tasks.
+            data_root: Folder holding the benchmark files of built-in tasks (default:
+                `$EXPERTSTEER_DATA`, else `../shared/data/benchmarks`; absent files: the hub).
             item_kind: `steering` (prompt + correct / wrong answer, or concept texts) or
                 `prompts` (prompt only, unlabelled).
             expert_layers: Expert blocks to capture (default: all).

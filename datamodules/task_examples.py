@@ -30,7 +30,7 @@ class TaskExamplesDataModule(L.LightningDataModule):
     def __init__(
         self,
         task: str = "arithmetic",
-        data_root: str = "../shared/data/benchmarks",
+        data_root: str | None = None,
         steer_size: int = 200,
         dev_size: int = 100,
         test_size: int = 200,
@@ -40,7 +40,8 @@ class TaskExamplesDataModule(L.LightningDataModule):
         """
         Args:
             task: Built-in task name or path to a task YAML.
-            data_root: Folder holding the benchmark files of built-in tasks.
+            data_root: Folder holding the benchmark files of built-in tasks (default:
+                `$EXPERTSTEER_DATA`, else `../shared/data/benchmarks`; absent files: the hub).
             steer_size: Size of the steer split (must match the fitting stages' data so that
                 dev and test are the same examples).
             dev_size: Examples in the dev split (choice of alpha and layers).

@@ -1,7 +1,9 @@
 """Built-in tasks: every benchmark under `shared/data/benchmarks`, plus the generated sets.
 
-File paths are relative to `data_root` (default `../shared/data/benchmarks`). The hub ids in
-`HUB_IDS` are where online users find the same data; point a task YAML at them with `hub:`.
+File paths are relative to the data root (`expertsteer.tasks.resolve_data_root`: the explicit
+`data_root`, else `$EXPERTSTEER_DATA`, else `../shared/data/benchmarks`). A task whose files
+are absent there reads its hub dataset (`HUB_SPECS`, a spec in the hub's schema) when the hub
+is reachable.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from expertsteer.tasks import (
     Example,
     TaskError,
     TaskSpec,
+    _text,
     load_rows,
     parse_number,
     pool_loader,
@@ -23,39 +26,6 @@ from expertsteer.tasks import (
     row_parser,
     spec_from_yaml,
 )
-
-# Hub dataset ids with the same content, for users who are online (documented, not used
-# offline): benchmark -> (id, config, field notes).
-HUB_IDS = {
-    "aqua_rat": ("deepmind/aqua_rat", "raw", "question, options ['A)..'], correct"),
-    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "question, choices.text, answerKey"),
-    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "question, choices.text, answerKey"),
-    "asdiv": ("EleutherAI/asdiv", None, "body + question, answer '9 (apples)'"),
-    "boolq": ("google/boolq", None, "question, passage, answer (bool)"),
-    "commonsenseqa": ("tau/commonsense_qa", None, "question, choices.text, answerKey"),
-    "financial_phrasebank": (
-        "takala/financial_phrasebank",
-        "sentences_50agree",
-        "sentence, label 0=negative 1=neutral 2=positive",
-    ),
-    "fiqa_sa": ("TheFinAI/fiqa-sentiment-classification", None, "sentence, score"),
-    "gsm8k": ("openai/gsm8k", "main", "question, answer '... #### 72'"),
-    "headline_price_up": ("FinGPT/fingpt-headline", None, "input, output Yes/No"),
-    "mawps": ("MU-NLPC/Calc-mawps", None, "question, result"),
-    "medmcqa": ("openlifescienceai/medmcqa", None, "question, opa..opd, cop (0-3)"),
-    "mmlu": ("cais/mmlu", "all", "question, choices, answer (0-3)"),
-    "mmlu_medical": ("cais/mmlu", "clinical_knowledge etc.", "question, choices, answer"),
-    "multiarith": ("ChilleD/MultiArith", None, "question, final_ans"),
-    "openbookqa": ("allenai/openbookqa", "main", "question_stem, choices.text, answerKey"),
-    "piqa": ("ybisk/piqa", None, "goal, sol1, sol2, label"),
-    "pubmedqa": ("qiaojin/PubMedQA", "pqa_labeled", "question, context.contexts, final_decision"),
-    "sst2": ("stanfordnlp/sst2", None, "sentence, label 0/1"),
-    "winogrande": (
-        "allenai/winogrande",
-        "winogrande_xl",
-        "sentence, option1, option2, answer '1'/'2'",
-    ),
-}
 
 MMLU_MEDICAL = (
     "clinical_knowledge",
@@ -230,6 +200,77 @@ def _generated_arithmetic(row: dict, index: int, spec: TaskSpec) -> Example:
     return Example(row["id"], row["question"], answer=float(row["answer"]))
 
 
+# -- hub-schema row parsers (the same examples as the local files' parsers for the same rows) --
+
+
+@row_parser("keyed_choice")
+def _keyed_choice(row: dict, index: int, spec: TaskSpec) -> Example:
+    """Hub rows with `choices: {text: [...], label: [...]}` and an `answerKey` among the labels."""
+    choices = row["choices"]
+    ident = str(row[spec.fields.id]) if spec.fields.id else str(index)
+    return Example(
+        ident,
+        _text(row, spec.fields.question),
+        tuple(str(text).strip() for text in choices["text"]),
+        [str(label).strip() for label in choices["label"]].index(str(row["answerKey"]).strip()),
+    )
+
+
+@row_parser("boolq_hub")
+def _boolq_hub(row: dict, index: int, spec: TaskSpec) -> Example:
+    question = _text(row, "question")
+    question = question[:1].upper() + question[1:] + ("" if question.endswith("?") else "?")
+    return Example(str(index), question, tuple(spec.labels), int(bool(row["answer"])))
+
+
+@row_parser("winogrande_hub")
+def _winogrande_hub(row: dict, index: int, spec: TaskSpec) -> Example:
+    options = (_text(row, "option1"), _text(row, "option2"))
+    question = f"Fill in the blank: {_text(row, 'sentence')}"
+    return Example(str(index), question, options, int(row["answer"]) - 1)
+
+
+@row_parser("mmlu_hub")
+def _mmlu_hub(row: dict, index: int, spec: TaskSpec) -> Example:
+    options = tuple(str(choice) for choice in row["choices"])
+    return Example(f"{row['subject']}/{index}", _text(row, "question"), options, int(row["answer"]))
+
+
+@row_parser("pubmedqa_hub")
+def _pubmedqa_hub(row: dict, index: int, spec: TaskSpec) -> Example:
+    return Example(
+        str(row["pubid"]),
+        _text(row, "question"),
+        tuple(spec.labels),
+        spec.labels.index(_text(row, "final_decision").lower()),
+        context=" ".join(row["context"]["contexts"]).strip(),
+    )
+
+
+@row_parser("fiqa_hub")
+def _fiqa_hub(row: dict, index: int, spec: TaskSpec) -> Example:
+    return Example(
+        str(index),
+        _text(row, "sentence"),
+        tuple(spec.labels),
+        spec.labels.index(_fiqa_label(float(row["score"]))),
+        instruction="What is the sentiment of this text?",
+    )
+
+
+@row_parser("multiarith_hub")
+def _multiarith_hub(row: dict, index: int, spec: TaskSpec) -> Example:
+    return Example(str(index), _text(row, "question"), answer=float(row["final_ans"]))
+
+
+@row_parser("medmcqa_hub")
+def _medmcqa_hub(row: dict, index: int, spec: TaskSpec) -> Example | None:
+    options = tuple(str(row[key]).strip() for key in ("opa", "opb", "opc", "opd"))
+    if len(set(options)) == 1:
+        return None  # all four options identical: unanswerable
+    return Example(str(row["id"]), _text(row, "question"), options, int(row["cop"]))
+
+
 # -- pool loaders -----------------------------------------------------------------------------
 
 
@@ -309,7 +350,7 @@ def _piqa_pools(spec: TaskSpec, root: Path) -> dict[str, list[dict]]:
 def _mmlu_pools(spec: TaskSpec, root: Path) -> dict[str, list[dict]]:
     subjects = spec.loader_options.get("subjects")
     pools = {}
-    for pool, folder in (("test", "mmlu/test"), ("train", "mmlu/dev")):
+    for pool, (folder,) in spec.files.items():
         directory = root / folder
         if not directory.is_dir():
             raise TaskError(
@@ -356,6 +397,7 @@ def _llm_adapters(name: str, folder: str) -> TaskSpec:
 
 
 SENTIMENT3 = ["negative", "neutral", "positive"]
+MMLU_FOLDERS = {"test": "mmlu/test", "train": "mmlu/dev"}
 
 BUILTIN: dict[str, TaskSpec] = {
     spec.name: spec
@@ -410,12 +452,19 @@ BUILTIN: dict[str, TaskSpec] = {
             row_parser="medmcqa",
             files={"test": "medmcqa/test.jsonl"},
         ),
-        TaskSpec(name="mmlu", type="choice", row_parser="mmlu", pool_loader="mmlu"),
+        TaskSpec(
+            name="mmlu",
+            type="choice",
+            row_parser="mmlu",
+            pool_loader="mmlu",
+            files=MMLU_FOLDERS,
+        ),
         TaskSpec(
             name="mmlu_medical",
             type="choice",
             row_parser="mmlu",
             pool_loader="mmlu",
+            files=MMLU_FOLDERS,
             loader_options={"subjects": list(MMLU_MEDICAL)},
         ),
         TaskSpec(
@@ -508,6 +557,116 @@ BUILTIN: dict[str, TaskSpec] = {
         ),
     )
 }
+
+
+def _hub(name: str, path: str, config: str | None, splits: dict[str, str], **spec) -> TaskSpec:
+    """A built-in task read from a hub dataset (pool -> hub split), in the hub's schema."""
+    hub = {"path": path, "name": config, "splits": splits}
+    return TaskSpec(name=name, type=BUILTIN[name].type, hub=hub, **spec)
+
+
+_CHOICE = {"row_parser": "keyed_choice"}
+HUB_SPECS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        _hub(
+            "sst2",
+            "SetFit/sst2",
+            None,
+            {"test": "test", "train": "train", "dev": "validation"},
+            labels=["negative", "positive"],
+            fields={"question": "text", "answer": "label"},
+            instruction="What is the sentiment of this movie review?",
+        ),
+        _hub(
+            "gsm8k", "openai/gsm8k", "main", {"test": "test", "train": "train"}, row_parser="gsm8k"
+        ),
+        _hub(
+            "boolq",
+            "google/boolq",
+            None,
+            {"test": "validation", "train": "train"},
+            labels=["false", "true"],
+            row_parser="boolq_hub",
+        ),
+        _hub(
+            "arc_easy", "allenai/ai2_arc", "ARC-Easy", {"test": "test", "train": "train"}, **_CHOICE
+        ),
+        _hub(
+            "arc_challenge",
+            "allenai/ai2_arc",
+            "ARC-Challenge",
+            {"test": "test", "train": "train"},
+            **_CHOICE,
+        ),
+        _hub(
+            "openbookqa",
+            "allenai/openbookqa",
+            "main",
+            {"test": "test", "train": "train"},
+            fields={"question": "question_stem"},
+            **_CHOICE,
+        ),
+        _hub(
+            "commonsenseqa",
+            "tau/commonsense_qa",
+            None,
+            {"test": "validation", "train": "train"},
+            fields={"question": "question", "id": "id"},
+            **_CHOICE,
+        ),
+        _hub(
+            "aqua_rat",
+            "deepmind/aqua_rat",
+            "raw",
+            {"test": "test", "train": "validation"},
+            row_parser="aqua_rat",
+        ),
+        _hub(
+            "winogrande",
+            "allenai/winogrande",
+            "winogrande_xl",
+            {"test": "validation"},
+            row_parser="winogrande_hub",
+        ),
+        _hub("mmlu", "cais/mmlu", "all", {"test": "test", "train": "dev"}, row_parser="mmlu_hub"),
+        _hub(
+            "pubmedqa",
+            "qiaojin/PubMedQA",
+            "pqa_labeled",
+            {"all": "train"},
+            labels=["yes", "no", "maybe"],
+            row_parser="pubmedqa_hub",
+        ),
+        _hub(
+            "fiqa_sa",
+            "TheFinAI/fiqa-sentiment-classification",
+            None,
+            {"test": "test", "train": "train"},
+            labels=SENTIMENT3,
+            row_parser="fiqa_hub",
+        ),
+        _hub(
+            "multiarith",
+            "ChilleD/MultiArith",
+            None,
+            {"test": "test", "train": "train"},
+            row_parser="multiarith_hub",
+        ),
+        _hub(
+            "medmcqa",
+            "openlifescienceai/medmcqa",
+            None,
+            {"test": "validation"},
+            row_parser="medmcqa_hub",
+        ),
+    )
+}
+"""Built-in task -> the same task from its hub dataset (read when the local files are absent).
+Tasks not here (piqa, financial_phrasebank, headline_price_up, asdiv, mawps, mmlu_medical) have
+no hub copy in a plain data format; they need their local files."""
+for _name, _spec in HUB_SPECS.items():
+    BUILTIN[_name].hub_fallback = _spec
 
 
 def resolve_task(task: str | TaskSpec) -> TaskSpec:

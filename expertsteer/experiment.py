@@ -50,6 +50,7 @@ from expertsteer.artifacts import (
 )
 from expertsteer.cache import CACHE_ENV, LockedError, file_lock, sha256_file
 from expertsteer.errors import ExpertSteerError
+from expertsteer.tasks import resolve_data_root
 from expertsteer.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
 
 log = logging.getLogger(__name__)
@@ -304,8 +305,9 @@ class Experiment:
     """Target model."""
     tasks: list[str] = field(default_factory=lambda: ["sst2"])
     """Tasks, each a separate run."""
-    data_root: str = "../shared/data/benchmarks"
-    """Benchmark files."""
+    data_root: str | None = None
+    """Benchmark files of built-in tasks (default: `$EXPERTSTEER_DATA`, else
+    `../shared/data/benchmarks`; a task whose files are absent reads its hub dataset)."""
     seed: int = 0
     """Split and fit seed."""
     position: str = "last"
@@ -335,9 +337,11 @@ class Experiment:
             values = getattr(self, option)
             if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
                 raise ExperimentError(f"{option} must be a list of names, got {values!r}")
-        for option in ("output_root", "expert", "target", "data_root"):
+        for option in ("output_root", "expert", "target"):
             if not isinstance(getattr(self, option), str):
                 raise ExperimentError(f"{option} must be a string, got {getattr(self, option)!r}")
+        if not isinstance(self.data_root, str | None):
+            raise ExperimentError(f"data_root must be a folder or null, got {self.data_root!r}")
         if not isinstance(self.trainer, dict):
             raise ExperimentError(f"trainer must be a mapping, got {self.trainer!r}")
         if not isinstance(self.task_overrides, dict):
@@ -405,7 +409,6 @@ def load_experiment(path: str | Path) -> Experiment:
 
 def check(experiment: Experiment) -> None:
     """Everything that can be checked without loading a model."""
-    from expertsteer.benchmarks import resolve_task
     from expertsteer.zoo import model_dims
 
     unknown = [m for m in experiment.methods if m not in METHODS]
@@ -422,8 +425,8 @@ def check(experiment: Experiment) -> None:
         model_dims(name)
     run_dirs: dict[Path, str] = {}
     for task in experiment.tasks:
-        resolve_task(task)
         settings = experiment.for_task(task)
+        _check_data(settings, task)
         _check_alignment(settings)
         _check_accelerator(settings.trainer)
         run_dir = settings.run_dir(task)
@@ -435,6 +438,21 @@ def check(experiment: Experiment) -> None:
         run_dirs[run_dir] = task
         _check_writable(run_dir, "output_root")
     _check_writable(_cache_root(), f"the cache (set {CACHE_ENV} to move it)")
+
+
+def _check_data(settings: Experiment, task: str) -> None:
+    """The task's and the token corpus's built-in tasks are readable: local files, or the hub
+    when they are absent (one error naming both otherwise, before any model loads)."""
+    from expertsteer.benchmarks import resolve_task
+    from expertsteer.tasks import data_source
+
+    names = [task]
+    if settings.alignment.corpus is not None:
+        from expertsteer.token_pairs import DEFAULT_CORPUS_TASKS
+
+        names += list(settings.alignment.corpus.get("tasks", DEFAULT_CORPUS_TASKS))
+    for name in dict.fromkeys(names):
+        data_source(resolve_task(name), settings.data_root)
 
 
 def _check_accelerator(trainer: dict[str, Any]) -> None:
@@ -525,7 +543,7 @@ def _activations(experiment: Experiment, task: str, item_kind: str, corpus: bool
             "expert": experiment.expert,
             "target": experiment.target,
             "task": task,
-            "data_root": experiment.data_root,
+            "data_root": resolve_data_root(experiment.data_root),
             "item_kind": item_kind,
             "position": experiment.position,
             "steer_size": experiment.splits.steer,
@@ -677,7 +695,7 @@ def stage_configs(experiment: Experiment, task: str) -> dict[str, tuple[str, dic
             "class_path": "TaskExamplesDataModule",
             "init_args": {
                 "task": task,
-                "data_root": experiment.data_root,
+                "data_root": resolve_data_root(experiment.data_root),
                 "steer_size": experiment.splits.steer,
                 "dev_size": experiment.splits.dev,
                 "test_size": experiment.splits.test,

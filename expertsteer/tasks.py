@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,10 @@ FORMATS = {
     ".parquet": "parquet",
     ".txt": "text",
 }
+
+
+DATA_ENV = "EXPERTSTEER_DATA"
+DEFAULT_DATA_ROOT = "../shared/data/benchmarks"
 
 
 class TaskError(ExpertSteerError):
@@ -119,6 +125,9 @@ class TaskSpec:
     """Parameters of the pool loader (e.g. MMLU subjects, generator count and seed)."""
     skip_unanswered: bool = False
     """Drop rows whose answer field is empty (counted in the log) instead of failing."""
+    hub_fallback: TaskSpec | None = field(default=None, repr=False, compare=False)
+    """Built-in tasks: the same task read from its hub dataset (a spec in the hub's schema),
+    used when the local files are absent and the hub is reachable. Not a task YAML key."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not TASK_NAME.fullmatch(self.name):
@@ -228,6 +237,70 @@ def _text(row: dict, path: str) -> str:
 def _hub_offline() -> bool:
     flags = (os.environ.get(name, "").lower() for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
     return any(flag in {"1", "true", "yes", "on"} for flag in flags)
+
+
+def resolve_data_root(explicit: str | Path | None = None) -> str:
+    """Folder of the built-in benchmark files: `explicit` when given, else `$EXPERTSTEER_DATA`,
+    else `../shared/data/benchmarks` (relative to the working directory). Built-in tasks whose
+    files are not there load from their hub dataset (`data_source`)."""
+    if explicit is not None:
+        return str(explicit)
+    return os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT
+
+
+def local_paths(spec: TaskSpec, data_root: str | Path) -> list[Path]:
+    """The files (or folders) of `spec`; relative ones resolve against `data_root`."""
+    root = Path(data_root).expanduser()
+    return [
+        Path(name) if Path(name).is_absolute() else root / name
+        for names in spec.files.values()
+        for name in names
+    ]
+
+
+@functools.cache
+def _hub_connection_error() -> str | None:
+    """Why the hub endpoint cannot be reached in 3 s (None when it can). A refused name or
+    connection fails here at once, where `datasets` would retry for ~25 s."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError as error:
+        return f"no connection to {url.hostname}: {error}"
+    return None
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot serve datasets now (offline flags, no connection), or None."""
+    if _hub_offline():
+        return "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set"
+    return _hub_connection_error()
+
+
+def data_source(spec: TaskSpec, data_root: str | Path | None = None) -> TaskSpec:
+    """The spec to read: `spec` itself when its local files exist (the hub is then never
+    contacted), else its hub fallback when the hub is reachable. Otherwise one error naming
+    the local path looked for, the variable that moves it, and the hub dataset."""
+    root = resolve_data_root(data_root)
+    missing = [path for path in local_paths(spec, root) if not path.exists()]
+    if not missing or spec.hub_fallback is None:
+        return spec
+    hub_id = spec.hub_fallback.hub["path"]
+    reason = hub_unreachable()
+    if reason is not None:
+        raise TaskError(
+            f"task '{spec.name}': data not found: no {missing[0]} under the data root {root} "
+            f"(give data_root, or set {DATA_ENV}, to the folder holding the benchmark files), "
+            f"and its hub dataset '{hub_id}' is out of reach ({reason})"
+        )
+    log.info(
+        "task '%s': no local files under %s; reading hub dataset '%s'", spec.name, root, hub_id
+    )
+    return spec.hub_fallback
 
 
 def resolve_paths(spec: TaskSpec, names: list[str], data_root: Path) -> list[Path]:
@@ -420,8 +493,12 @@ def parse_number(raw: Any) -> float:
     return float(found[-1].replace(",", ""))
 
 
-def load_task(spec: TaskSpec, data_root: str | Path = ".") -> Task:
-    """Read and convert every pool of `spec`; rows that fail to convert raise `TaskError`."""
+def load_task(spec: TaskSpec, data_root: str | Path | None = None) -> Task:
+    """Read and convert every pool of `spec` (local files under `resolve_data_root(data_root)`,
+    or the hub dataset of a built-in task whose files are absent, see `data_source`); rows that
+    fail to convert raise `TaskError`."""
+    data_root = resolve_data_root(data_root)
+    spec = data_source(spec, data_root)
     if spec.row_parser and spec.row_parser not in ROW_PARSERS:
         raise TaskError(
             f"task '{spec.name}': unknown row_parser '{spec.row_parser}'; known: "
@@ -494,7 +571,7 @@ def spec_from_yaml(path: str | Path) -> TaskSpec:
         raise TaskError(f"cannot read task file {path}: {error}") from error
     if not isinstance(settings, dict):
         raise TaskError(f"task file {path} must hold a mapping of TaskSpec keys")
-    known = {f.name for f in dataclasses.fields(TaskSpec)}
+    known = {f.name for f in dataclasses.fields(TaskSpec)} - {"hub_fallback"}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise TaskError(f"task file {path}: unknown key(s) {unknown}; known: {sorted(known)}")
