@@ -43,7 +43,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,6 +215,90 @@ def _forward_logits(
     return logits[:, -keep:]
 
 
+def _check_options(prompts: list[str], options: list[list[str]], batch_size: int) -> None:
+    if len(options) != len(prompts):
+        raise ValueError(
+            f"options count mismatch: {len(prompts)} prompts but {len(options)} option lists"
+        )
+    if not prompts:
+        raise ValueError("no prompts to score")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for i, item in enumerate(options):
+        if not item:
+            raise ValueError(f"item {i} has no options to score")
+        if any(not isinstance(text, str) or not text for text in item):
+            raise ValueError(f"item {i} has an empty or non-text option: {item!r}")
+
+
+def _empty_scores(prompts: list[str], options: list[list[str]]) -> OptionScores:
+    width = max(len(item) for item in options)
+    total = torch.full((len(prompts), width), float("-inf"), dtype=torch.float64)
+    return OptionScores(total, torch.zeros((len(prompts), width), dtype=torch.long))
+
+
+def _batches(
+    decoder: Decoder,
+    prompts: list[str],
+    options: list[list[str]],
+    batch_size: int,
+    share_prompt: bool,
+) -> Iterator[tuple[list[_Row], dict[str, torch.Tensor], torch.Tensor, int]]:
+    """Forward batches of the planned rows: rows, left-padded encoding, prompt lengths and the
+    number of last positions whose logits are needed."""
+    # Longest first, so each batch holds rows of similar length (little padding).
+    rows = sorted(_plan_rows(decoder, prompts, options, share_prompt), key=lambda r: -r.length)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        encoding = decoder.encode([r.prompt for r in batch], [r.completion for r in batch])
+        lengths = encoding["attention_mask"].sum(dim=1).tolist()
+        if lengths != [r.length for r in batch]:
+            raise RuntimeError(
+                "batch tokenization differs from per-text tokenization "
+                f"({lengths} vs {[r.length for r in batch]} tokens)"
+            )
+        prompt_lengths = torch.tensor([r.prompt_length for r in batch], device=decoder.device)
+        keep = max(t.inside for r in batch for t in r.targets) + 1
+        yield batch, encoding, prompt_lengths, keep
+
+
+def _accumulate(batch: list[_Row], logits: torch.Tensor, keep: int, scores: OptionScores) -> None:
+    """Add the batch's option log-probabilities (from logits `[B, keep, V]`) to `scores`."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    # One gather per batch: (row, position, token) of every scored token, and the option
+    # each belongs to. Position keep-1 is the row's last token; a target's first token is
+    # predicted `inside` positions before it.
+    rows_at, steps, tokens, owners, cells = [], [], [], [], []
+    for b, row in enumerate(batch):
+        for target in row.targets:
+            first = keep - 1 - target.inside
+            rows_at += [b] * len(target.ids)
+            steps += range(first, first + len(target.ids))
+            tokens += target.ids
+            owners += [len(cells)] * len(target.ids)
+            cells.append((target.item, target.option, len(target.ids)))
+    device = logprobs.device
+    picked = logprobs[
+        torch.tensor(rows_at, device=device),
+        torch.tensor(steps, device=device),
+        torch.tensor(tokens, device=device),
+    ].double()
+    sums = torch.zeros(len(cells), dtype=torch.float64, device=device)
+    sums = sums.index_add(0, torch.tensor(owners, device=device), picked).cpu()
+    for (item, option, count), value in zip(cells, sums.tolist(), strict=True):
+        scores.total[item, option] = value
+        scores.n_tokens[item, option] = count
+
+
+def _check_finite(decoder: Decoder, scores: OptionScores) -> OptionScores:
+    if torch.isnan(scores.total).any() or torch.isposinf(scores.total).any():
+        raise FloatingPointError(
+            f"non-finite option log-probabilities from '{decoder.name}'; check the model "
+            "weights, dtype and steering strength"
+        )
+    return scores
+
+
 @torch.inference_mode()
 def score_options(
     decoder: Decoder,
@@ -231,66 +315,48 @@ def score_options(
     of `batch_size` sequences, one forward each, through `steering.steered_logits` when an
     `intervention` is given (so steering applies while scoring).
     """
-    if len(options) != len(prompts):
-        raise ValueError(
-            f"options count mismatch: {len(prompts)} prompts but {len(options)} option lists"
-        )
-    if not prompts:
-        raise ValueError("no prompts to score")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for i, item in enumerate(options):
-        if not item:
-            raise ValueError(f"item {i} has no options to score")
-        if any(not isinstance(text, str) or not text for text in item):
-            raise ValueError(f"item {i} has an empty or non-text option: {item!r}")
-    width = max(len(item) for item in options)
-    total = torch.full((len(prompts), width), float("-inf"), dtype=torch.float64)
-    n_tokens = torch.zeros((len(prompts), width), dtype=torch.long)
-    # Longest first, so each batch holds rows of similar length (little padding).
-    rows = sorted(_plan_rows(decoder, prompts, options, share_prompt), key=lambda r: -r.length)
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        encoding = decoder.encode([r.prompt for r in batch], [r.completion for r in batch])
-        lengths = encoding["attention_mask"].sum(dim=1).tolist()
-        if lengths != [r.length for r in batch]:
-            raise RuntimeError(
-                "batch tokenization differs from per-text tokenization "
-                f"({lengths} vs {[r.length for r in batch]} tokens)"
-            )
-        prompt_lengths = torch.tensor([r.prompt_length for r in batch], device=decoder.device)
-        keep = max(t.inside for r in batch for t in r.targets) + 1
+    _check_options(prompts, options, batch_size)
+    scores = _empty_scores(prompts, options)
+    for batch, encoding, prompt_lengths, keep in _batches(
+        decoder, prompts, options, batch_size, share_prompt
+    ):
         logits = _forward_logits(decoder, encoding, intervention, prompt_lengths, keep)
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        # One gather per batch: (row, position, token) of every scored token, and the option
-        # each belongs to. Position keep-1 is the row's last token; a target's first token is
-        # predicted `inside` positions before it.
-        rows_at, steps, tokens, owners, cells = [], [], [], [], []
-        for b, row in enumerate(batch):
-            for target in row.targets:
-                first = keep - 1 - target.inside
-                rows_at += [b] * len(target.ids)
-                steps += range(first, first + len(target.ids))
-                tokens += target.ids
-                owners += [len(cells)] * len(target.ids)
-                cells.append((target.item, target.option, len(target.ids)))
-        device = logprobs.device
-        picked = logprobs[
-            torch.tensor(rows_at, device=device),
-            torch.tensor(steps, device=device),
-            torch.tensor(tokens, device=device),
-        ].double()
-        sums = torch.zeros(len(cells), dtype=torch.float64, device=device)
-        sums = sums.index_add(0, torch.tensor(owners, device=device), picked).cpu()
-        for (item, option, count), value in zip(cells, sums.tolist(), strict=True):
-            total[item, option] = value
-            n_tokens[item, option] = count
-    if torch.isnan(total).any() or torch.isposinf(total).any():
-        raise FloatingPointError(
-            f"non-finite option log-probabilities from '{decoder.name}'; check the model "
-            "weights, dtype and steering strength"
+        _accumulate(batch, logits, keep, scores)
+    return _check_finite(decoder, scores)
+
+
+@torch.inference_mode()
+def score_options_grid(
+    decoder: Decoder,
+    prompts: list[str],
+    options: list[list[str]],
+    interventions: Sequence[Any | None],
+    batch_size: int = 8,
+    share_prompt: bool = True,
+    store: Any | None = None,
+    config_batch: int = 1,
+) -> list[OptionScores]:
+    """`score_options` under each of `interventions` (None: unsteered), one result each, from
+    shared forwards (`expertsteer.branching.grid_log_probs`): per batch of rows, the blocks
+    below each configuration's first steered block run once, and the prompts' common prefix
+    is forwarded once per configuration and kept in `store` (a `branching.PrefixStore`; None:
+    no prefix sharing). `config_batch` configurations share one forward."""
+    _check_options(prompts, options, batch_size)
+    if not interventions:
+        raise ValueError("no interventions to score")
+    branching = importlib.import_module("expertsteer.branching")
+    results = [_empty_scores(prompts, options) for _ in interventions]
+    for batch, encoding, prompt_lengths, keep in _batches(
+        decoder, prompts, options, batch_size, share_prompt
+    ):
+        mask = encoding["attention_mask"].bool()
+        rows = [ids[real].tolist() for ids, real in zip(encoding["input_ids"], mask, strict=True)]
+        log_probs = branching.grid_log_probs(
+            decoder, rows, prompt_lengths.tolist(), list(interventions), keep, store, config_batch
         )
-    return OptionScores(total=total, n_tokens=n_tokens)
+        for scores, logits in zip(results, log_probs, strict=True):
+            _accumulate(batch, logits, keep, scores)
+    return [_check_finite(decoder, scores) for scores in results]
 
 
 def option_logprobs(
@@ -402,6 +468,29 @@ def content_free_prompts(
     return prompts
 
 
+def _template_keys(
+    task_type: str, examples: list[Example], mode: str, inputs: Sequence[str]
+) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Per item, its content-free prompts and scored options (items of a task share one)."""
+    return [
+        (
+            tuple(content_free_prompts(task_type, example, mode, inputs)),
+            tuple(option_completions(task_type, example, mode)),
+        )
+        for example in examples
+    ]
+
+
+def _per_item_bias(cache: dict, item_keys: list[tuple], width: int) -> torch.Tensor:
+    """`[N, width]` the cached bias of each item's template, -inf past its options."""
+    dtype = cache[item_keys[0]].dtype
+    per_item = torch.full((len(item_keys), width), float("-inf"), dtype=dtype)
+    for row, key in enumerate(item_keys):
+        bias = cache[key]
+        per_item[row, : bias.shape[0]] = bias
+    return per_item
+
+
 def _content_free_biases(
     decoder: Decoder,
     task_type: str,
@@ -420,13 +509,7 @@ def _content_free_biases(
     `cache` (template -> bias) carries biases across calls with the same decoder, intervention
     and settings — e.g. the batches of one evaluation, which share a template per task."""
     cache = {} if cache is None else cache
-    item_keys = [
-        (
-            tuple(content_free_prompts(task_type, example, mode, inputs)),
-            tuple(option_completions(task_type, example, mode)),
-        )
-        for example in examples
-    ]
+    item_keys = _template_keys(task_type, examples, mode, inputs)
     missing = list(dict.fromkeys(key for key in item_keys if key not in cache))
     if missing:
         prompts = [p for cf_prompts, _ in missing for p in cf_prompts]
@@ -436,12 +519,48 @@ def _content_free_biases(
         normalized = scores.normalized(normalize)
         for g, key in enumerate(missing):
             cache[key] = content_free_bias(normalized[g * len(inputs) : (g + 1) * len(inputs)])
-    dtype = cache[item_keys[0]].dtype
-    per_item = torch.full((len(examples), width), float("-inf"), dtype=dtype)
-    for row, key in enumerate(item_keys):
-        bias = cache[key]
-        per_item[row, : bias.shape[0]] = bias
-    return per_item
+    return _per_item_bias(cache, item_keys, width)
+
+
+def _content_free_biases_grid(
+    decoder: Decoder,
+    task_type: str,
+    examples: list[Example],
+    mode: str,
+    normalize: str,
+    inputs: Sequence[str],
+    interventions: dict[Any, Any | None],
+    width: int,
+    caches: dict[Any, dict],
+    sharing: dict[str, Any],
+) -> dict[Any, torch.Tensor]:
+    """`_content_free_biases` for every configuration of `interventions` (one cache each in
+    `caches`); configurations missing the same templates are scored together."""
+    item_keys = _template_keys(task_type, examples, mode, inputs)
+    wanted: dict[tuple, list[Any]] = {}
+    for name in interventions:
+        cache = caches.setdefault(name, {})
+        missing = tuple(dict.fromkeys(key for key in item_keys if key not in cache))
+        if missing:
+            wanted.setdefault(missing, []).append(name)
+    for missing, names in wanted.items():
+        prompts = [p for cf_prompts, _ in missing for p in cf_prompts]
+        options = [list(opts) for cf_prompts, opts in missing for _ in cf_prompts]
+        log.info(
+            "content-free calibration: %d templates x %d inputs x %d configurations",
+            len(missing),
+            len(inputs),
+            len(names),
+        )
+        grid = score_options_grid(
+            decoder, prompts, options, [interventions[n] for n in names], **sharing
+        )
+        for name, scores in zip(names, grid, strict=True):
+            normalized = scores.normalized(normalize)
+            for g, key in enumerate(missing):
+                block = normalized[g * len(inputs) : (g + 1) * len(inputs)]
+                caches[name][key] = content_free_bias(block)
+    return {name: _per_item_bias(caches[name], item_keys, width) for name in interventions}
 
 
 # -- generation and answer extraction ----------------------------------------------------------
@@ -674,30 +793,15 @@ def _check_examples(task_type: str, examples: list[Example]) -> None:
             )
 
 
-def evaluate(
-    decoder: Decoder,
+def _settings(
     task_type: str,
-    examples: list[Example],
-    intervention: Any | None = None,
-    mode: str | None = None,
-    calibration: str | None = None,
-    normalize: str | None = None,
-    max_new_tokens: int | None = None,
-    batch_size: int = 8,
-    content_free_inputs: Sequence[str] = CONTENT_FREE_INPUTS,
-    share_prompt: bool = True,
-    calibration_cache: dict | None = None,
-) -> EvalResult:
-    """Score `decoder` (steered by `intervention`, if any) on `examples` of `task_type`.
-
-    Defaults: `mode` from `DEFAULT_MODE` (letter for choice, label for yesno / classification,
-    generate for numeric); `calibration` content_free for option modes, none for generate;
-    `normalize` sum for letters and labels, mean for option texts; `max_new_tokens` 128 for
-    numeric tasks and 16 otherwise. `content_free_inputs` replace the item's content (not its
-    instruction, see `content_free_prompts`) in the calibration prompts. `calibration_cache`, a
-    dict kept by the caller, reuses content-free biases across calls made with the same decoder,
-    intervention and settings (e.g. the batches of one evaluation).
-    """
+    n_examples: int,
+    mode: str | None,
+    calibration: str | None,
+    normalize: str | None,
+    content_free_inputs: Sequence[str],
+) -> tuple[str, str, str | None]:
+    """Checked (mode, calibration, normalize), defaults filled in (see `evaluate`)."""
     if task_type not in MODES_BY_TYPE:
         why = " (a concept set is steering data; it has no answers)" * (task_type == "concept")
         raise ValueError(
@@ -724,8 +828,76 @@ def evaluate(
         _check_choice("normalize", normalize, NORMALIZATIONS)
         if calibration == "content_free" and not content_free_inputs:
             raise ValueError("content_free calibration needs at least one content-free input")
-        if calibration == "mean" and len(examples) < 2:
+        if calibration == "mean" and n_examples < 2:
             raise ValueError("mean calibration needs more than one example")
+    return mode, calibration, normalize
+
+
+def _option_result(
+    task_type: str,
+    mode: str,
+    calibration: str,
+    normalize: str,
+    ids: list[str],
+    gold: list[int | float],
+    raw: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> EvalResult:
+    """The `EvalResult` of option scores `raw` (normalised over options); `bias` is the
+    content-free bias (None for the other calibrations, computed here)."""
+    if bias is None:
+        if calibration == "mean":
+            bias = mean_bias(raw).expand_as(raw).clone()
+        else:
+            bias = torch.zeros_like(raw)
+    calibrated = apply_calibration(raw, bias)
+    target = torch.tensor(gold)
+    predicted = calibrated.argmax(dim=1)
+    raw_predicted = raw.argmax(dim=1)
+    return EvalResult(
+        task_type,
+        mode,
+        calibration,
+        normalize,
+        ids,
+        gold,
+        predicted == target,
+        predicted.tolist(),
+        raw_correct=raw_predicted == target,
+        raw_predictions=raw_predicted.tolist(),
+        scores=raw,
+        calibrated=calibrated,
+        bias=bias,
+    )
+
+
+def evaluate(
+    decoder: Decoder,
+    task_type: str,
+    examples: list[Example],
+    intervention: Any | None = None,
+    mode: str | None = None,
+    calibration: str | None = None,
+    normalize: str | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int = 8,
+    content_free_inputs: Sequence[str] = CONTENT_FREE_INPUTS,
+    share_prompt: bool = True,
+    calibration_cache: dict | None = None,
+) -> EvalResult:
+    """Score `decoder` (steered by `intervention`, if any) on `examples` of `task_type`.
+
+    Defaults: `mode` from `DEFAULT_MODE` (letter for choice, label for yesno / classification,
+    generate for numeric); `calibration` content_free for option modes, none for generate;
+    `normalize` sum for letters and labels, mean for option texts; `max_new_tokens` 128 for
+    numeric tasks and 16 otherwise. `content_free_inputs` replace the item's content (not its
+    instruction, see `content_free_prompts`) in the calibration prompts. `calibration_cache`, a
+    dict kept by the caller, reuses content-free biases across calls made with the same decoder,
+    intervention and settings (e.g. the batches of one evaluation).
+    """
+    mode, calibration, normalize = _settings(
+        task_type, len(examples), mode, calibration, normalize, content_free_inputs
+    )
     _check_examples(task_type, examples)
     prompts = [render_prompt(task_type, example) for example in examples]
     ids = [example.id for example in examples]
@@ -760,6 +932,7 @@ def evaluate(
         options = [option_completions(task_type, e, mode) for e in examples]
         scores = score_options(decoder, prompts, options, intervention, batch_size, share_prompt)
         raw = normalize_options(scores.normalized(normalize))
+        bias = None
         if calibration == "content_free":
             bias = _content_free_biases(
                 decoder,
@@ -774,37 +947,103 @@ def evaluate(
                 share_prompt,
                 calibration_cache,
             )
-        elif calibration == "mean":
-            bias = mean_bias(raw).expand_as(raw).clone()
-        else:
-            bias = torch.zeros_like(raw)
-        calibrated = apply_calibration(raw, bias)
-        target = torch.tensor(gold)
-        predicted = calibrated.argmax(dim=1)
-        raw_predicted = raw.argmax(dim=1)
-        result = EvalResult(
-            task_type,
-            mode,
-            calibration,
-            normalize,
-            ids,
-            gold,
-            predicted == target,
-            predicted.tolist(),
-            raw_correct=raw_predicted == target,
-            raw_predictions=raw_predicted.tolist(),
-            scores=raw,
-            calibrated=calibrated,
-            bias=bias,
-        )
+        result = _option_result(task_type, mode, calibration, normalize, ids, gold, raw, bias)
+    _log_result(decoder, result)
+    return result
+
+
+def _log_result(decoder: Decoder, result: EvalResult) -> None:
     log.info(
         "%s %s (%s, calibration %s): accuracy %.3f, habit rate %.3f over %d items",
         decoder.name,
-        task_type,
-        mode,
-        calibration,
+        result.task_type,
+        result.mode,
+        result.calibration,
         result.accuracy,
         result.habit_rate,
         result.n,
     )
-    return result
+
+
+def evaluate_grid(
+    decoder: Decoder,
+    task_type: str,
+    examples: list[Example],
+    interventions: dict[Any, Any | None],
+    mode: str | None = None,
+    calibration: str | None = None,
+    normalize: str | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int = 8,
+    content_free_inputs: Sequence[str] = CONTENT_FREE_INPUTS,
+    share_prompt: bool = True,
+    calibration_caches: dict[Any, dict] | None = None,
+    store: Any | None = None,
+    config_batch: int = 1,
+) -> dict[Any, EvalResult]:
+    """`evaluate` under each configuration of `interventions` (name -> intervention or None),
+    one result per name, with the same numbers.
+
+    Option modes score every configuration from shared forwards (`score_options_grid`: the
+    states below each configuration's first steered block once per batch of rows, the
+    prompts' common prefix once per configuration through `store`, a
+    `branching.PrefixStore`; None shares no prefix). `calibration_caches` holds one
+    `calibration_cache` per name. Generation (`generate` mode) runs `evaluate` per name.
+    """
+    if not interventions:
+        raise ValueError("no interventions to evaluate")
+    caches = {} if calibration_caches is None else calibration_caches
+    mode, calibration, normalize = _settings(
+        task_type, len(examples), mode, calibration, normalize, content_free_inputs
+    )
+    if mode == "generate":
+        return {
+            name: evaluate(
+                decoder,
+                task_type,
+                examples,
+                intervention,
+                mode=mode,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+            )
+            for name, intervention in interventions.items()
+        }
+    _check_examples(task_type, examples)
+    prompts = [render_prompt(task_type, example) for example in examples]
+    ids = [example.id for example in examples]
+    gold: list[int | float] = [int(e.answer) for e in examples]
+    options = [option_completions(task_type, e, mode) for e in examples]
+    sharing = {
+        "batch_size": batch_size,
+        "share_prompt": share_prompt,
+        "store": store,
+        "config_batch": config_batch,
+    }
+    grid = score_options_grid(decoder, prompts, options, list(interventions.values()), **sharing)
+    raws = {
+        name: normalize_options(scores.normalized(normalize))
+        for name, scores in zip(interventions, grid, strict=True)
+    }
+    biases: dict[Any, torch.Tensor | None] = dict.fromkeys(interventions)
+    if calibration == "content_free":
+        width = next(iter(raws.values())).shape[1]
+        biases |= _content_free_biases_grid(
+            decoder,
+            task_type,
+            examples,
+            mode,
+            normalize,
+            content_free_inputs,
+            interventions,
+            width,
+            caches,
+            sharing,
+        )
+    results = {}
+    for name, raw in raws.items():
+        results[name] = _option_result(
+            task_type, mode, calibration, normalize, ids, gold, raw, biases[name]
+        )
+        _log_result(decoder, results[name])
+    return results
