@@ -263,20 +263,24 @@ class SteeringEvaluator(Callback):
         split = ("dev", "test")[dataloader_idx]
         for name, result in outputs.items():
             self._store(split, name, 0.0, (), result)
+        configurations = {}
+        for method in pl_module.steered_names:
+            if split == "dev":
+                grid = [
+                    (layers, alpha)
+                    for layers in pl_module.layer_sets(method, self.layer_choice)
+                    for alpha in self.alphas
+                ]
+            else:
+                grid = [self.chosen[method]]
+            for layers, alpha in grid:
+                intervention = pl_module.intervention(method, alpha, layers)
+                configurations[(method, alpha, layers)] = intervention
+        # Every configuration of the batch at once: they share the unsteered work.
         with torch.inference_mode():
-            for method in pl_module.steered_names:
-                if split == "dev":
-                    grid = [
-                        (layers, alpha)
-                        for layers in pl_module.layer_sets(method, self.layer_choice)
-                        for alpha in self.alphas
-                    ]
-                else:
-                    grid = [self.chosen[method]]
-                for layers, alpha in grid:
-                    intervention = pl_module.intervention(method, alpha, layers)
-                    steered = pl_module.score(batch, intervention, key=(method, alpha, layers))
-                    self._store(split, method, alpha, layers, steered)
+            results = pl_module.score_grid(batch, configurations)
+        for (method, alpha, layers), steered in results.items():
+            self._store(split, method, alpha, layers, steered)
 
     def _choose(self, pl_module: SteeringModule) -> None:
         """Each method's and null draw's (layers, alpha), from all ranks' dev items, by one

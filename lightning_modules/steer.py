@@ -25,6 +25,7 @@ import lightning as L
 import torch
 
 from expertsteer.artifacts import ArtifactError
+from expertsteer.branching import PrefixStore
 from expertsteer.controls import NONE_BIAS
 from expertsteer.decoder import Decoder
 from expertsteer.extractors import random_unit_vectors
@@ -33,6 +34,7 @@ from expertsteer.scoring import (
     MODES_BY_TYPE,
     EvalResult,
     evaluate,
+    evaluate_grid,
     generate_answers,
 )
 from expertsteer.steering import Intervention
@@ -93,6 +95,8 @@ class SteeringModule(L.LightningModule):
         null_k: int = 0,
         null_seed: int = 1,
         null_reference: str | None = None,
+        share_forwards: bool = True,
+        config_batch: int = 1,
     ) -> None:
         """
         Args:
@@ -116,6 +120,11 @@ class SteeringModule(L.LightningModule):
                 from the `random` method's own seed).
             null_reference: Method whose target layers and norm scales the draws copy
                 (default `expertsteer` if present, else the first method).
+            share_forwards: Score the steered grid from shared forwards (the prompts' common
+                prefix once per configuration, the blocks below each configuration's first
+                steered block once per batch; same scores); false: one full forward per
+                configuration.
+            config_batch: Steered configurations stacked in one shared forward.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -133,6 +142,8 @@ class SteeringModule(L.LightningModule):
             raise ValueError(
                 f"null_reference '{null_reference}' is not one of the methods {sorted(methods)}"
             )
+        if config_batch < 1:
+            raise ValueError(f"config_batch must be >= 1, got {config_batch}")
         if calibration == "mean":
             raise ValueError(
                 "calibration 'mean' depends on which items share a batch; use content_free or "
@@ -141,6 +152,7 @@ class SteeringModule(L.LightningModule):
         self.steering: dict[str, SteeringVectors] = {}
         self.null_names: list[str] = []
         self.calibration_cache: dict[Any, dict] = {}
+        self.prefix_store = PrefixStore()
         self.target_decoder: Decoder | None = None
         self.expert_decoder: Decoder | None = None
         self.task_name = ""
@@ -252,6 +264,32 @@ class SteeringModule(L.LightningModule):
             max_new_tokens=hp.max_new_tokens,
             batch_size=hp.batch_size,
             calibration_cache=cache,
+        )
+
+    def score_grid(
+        self, examples: list[Example], interventions: dict[Any, Intervention]
+    ) -> dict[Any, EvalResult]:
+        """`score` of the target under each configuration (key -> intervention; the keys name
+        them as `score`'s `key` does), from shared forwards unless `share_forwards` is off."""
+        hp = self.hparams
+        if not hp.share_forwards:
+            return {
+                key: self.score(examples, intervention, key=key)
+                for key, intervention in interventions.items()
+            }
+        caches = {key: self.calibration_cache.setdefault((False, key), {}) for key in interventions}
+        return evaluate_grid(
+            self.target_decoder,
+            self.task_type,
+            examples,
+            interventions,
+            mode=hp.mode,
+            calibration=hp.calibration,
+            max_new_tokens=hp.max_new_tokens,
+            batch_size=hp.batch_size,
+            calibration_caches=caches,
+            store=self.prefix_store,
+            config_batch=hp.config_batch,
         )
 
     def generate(

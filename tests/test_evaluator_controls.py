@@ -280,7 +280,7 @@ def _method(run_dir: Path, name: str, target: str, task: str, seed: int) -> str:
     return str(path)
 
 
-def _evaluate(tiny_dirs, tmp_path, labels, name="tiny_reviews"):
+def _evaluate(tiny_dirs, tmp_path, labels, name="tiny_reviews", share_forwards=True):
     target = str(tiny_dirs["target"])
     run_dir = tmp_path / "run"
     task = _task(tmp_path, name, labels)
@@ -295,6 +295,8 @@ def _evaluate(tiny_dirs, tmp_path, labels, name="tiny_reviews"):
         batch_size=8,
         null_k=NULL_K,
         null_seed=5,
+        share_forwards=share_forwards,
+        config_batch=3,
     )
     data = TaskExamplesDataModule(task=str(task), steer_size=4, dev_size=10, test_size=10)
     evaluator = SteeringEvaluator(alphas=ALPHAS, num_samples=0, n_boot=200)
@@ -406,3 +408,23 @@ def test_reserved_names_and_bad_null_settings_are_refused():
         SteeringModule(methods={"a": "x.safetensors"}, null_k=-1)
     with pytest.raises(ValueError, match="null_reference"):
         SteeringModule(methods={"a": "x.safetensors"}, null_reference="b")
+
+
+def test_shared_forwards_give_the_records_of_one_forward_per_configuration(
+    evaluated, tiny_dirs, tmp_path
+):
+    """The evaluation stage's steered grid from shared forwards (the default) scores every
+    (split, method, alpha, layers) like one full nnsight forward per configuration."""
+    _, shared, _, _ = evaluated
+    labels = [i % 2 for i in range(24)]
+    _, separate, _, _ = _evaluate(tiny_dirs, tmp_path, labels, share_forwards=False)
+    assert shared.records.keys() == separate.records.keys()
+    assert len(shared.records) > 2 + 3 * len(ALPHAS)  # dev grid and test choices were scored
+    for key, items in separate.records.items():
+        for item_id, record in items.items():
+            other = shared.records[key][item_id]
+            assert other["correct"] == record["correct"], (key, item_id)
+            assert other["prediction"] == record["prediction"], (key, item_id)
+            torch.testing.assert_close(
+                torch.tensor(other["scores"]), torch.tensor(record["scores"]), rtol=0, atol=1e-5
+            )
