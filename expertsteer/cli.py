@@ -8,6 +8,7 @@ import importlib
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -161,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
             "(run `expertsteer fit --help` for every option)."
         ),
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="every log line on the console (default: stage headers, warnings and the summary; "
+        "the rest is in <run>/logs/run.log)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     models = commands.add_parser("models", help="list the packaged models and their state")
@@ -244,6 +251,7 @@ def lightning_cli(
     run: bool = True,
     exit_on_error: bool = True,
     build_model: bool = True,
+    quiet: bool = False,
 ) -> Any:
     """LightningCLI over the stage modules and DataModules (`fit`, `validate`, `test`).
 
@@ -251,9 +259,12 @@ def lightning_cli(
     imported here so that jsonargparse finds them as subclasses. Stages build their own
     optimizers (`auto_configure_optimizers=False`), so a stray `--optimizer` cannot replace
     them; the resolved configuration is saved as `config.yaml` in the run's log directory.
+    `quiet` (stages run by `expertsteer run`): no model summary and no validate metric table
+    on the console (the metrics are in the CSV logs and `metrics.json`).
     """
     from lightning.pytorch.cli import LightningCLI
 
+    route_lightning_logs()
     # jsonargparse resolves short class names among the imported subclasses of
     # LightningModule / LightningDataModule, so the stages must be imported first.
     for module in STAGE_MODULES:
@@ -274,6 +285,22 @@ def lightning_cli(
         def before_validate(self) -> None:
             self._preflight()
 
+        def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+            from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+
+            class CountsProgressBar(RichProgressBar):
+                """Counts and time left only: metric columns wrap on narrow consoles (the
+                metrics are in the CSV logs)."""
+
+                def get_metrics(self, trainer: Any, pl_module: Any) -> dict:
+                    return {}
+
+            given = [*(config.get("callbacks") or []), *callbacks]
+            wants_bar = config.get("enable_progress_bar") is not False
+            if quiet and wants_bar and not any(isinstance(c, ProgressBar) for c in given):
+                callbacks = [*callbacks, CountsProgressBar()]
+            return super()._instantiate_trainer(config, callbacks)
+
         def instantiate_classes(self) -> None:
             if not build_model:
                 # The model's values are parsed and type-checked above; building it would
@@ -285,15 +312,21 @@ def lightning_cli(
                 )
             super().instantiate_classes()
 
-    return ExpertSteerCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": exit_on_error},
-        args=args,
-        run=run,
-    )
+    if quiet and isinstance(args, list) and args and args[0] == "validate":
+        args = [*args, "--verbose=false"]
+    with warnings.catch_warnings():
+        # Stages run in-process by `expertsteer run` pass `args` while sys.argv holds `run`.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return ExpertSteerCLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"enable_model_summary": False} if quiet else None,
+            parser_kwargs={"exit_on_error": exit_on_error},
+            args=args,
+            run=run,
+        )
 
 
 PLACEHOLDER_MODEL = "lightning.pytorch.demos.boring_classes.BoringModel"
@@ -333,22 +366,73 @@ def _first_line(error: BaseException) -> str:
     return text[:600] or type(error).__name__
 
 
-def main(args: list[str] | None = None) -> None:
-    """Run the `expertsteer` command line with `args` (default: `sys.argv[1:]`)."""
+CONSOLE_LOGGERS = ("expertsteer.experiment", "expertsteer.cli")
+"""Loggers whose INFO lines reach the console by default (stage headers, choices made for the
+user); every other INFO line (per batch, per layer, Lightning's notices) goes to the run's log
+file, or to the console with `--verbose`."""
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
+
+
+class _ConsoleFilter(logging.Filter):
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("💡 Tip"):
+            return False  # third-party advertising
+        if self.verbose or record.name in CONSOLE_LOGGERS:
+            return True
+        # Python warnings are third-party notices (Lightning's batch-count hints, deprecations).
+        return record.levelno >= logging.WARNING and record.name != "py.warnings"
+
+
+def route_lightning_logs() -> None:
+    """Lightning's loggers lose the console handlers they add on import and go through the
+    root logger (the console filter, the run's log file)."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """Headers as plain lines; warnings and errors with their level and source."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno < logging.WARNING and record.name in CONSOLE_LOGGERS:
+            return record.getMessage()
+        return f"{record.levelname.lower()}: {record.name}: {record.getMessage()}"
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """The console handler (unless the process configured logging already, e.g. pytest):
+    stage headers, warnings and errors by default, everything with `verbose`."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    logging.captureWarnings(True)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT) if verbose else _ConsoleFormatter())
+    handler.addFilter(_ConsoleFilter(verbose))
+    root.addHandler(handler)
+
+
+def main(args: list[str] | None = None, quiet_stage: bool = False) -> None:
+    """Run the `expertsteer` command line with `args` (default: `sys.argv[1:]`);
+    `quiet_stage`: a stage run by `expertsteer run` (see `lightning_cli`)."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s: %(message)s")
+        configure_logging(verbose=True)
         try:
             # args=None lets LightningCLI read sys.argv itself (it warns when given both).
-            lightning_cli(args)
+            lightning_cli(args, quiet=quiet_stage)
         except ExpertSteerError as error:
             sys.exit(f"expertsteer: error: {error}")
         return
     namespace = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if namespace.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-    )
+    configure_logging(namespace.verbose)
     try:
         namespace.handler(namespace)
     except ExpertSteerError as error:

@@ -803,7 +803,7 @@ def run_task(experiment: Experiment, task: str, force: bool = False) -> Path:
     run_dir = settings.run_dir(task)
     configs = stage_configs(settings, task)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with run_lock(run_dir):
+    with run_lock(run_dir), log_file(run_dir / "logs" / RUN_LOG):
         rows = plan(experiment, task)
         record = _read_stages(run_dir)
         rerun = [stage for stage, *_, reuse in rows if force or not reuse]
@@ -813,11 +813,12 @@ def run_task(experiment: Experiment, task: str, force: bool = False) -> Path:
             for name in RESULT_FILES:
                 (run_dir / name).unlink(missing_ok=True)
         _save_stages(run_dir, record)
-        for stage, command, path, digest, _ in rows:
+        for number, (stage, command, path, digest, _) in enumerate(rows, 1):
+            header = f"[{task} {number}/{len(rows)}] {stage}"
             if stage not in rerun:
-                log.info("[%s] %s: reused (fingerprint %s)", task, stage, digest)
+                log.info("%s: reused (fingerprint %s)", header, digest)
                 continue
-            _run_one(settings, task, stage, command, path, configs[stage][1])
+            _run_one(settings, task, stage, command, path, configs[stage][1], header)
             outputs = stage_outputs(settings, task, stage)
             record.fingerprints[stage] = digest
             record.outputs[stage] = {_relative(run_dir, o): sha256_file(o) for o in outputs}
@@ -826,11 +827,17 @@ def run_task(experiment: Experiment, task: str, force: bool = False) -> Path:
 
 
 def _run_one(
-    settings: Experiment, task: str, stage: str, command: str, path: Path, config: dict
+    settings: Experiment,
+    task: str,
+    stage: str,
+    command: str,
+    path: Path,
+    config: dict,
+    header: str,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    log.info("[%s] %s: running `expertsteer %s --config %s`", task, stage, command, path)
+    log.info("%s: running `expertsteer %s --config %s`", header, command, path)
     started = time.perf_counter()
     code = _run_stage(settings, command, path)
     missing = [str(o) for o in stage_outputs(settings, task, stage) if not o.is_file()]
@@ -842,7 +849,25 @@ def _run_one(
             f"stage '{stage}' of task '{task}' failed ({why}); its config is {path}, "
             f"rerun it alone with `expertsteer {command} --config {path}`"
         )
-    log.info("[%s] %s: done in %.1f s", task, stage, time.perf_counter() - started)
+    log.info("%s: done in %.1f s", header, time.perf_counter() - started)
+
+
+RUN_LOG = "run.log"
+
+
+@contextlib.contextmanager
+def log_file(path: Path) -> Iterator[None]:
+    """Every log line of the block (per-batch detail included) appended to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 LOCK_FILE = "run.lock"
@@ -924,7 +949,7 @@ def _run_stage(experiment: Experiment, command: str, path: Path) -> int | str:
     from expertsteer.cli import main
 
     try:
-        main([command, "--config", str(path)])
+        main([command, "--config", str(path)], quiet_stage=True)
     except SystemExit as exit_:
         return exit_.code if exit_.code not in (None, 0) else 0
     return 0

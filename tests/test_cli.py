@@ -36,3 +36,22 @@ def test_module_entry_point_prints_help():
     )
     for command in ("models", "prepare", "generate", "demo"):
         assert command in result.stdout
+
+
+def test_console_filter_keeps_headers_and_warnings_and_drops_detail_and_tips():
+    import logging
+
+    from expertsteer.cli import _ConsoleFilter
+
+    def record(name, level, message):
+        return logging.LogRecord(name, level, __file__, 1, message, None, None)
+
+    quiet, verbose = _ConsoleFilter(False), _ConsoleFilter(True)
+    header = record("expertsteer.experiment", logging.INFO, "[sst2 1/13] align: running")
+    batch = record("expertsteer.scoring", logging.INFO, "scored batch 3 of 40")
+    tip = record("lightning.pytorch.utilities.rank_zero", logging.INFO, "💡 Tip: try litlogger")
+    warning = record("expertsteer.mi", logging.WARNING, "only 8 pairs")
+    lightning_hint = record("py.warnings", logging.WARNING, "log_every_n_steps ...")
+    assert quiet.filter(header) and quiet.filter(warning)
+    assert not quiet.filter(batch) and not quiet.filter(tip) and not quiet.filter(lightning_hint)
+    assert verbose.filter(batch) and not verbose.filter(tip)
