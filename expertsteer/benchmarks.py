@@ -9,7 +9,9 @@ is reachable.
 from __future__ import annotations
 
 import json
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from expertsteer.generated import arithmetic_problems, sentiment_concept
@@ -20,6 +22,8 @@ from expertsteer.tasks import (
     TaskSpec,
     _text,
     load_rows,
+    load_task,
+    local_paths,
     parse_number,
     pool_loader,
     resolve_paths,
@@ -667,6 +671,37 @@ Tasks not here (piqa, financial_phrasebank, headline_price_up, asdiv, mawps, mml
 no hub copy in a plain data format; they need their local files."""
 for _name, _spec in HUB_SPECS.items():
     BUILTIN[_name].hub_fallback = _spec
+
+
+@dataclass
+class CatalogueEntry:
+    """One built-in task as `expertsteer tasks` lists it."""
+
+    name: str
+    """Task name."""
+    type: str
+    """Task type."""
+    pools: dict[str, int]
+    """Pool -> examples, when the data is local (empty otherwise: not downloaded to count)."""
+    source: str
+    """Where the rows come from: generated, a local folder, or a hub dataset."""
+
+
+def catalogue(data_root: str | Path) -> list[CatalogueEntry]:
+    """Every built-in task with its pool sizes (local or generated data) and its source."""
+    entries = []
+    for name, spec in BUILTIN.items():
+        paths = local_paths(spec, data_root)
+        if all(path.exists() for path in paths):
+            task = load_task(spec, data_root)
+            pools = {pool: len(examples) for pool, examples in task.pools.items()}
+            source = "generated" if not paths else f"local {os.path.commonpath(paths)}"
+        else:
+            pools = {}
+            hub = spec.hub_fallback.hub if spec.hub_fallback else None
+            source = f"hub {hub['path']}" if hub else "missing (no hub copy)"
+        entries.append(CatalogueEntry(name, spec.type, pools, source))
+    return entries
 
 
 def resolve_task(task: str | TaskSpec) -> TaskSpec:

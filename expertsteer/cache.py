@@ -84,10 +84,12 @@ def atomic_file(final: Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp = Path(name)
-    # mkstemp creates 0600; give the final file the usual permissions (0666 minus umask).
-    tmp.chmod(0o666 & ~_umask())
     try:
         yield tmp
+        # mkstemp creates 0600, and some writers (safetensors) recreate the file with their
+        # own mode: give the finished file the usual permissions (0666 minus umask), so that a
+        # shared run directory or cache is readable by the group.
+        tmp.chmod(0o666 & ~_umask())
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)

@@ -55,11 +55,76 @@ def _generate(args: argparse.Namespace) -> None:
     from expertsteer.decoder import Decoder
     from expertsteer.zoo import load_model
 
+    if args.steer is not None:
+        _generate_steered(args)
+        return
+    if args.model is None:
+        raise ExpertSteerError("give --model (or --steer RUN_DIR to try a run's vectors)")
     decoder = Decoder.from_loaded(load_model(args.model, dtype=args.dtype), args.chat_template)
     for prompt, answer in zip(
         args.prompt, decoder.generate(args.prompt, args.max_new_tokens), strict=True
     ):
         print(f"> {prompt}\n{answer.strip()}\n")
+
+
+def _generate_steered(args: argparse.Namespace) -> None:
+    import textwrap
+
+    from expertsteer.try_steering import RunSteering
+
+    steering = RunSteering.load(args.steer, args.method, args.alpha)
+    label = f"steered ({steering.method}, alpha {steering.alpha:g}, layers {steering.layers})"
+    width = max(len("unsteered"), len(label))
+    pairs = steering.compare(args.prompt, args.max_new_tokens)
+    for prompt, (plain, steered) in zip(args.prompt, pairs, strict=True):
+        print(f"> {prompt}")
+        for name, text in (("unsteered", plain), (label, steered)):
+            lines = textwrap.wrap(" ".join(text.split()), max(40, 100 - width)) or ["(empty)"]
+            print(f"  {name:{width}}  {lines[0]}")
+            for line in lines[1:]:
+                print(f"  {'':{width}}  {line}")
+        print()
+
+
+def _tasks(args: argparse.Namespace) -> None:
+    from expertsteer.benchmarks import catalogue
+    from expertsteer.tasks import resolve_data_root
+
+    root = resolve_data_root(args.data_root)
+    if args.check:
+        _check_task(args.check, root)
+        return
+    print(f"{'task':22} {'type':15} {'pools':34} source")
+    for entry in catalogue(root):
+        pools = ", ".join(f"{pool} {n}" for pool, n in entry.pools.items()) or "-"
+        print(f"{entry.name:22} {entry.type:15} {pools:34} {entry.source}")
+    print(f"\ndata root: {root}  (set --data-root or EXPERTSTEER_DATA to move it)")
+
+
+def _check_task(path: str, data_root: str) -> None:
+    from collections import Counter
+
+    from expertsteer.prompts import answer_text, render_prompt
+    from expertsteer.tasks import load_task, spec_from_yaml
+
+    task = load_task(spec_from_yaml(path), data_root)
+    examples = task.all_examples()
+    pools = ", ".join(f"{pool} {len(rows)}" for pool, rows in task.pools.items())
+    dropped = sum(task.dropped.values())
+    print(f"task '{task.name}' ({task.type}): {len(examples)} examples ({pools})", end="")
+    print(f", {dropped} rows dropped" if dropped else "")
+    for example in examples[:3]:
+        print(f"\n--- {example.id}\n{render_prompt(task.type, example)}")
+        if example.answer is not None:
+            print(f"=> {answer_text(task.type, example, example.answer)}")
+    if task.type == "numeric":
+        return
+    counts = Counter(example.answer for example in examples)
+    names = {e.answer: answer_text(task.type, e, e.answer) for e in examples if e.choices}
+    print("\nlabel balance:")
+    for answer, count in sorted(counts.items()):
+        name = names.get(answer, str(answer)) if task.type != "choice" else f"option {answer}"
+        print(f"  {name:20} {count:6}  {count / len(examples):6.1%}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -180,8 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("names", nargs="+", metavar="MODEL")
     prepare.set_defaults(handler=_prepare)
 
-    generate = commands.add_parser("generate", help="greedy answers from one model")
-    generate.add_argument("--model", required=True, help="packaged name, directory, .gguf or id")
+    generate = commands.add_parser(
+        "generate",
+        help="greedy answers from one model, or unsteered and steered answers of a run's target",
+    )
+    generate.add_argument("--model", help="packaged name, directory, .gguf or id")
+    generate.add_argument(
+        "--steer", metavar="RUN_DIR", help="a run directory: its target, unsteered and steered"
+    )
+    generate.add_argument(
+        "--method", default="expertsteer", help="with --steer: whose vectors (default expertsteer)"
+    )
+    generate.add_argument(
+        "--alpha", type=float, help="with --steer: strength (default: chosen on dev)"
+    )
     generate.add_argument("--prompt", required=True, action="append", help="repeatable")
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -192,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply the chat template (default: when the tokenizer has one)",
     )
     generate.set_defaults(handler=_generate)
+
+    tasks = commands.add_parser(
+        "tasks", help="list the built-in tasks, or check a task YAML (--check my_task.yaml)"
+    )
+    tasks.add_argument("--check", metavar="TASK.yaml", help="validate a task and show its prompts")
+    tasks.add_argument(
+        "--data-root", help="benchmark folder (default: $EXPERTSTEER_DATA, else ../shared/...)"
+    )
+    tasks.set_defaults(handler=_tasks)
 
     demo = commands.add_parser(
         "demo", help="load the default expert and target, answer, and capture hidden states"

@@ -102,3 +102,17 @@ def test_lock_without_waiting_fails_at_once_while_held(tmp_path):
         pass
     with file_lock(tmp_path / "l.lock", wait=False):
         pass
+
+
+def test_artifacts_written_by_safetensors_are_group_readable(tmp_path):
+    """safetensors recreates the file it writes (mode 0600): the artifact still ends 0644."""
+    import torch
+
+    from expertsteer.artifacts import save_artifact
+
+    umask = os.umask(0o022)
+    try:
+        save_artifact(tmp_path / "a.safetensors", "test", {"w": torch.zeros(2)}, {})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.safetensors").stat().st_mode) == 0o644

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -55,3 +56,39 @@ def test_console_filter_keeps_headers_and_warnings_and_drops_detail_and_tips():
     assert quiet.filter(header) and quiet.filter(warning)
     assert not quiet.filter(batch) and not quiet.filter(tip) and not quiet.filter(lightning_hint)
     assert verbose.filter(batch) and not verbose.filter(tip)
+
+
+def test_tasks_check_shows_three_prompts_with_answers_and_the_label_balance(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    rows = [{"text": f"Review number {i}.", "y": ["bad", "good"][i % 3 == 0]} for i in range(9)]
+    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    spec = {
+        "name": "reviews",
+        "type": "classification",
+        "files": {"test": "r.jsonl"},
+        "fields": {"question": "text", "answer": "y"},
+        "answer_format": "text",
+        "labels": ["bad", "good"],
+    }
+    (tmp_path / "reviews.yaml").write_text(yaml.safe_dump(spec))
+    main(["tasks", "--check", str(tmp_path / "reviews.yaml")])
+    out = capsys.readouterr().out
+    assert "task 'reviews' (classification): 9 examples (test 9)" in out
+    assert (
+        out.count("--- test/") == 3 and "Review number 2." in out and "Review number 3" not in out
+    )
+    assert re.search(r"bad\s+6\s+66\.7%", out) and re.search(r"good\s+3\s+33\.3%", out)
+
+
+def test_tasks_lists_pool_sizes_and_where_each_task_comes_from(tmp_path, capsys, monkeypatch):
+
+    monkeypatch.setenv("EXPERTSTEER_DATA", str(tmp_path))  # nothing local: hub ids are listed
+    main(["tasks"])
+    lines = capsys.readouterr().out.splitlines()
+    row = {line.split()[0]: line for line in lines[1:] if line.strip()}
+    assert "all 1000" in row["arithmetic"] and row["arithmetic"].endswith("generated")
+    assert row["sst2"].endswith("hub SetFit/sst2") and row["piqa"].endswith("(no hub copy)")
+    assert f"data root: {tmp_path}" in lines[-1]

@@ -3,6 +3,8 @@ reuses finished stages and reruns exactly what a config change invalidates; bad 
 before any model loads."""
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from expertsteer.experiment import (
 )
 from expertsteer.export import read_control_vector
 from expertsteer.report import REPORT_FILE
+from expertsteer.try_steering import RunSteering
 from expertsteer.vectors import load_steering
 
 
@@ -115,6 +118,22 @@ def test_run_writes_every_artifact_and_reuses_finished_stages(
     (run / REPORT_FILE).unlink()
     main(["report", str(run)])
     assert (run / REPORT_FILE).read_text() == report
+
+    # Steer your own prompt: the target unsteered and steered at the dev choice, any method.
+    capsys.readouterr()
+    main(["generate", "--steer", str(run), "--prompt", "2 + 2 =", "--max-new-tokens", "3"])
+    out = capsys.readouterr().out
+    assert f"steered (expertsteer, alpha {chosen:g}, layers [{layer}])" in out
+    assert "> 2 + 2 =" in out and "unsteered" in out
+    tried = RunSteering.load(run, "target_mean_diff", alpha=8.0)
+    assert tried.alpha == 8.0 and tried.layers == metrics["methods"]["target_mean_diff"]["layers"]
+    (plain, steered), *_ = tried.compare(["Tom has 3 apples and"], max_new_tokens=6)
+    assert plain != steered
+    # Artifacts get ordinary file permissions (0644 under umask 022), not mkstemp's 0600.
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (ALIGNMENT_FILE, "mi.safetensors", STEERING_FILE):
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o666 & ~umask, name
 
     experiment = load_experiment(path)
     assert all(reuse for *_, reuse in plan(experiment, "arithmetic"))
