@@ -92,17 +92,17 @@ class PrefixStore:
         ]
         if known:
             return max(known, key=len)
-        shared = len(rows[0])
-        for row in rows[1:]:
-            shared = next(
-                (i for i, (a, b) in enumerate(zip(rows[0], row, strict=False)) if a != b),
-                min(shared, len(row)),
-            )
-            shared = min(shared, len(row))
+        shared = min(_common_length(rows[0], row) for row in rows)
         prefix = tuple(rows[0][: min(shared, limit)])
         if prefix:
             self.prefixes.append(prefix)
         return prefix
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
 
 
 class _Stop(Exception):

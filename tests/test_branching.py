@@ -197,3 +197,14 @@ def test_grid_log_probs_equal_nnsight_in_every_family(family):
             )
             for actual, reference in zip(got, expected, strict=True):
                 torch.testing.assert_close(actual, reference, rtol=0, atol=TOL)
+
+
+def test_a_new_prefix_is_common_to_every_row_and_known_ones_are_reused():
+    store = PrefixStore()
+    rows = [[1, 2, 3, 4, 5], [1, 2, 9, 9, 9], [1, 2, 3, 4, 7]]
+    assert store.choose_prefix(rows, limit=4) == (1, 2)  # row 1 parts at 2, row 2 only at 4
+    assert store.choose_prefix([[1, 2, 3, 4, 5], [1, 2, 3, 4, 6]], limit=3) == (1, 2)
+    assert store.choose_prefix([[1, 2, 3, 4, 5], [1, 2, 3, 4, 6]], limit=4) == (1, 2)
+    assert store.choose_prefix([[5, 6, 7], [5, 6, 8]], limit=2) == (5, 6)
+    assert store.prefixes == [(1, 2), (5, 6)]
+    assert store.choose_prefix([[1, 2]], limit=1) == (1,)
