@@ -95,6 +95,15 @@ class AffineAutoencoders(nn.Module):
             self.encoder_bias.zero_()
             self.decoder_bias.zero_()
 
+    def subset(self, layers: list[int]) -> AffineAutoencoders:
+        """A copy holding only the auto-encoders (and statistics) of layer indices `layers`."""
+        for layer in layers:
+            self._check_layer(layer)
+        out = AffineAutoencoders(len(layers), self.expert_dim, self.target_dim)
+        index = torch.tensor(layers, dtype=torch.long)
+        out.load_state_dict({name: t[index] for name, t in self.state_dict().items()})
+        return out.to(self.encoder_weight.dtype)
+
     def extra_repr(self) -> str:
         return (
             f"num_layers={self.num_layers}, expert_dim={self.expert_dim}, "

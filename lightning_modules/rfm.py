@@ -169,11 +169,17 @@ class RFMModule(L.LightningModule):
         self.layer_pairs = pairs
         if hp.source == "expert":
             self.aligner, self.alignment_meta = load_alignment(hp.alignment_file, expect)
-            if list(self.alignment_meta["expert_layers"]) != list(expert_key.layers):
+            missing = [i for i, _ in pairs if i not in self.alignment_meta["expert_layers"]]
+            if missing:
                 raise ValueError(
-                    f"{hp.alignment_file} was trained on expert layers "
-                    f"{self.alignment_meta['expert_layers']}, the data holds {expert_key.layers}"
+                    f"{hp.alignment_file} holds auto-encoders for expert layers "
+                    f"{self.alignment_meta['expert_layers']}, not {missing}; rerun the alignment "
+                    "with these pairs (or keep_all_layers: true)"
                 )
+
+    def _encoder_index(self, expert_layer: int) -> int:
+        """Index of `expert_layer`'s auto-encoder in the alignment artifact."""
+        return list(self.alignment_meta["expert_layers"]).index(expert_layer)
 
     def _features(self, split: str, pair: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(x [n, d], y [n]) of one pair on one split, in the space the extractor runs in."""
@@ -188,13 +194,13 @@ class RFMModule(L.LightningModule):
             x = tensors["expert"][:, expert_key.layers.index(i)].to(dtype)
             if self.hparams.space == "encoded":
                 with torch.no_grad():
-                    x = self.aligner.to(dtype).encode(expert_key.layers.index(i), x)
+                    x = self.aligner.to(dtype).encode(self._encoder_index(i), x)
         return x.detach(), tensors["label"].long()
 
     def _to_target(self, pair: tuple[int, int], directions: torch.Tensor) -> torch.Tensor:
         """Directions [k, d] of the extractor's space as unit rows in the target's space."""
         if self.hparams.source == "expert" and self.hparams.space == "raw":
-            index = self.trainer.datamodule.keys()[0].layers.index(pair[0])
+            index = self._encoder_index(pair[0])
             with torch.no_grad():
                 directions = self.aligner.to(directions.dtype).encode_direction(index, directions)
         return directions / directions.norm(dim=-1, keepdim=True)
@@ -412,10 +418,10 @@ class RFMModule(L.LightningModule):
         the alignment's map figures at the pair, and the direction against the target's own
         direction from the same extractor, the mapped-random null and random directions."""
         datamodule = self.trainer.datamodule
-        expert_key, target_key = datamodule.keys()
+        _, target_key = datamodule.keys()
         steer, dev = datamodule.split_tensors("steer"), datamodule.split_tensors("dev")
         i, j = pair
-        index, column = expert_key.layers.index(i), target_key.layers.index(j)
+        index, column = self._encoder_index(i), target_key.layers.index(j)
         aligner = self.aligner.double()
         native = native_direction(
             self.hparams.method,
@@ -468,9 +474,8 @@ class RFMModule(L.LightningModule):
             return rows
         x, y = self._features("steer", pair)
         if self.hparams.source == "expert" and self.hparams.space == "raw":
-            index = self.trainer.datamodule.keys()[0].layers.index(pair[0])
             with torch.no_grad():
-                x = self.aligner.to(x.dtype).encode(index, x)
+                x = self.aligner.to(x.dtype).encode(self._encoder_index(pair[0]), x)
         projections = x @ rows.to(x.dtype).T
         signs = torch.where(
             projections[y == 1].mean(0) >= projections[y == 0].mean(0),

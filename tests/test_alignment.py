@@ -272,7 +272,7 @@ def _fit(module, datamodule, root, max_epochs=3, ckpt_path=None, monitor=True, c
 def recon_run(tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("recon")
     datamodule = _datamodule(tiny_dirs, root / "cache")
-    module = AlignmentModule(lr=1e-2, mi_rank=4)
+    module = AlignmentModule(lr=1e-2, mi_rank=4, keep_all_layers=True)
     trainer, recorder = _fit(module, datamodule, root)
     return {
         "root": root,
@@ -354,7 +354,7 @@ def test_best_checkpoint_weights_are_saved_not_the_last(recon_run, tmp_path):
     # mode="max" makes the worst (first) epoch the "best", so best and last surely differ.
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/recon_loss", mode="max")
     datamodule = _datamodule(recon_run["tiny_dirs"], recon_run["root"] / "cache")
-    module = AlignmentModule(lr=1e-2, mi_rank=4)
+    module = AlignmentModule(lr=1e-2, mi_rank=4, keep_all_layers=True)
     _, recorder = _fit(
         module, datamodule, tmp_path, max_epochs=2, monitor=False, callbacks=[checkpoint]
     )
@@ -495,8 +495,11 @@ def test_translatable_pairing_and_artifacts(translate_run):
     assert {"mi", "mi_shuffled", "r2"} <= set(tensors)
     assert mi_meta["split"] == "held-out token positions"
     assert (root / R2_HEATMAP_FILE).read_bytes()[:4] == b"\x89PNG"
-    _, metadata = load_alignment(root / ALIGNMENT_FILE)
+    aligner, metadata = load_alignment(root / ALIGNMENT_FILE)
     assert metadata["objective"] == "translate" and metadata["corpus_positions"] > 100
+    # only the used pair's expert layer is stored, with the weights it had in the module
+    assert metadata["expert_layers"] == [metadata["captured_expert_layers"][i]]
+    torch.testing.assert_close(aligner.encoder_weight[0], module.autoencoders.encoder_weight[i])
     (pair_map,) = metadata["pair_maps"]
     assert set(pair_map) >= {"heldout_r2", "shuffled_r2", "steer_items_r2", "dev_items_r2"}
     assert len(metadata["layer_fits"]) == module.autoencoders.num_layers
