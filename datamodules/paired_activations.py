@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -397,10 +398,14 @@ class PairedActivationDataModule(L.LightningDataModule):
         if todo:
             models = self._decoders()
             dtype = STORAGE_DTYPES[hp.storage_dtype]
-            for split, k, start, stop in tqdm(todo, desc="capture shards"):
+            batches = 2 * sum(
+                -(-(stop - start) // hp.capture_batch_size) for *_, start, stop in todo
+            )
+            bar = tqdm(total=batches, desc="capture (both models)", unit="batch")
+            for split, k, start, stop in todo:
                 items = splits[split][start:stop]
                 states = {
-                    side: self._states(models[side], key, items, dtype)
+                    side: self._states(models[side], key, items, dtype, lambda: bar.update(1))
                     for side, key in (("expert", expert_key), ("target", target_key))
                 }
                 labels = torch.tensor([item.label for item in items], dtype=torch.long)
@@ -411,6 +416,7 @@ class PairedActivationDataModule(L.LightningDataModule):
                     labels,
                     [item.id for item in items],
                 )
+            bar.close()
         meta = {
             "expert": {**vars(expert_key), "hidden_size": self.dims()["expert"][0]},
             "target": {**vars(target_key), "hidden_size": self.dims()["target"][0]},
@@ -425,7 +431,12 @@ class PairedActivationDataModule(L.LightningDataModule):
         write_meta(directory, meta)
 
     def _states(
-        self, decoder: Decoder, key: ModelKey, items: list[Item], dtype: torch.dtype
+        self,
+        decoder: Decoder,
+        key: ModelKey,
+        items: list[Item],
+        dtype: torch.dtype,
+        on_batch: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         completions = [item.completion for item in items]
         states = capture(
@@ -436,6 +447,7 @@ class PairedActivationDataModule(L.LightningDataModule):
             completions=completions if any(completions) else None,
             batch_size=self.hparams.capture_batch_size,
             dtype=dtype,
+            on_batch=on_batch,
         )
         return torch.stack([states[layer] for layer in key.layers], dim=1)
 

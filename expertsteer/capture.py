@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Literal
 
 import nnsight
@@ -38,6 +39,7 @@ def capture(
     batch_size: int = 8,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    on_batch: Callable[[], None] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Hidden states of `layers` (default: all) for every prompt: `{layer: [N, d]}` on CPU.
 
@@ -46,7 +48,8 @@ def capture(
 
     "Hidden state of layer i" is the residual-stream output of decoder block i (the last
     block's output is taken before the model's final norm). The forward stops after the deepest
-    requested block, so the LM head is never computed.
+    requested block, so the LM head is never computed. `on_batch` is called after each traced
+    forward (e.g. to advance a caller's progress bar).
     """
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}, got '{position}'")
@@ -70,6 +73,8 @@ def capture(
         )
         for layer in layers:
             chunks[layer].append(batch[layer].to("cpu", dtype))
+        if on_batch is not None:
+            on_batch()
     return {layer: torch.cat(parts) for layer, parts in chunks.items()}
 
 
