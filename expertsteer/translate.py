@@ -45,7 +45,7 @@ class TranslateConfig:
     """Ridge grid, as multiples of the row count (inputs are standardised)."""
     rank: int | None = None
     """Reduced rank of the map (None: full rank)."""
-    matrix_rows: int = 8000
+    matrix_rows: int = 4000
     """Fit rows (drawn, seeded) for the all-pairs R^2 matrix; the final maps use every row."""
     heldout_rows: int = 3000
     """Held-out rows (drawn, seeded) for the R^2 matrix and the MI estimate."""
@@ -134,6 +134,26 @@ def _halves(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return order[:half], order[half:]
 
 
+def _r2_from_moments(
+    shrink: torch.Tensor,
+    projected: torch.Tensor,
+    outer: torch.Tensor,
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    y: torch.Tensor,
+) -> float:
+    """R^2 of the prediction A diag(shrink) B against y, from moments only:
+    SSE = ||y||^2 - 2 sum_k s_k <(A^T y)_k, B_k> + s^T (A^T A o B B^T) s."""
+    y = y.double()
+    sse = (
+        y.pow(2).sum()
+        - 2 * (shrink * (cross * projected).sum(-1)).sum()
+        + shrink @ (gram * outer) @ shrink
+    )
+    sst = (y - y.mean(0)).pow(2).sum().clamp_min(1e-30)
+    return float(1.0 - sse / sst)
+
+
 def r2_matrix(
     x_fit: torch.Tensor,
     y_fit: torch.Tensor,
@@ -146,7 +166,9 @@ def r2_matrix(
     """R^2 [L_E, L_T] of ridge maps from x [n, L_E, d_E] (standardised) to y [n, L_T, d_T].
 
     Each expert layer's Gram matrix is decomposed once and serves every target layer and
-    lambda. `columns` (bool [L_T]) limits the target layers computed (the pairing window).
+    lambda; held-out errors come from moments (`_r2_from_moments`), so a lambda costs O(d^2)
+    instead of a prediction. `columns` (bool [L_T]) limits the target layers computed (the
+    pairing window).
     """
     if x_fit.shape[0] != y_fit.shape[0] or x_heldout.shape[0] != y_heldout.shape[0]:
         raise TranslationError("expert and target rows differ in count")
@@ -154,24 +176,39 @@ def r2_matrix(
         raise TranslationError(f"at least 4 held-out rows are needed, got {x_heldout.shape[0]}")
     layers_e, layers_t = x_fit.shape[1], y_fit.shape[1]
     columns = torch.ones(layers_t, dtype=torch.bool) if columns is None else columns
-    select, report = _halves(x_heldout.shape[0], seed)
+    halves = _halves(x_heldout.shape[0], seed)
     r2 = torch.full((layers_e, layers_t), math.nan, dtype=torch.float64)
     chosen = torch.full((layers_e, layers_t), math.nan, dtype=torch.float64)
     y_mean = y_fit.float().mean(0)
+    n = x_fit.shape[0]
     for i in range(layers_e):
         x_mean = x_fit[:, i].float().mean(0)
         basis = RidgeBasis.of(x_fit[:, i].float() - x_mean)
-        x_ho = x_heldout[:, i].float() - x_mean
+        rotated = (x_heldout[:, i].float() - x_mean) @ basis.eigenvectors  # A = X_ho Q
+        parts = [rotated[half] for half in halves]
+        grams = [(a.T @ a).double() for a in parts]
         for j in torch.nonzero(columns).flatten().tolist():
-            projected = basis.projected(y_fit[:, j].float() - y_mean[j])
+            projected = basis.projected(y_fit[:, j].float() - y_mean[j])  # B = Q^T X^T Y
+            outer = (projected @ projected.T).double()
             y_ho = y_heldout[:, j].float() - y_mean[j]
-            best = (-math.inf, math.nan, math.nan)
-            for lam in lambdas:
-                prediction = x_ho @ basis.weights(projected, lam)
-                score = r2_score(prediction[select], y_ho[select])
-                if score > best[0]:
-                    best = (score, r2_score(prediction[report], y_ho[report]), lam)
-            r2[i, j], chosen[i, j] = best[1], best[2]
+            targets = [y_ho[half] for half in halves]
+            cross = [(a.T @ y).double() for a, y in zip(parts, targets, strict=True)]
+            scores = [
+                [
+                    _r2_from_moments(
+                        1.0 / (basis.eigenvalues.double() + lam * n),
+                        projected.double(),
+                        outer,
+                        gram,
+                        c,
+                        y,
+                    )
+                    for lam in lambdas
+                ]
+                for gram, c, y in zip(grams, cross, targets, strict=True)
+            ]
+            best = max(range(len(lambdas)), key=lambda k: scores[0][k])
+            r2[i, j], chosen[i, j] = scores[1][best], lambdas[best]
     return R2Matrix(r2, chosen)
 
 

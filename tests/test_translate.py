@@ -10,6 +10,7 @@ import torch
 
 from expertsteer.translate import (
     TranslateConfig,
+    _halves,
     fit_pair,
     r2_matrix,
     r2_score,
@@ -79,3 +80,26 @@ def test_bad_settings_are_named():
         TranslateConfig(lambdas=[0.0])
     with pytest.raises(ValueError, match="rank"):
         TranslateConfig(rank=0)
+
+
+def test_r2_matrix_from_moments_equals_explicit_predictions():
+    x, y, _ = _linear_pair(n=500, noise=1.0)
+    states_x = torch.stack([x, x.flip(1)], dim=1).float()
+    states_y = torch.stack([y, y.roll(1, 1)], dim=1).float()
+    lambdas = [1e-3, 1e-1, 3.0]
+    result = r2_matrix(states_x[:350], states_y[:350], states_x[350:], states_y[350:], lambdas)
+    select, report = _halves(150, 0)
+    for i in range(2):
+        for j in range(2):
+            xf, yf = states_x[:350, i].double(), states_y[:350, j].double()
+            xm, ym = xf.mean(0), yf.mean(0)
+            xh, yh = states_x[350:, i].double() - xm, states_y[350:, j].double() - ym
+            scores = []
+            for lam in lambdas:
+                w = ridge_map(xf - xm, yf - ym, lam)
+                scores.append(
+                    (r2_score(xh[select] @ w.T, yh[select]), r2_score(xh[report] @ w.T, yh[report]))
+                )
+            best = max(range(3), key=lambda k: scores[k][0])
+            assert result.lambdas[i, j] == lambdas[best]
+            assert float(result.r2[i, j]) == pytest.approx(scores[best][1], abs=1e-4)
