@@ -328,7 +328,7 @@ def mi_matrix(
     return mi.cpu()
 
 
-def _window_mask(
+def window_mask(
     count: int,
     layers: Sequence[int] | None,
     num_layers: int | None,
@@ -396,8 +396,8 @@ def select_pairs(
     if mi.ndim != 2 or mi.numel() == 0:
         raise PairingError(f"MI matrix must be 2-D and non-empty, got shape {tuple(mi.shape)}")
     shape = mi.shape
-    rows = _window_mask(shape[0], expert_layers, num_expert_layers, config.expert_window, "expert")
-    cols = _window_mask(shape[1], target_layers, num_target_layers, config.window, "target")
+    rows = window_mask(shape[0], expert_layers, num_expert_layers, config.expert_window, "expert")
+    cols = window_mask(shape[1], target_layers, num_target_layers, config.window, "target")
     values = mi.detach().to("cpu", torch.float64)
     allowed = rows[:, None] & cols[None, :] & torch.isfinite(values)
     if not allowed.any():

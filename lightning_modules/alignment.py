@@ -10,9 +10,10 @@
 * Each validation epoch logs the losses and per-layer explained variance (a TorchMetrics metric
   whose sums are all-reduced across ranks; Lightning's distributed sampler may pad the last
   batch with a few duplicates, which this monitoring metric tolerates), then, outside the
-  sanity check, the MI matrix between encoded expert states and target states on the whole dev
-  split (again `split_tensors`, identical on every rank: each rank computes the same matrix and
-  no gather is needed) and the pairs it selects.
+  sanity check and without a token corpus, the MI matrix between encoded expert states and
+  target states on the whole dev split (again `split_tensors`, identical on every rank: each
+  rank computes the same matrix and no gather is needed) and the pairs it selects. With a
+  corpus the MI (on held-out token positions) is computed once, when fitting ends.
 * When fitting ends, the weights of the best checkpoint (if a `ModelCheckpoint` monitors a
   metric; otherwise the last weights) are restored, MI and pairs are recomputed for exactly
   those weights, and rank 0 writes `alignment.safetensors`, `mi.safetensors`, `pairs.json` and
@@ -73,7 +74,14 @@ from expertsteer.artifacts import (
     save_artifact,
     save_json,
 )
-from expertsteer.mi import MIConfig, PairingConfig, mi_matrix, pairs_payload, select_pairs
+from expertsteer.mi import (
+    MIConfig,
+    PairingConfig,
+    mi_matrix,
+    pairs_payload,
+    select_pairs,
+    window_mask,
+)
 from expertsteer.plots import mi_heatmap
 from expertsteer.translate import TranslateConfig, fit_pair, r2_matrix, r2_score
 
@@ -417,25 +425,15 @@ class AlignmentModule(L.LightningModule):
         }
 
     def _window_columns(self) -> torch.Tensor:
+        """Which captured target layers lie in the pairing window (bool [L_T])."""
         meta = self.run_metadata
-        scores = torch.zeros(len(meta["expert_layers"]), len(meta["target_layers"]))
-        config = PairingConfig(
-            top_k=scores.numel(),
-            window=self.pairing_config.window,
-            expert_window=(0.0, 1.0),
-            unique_target=False,
+        return window_mask(
+            len(meta["target_layers"]),
+            meta["target_layers"],
+            meta["target_num_layers"],
+            self.pairing_config.window,
+            "target",
         )
-        pairs = select_pairs(
-            scores,
-            config,
-            expert_layers=meta["expert_layers"],
-            target_layers=meta["target_layers"],
-            num_expert_layers=meta["expert_num_layers"],
-            num_target_layers=meta["target_num_layers"],
-        )
-        columns = torch.zeros(scores.shape[1], dtype=torch.bool)
-        columns[[j for _, j in pairs]] = True
-        return columns
 
     def _r2_matrix(self) -> torch.Tensor:
         """Held-out R^2 [L_E, L_T] of a ridge map per pair (target layers of the window)."""
@@ -652,7 +650,9 @@ class AlignmentModule(L.LightningModule):
             self.log(f"val/explained_variance/layer_{layer}", value, sync_dist=True)
         self.log("val/explained_variance_min", variance.min(), sync_dist=True)
         self.log("val/explained_variance_median", variance.quantile(0.5), sync_dist=True)
-        if not self.trainer.sanity_checking:
+        # On the dev split MI is cheap and logged per epoch; on thousands of held-out token
+        # positions (54 PCA decompositions per estimate) it is computed once, at fit end.
+        if not self.trainer.sanity_checking and self.tokens is None:
             self.compute_pairs()
 
     @torch.no_grad()
