@@ -611,7 +611,12 @@ def stage_configs(experiment: Experiment, task: str) -> dict[str, tuple[str, dic
             "translate": dict(a.translate),
         }
         if objective != "recon":
+            # The pairs are the align stage's; this stage's own selection is informational, so
+            # it skips the translatability matrix the align stage already computed.
             model["pairs_file"] = str(run_dir / PAIRS_FILE)
+            model["translate"] = {**model["translate"], "matrix": False}
+            if a.select == "translatable":
+                model["select"] = "lowest_mi"
         config = {
             "seed_everything": experiment.seed,
             "trainer": _trainer(experiment, run_dir, name, **trainer),
