@@ -310,12 +310,14 @@ class SteeringEvaluator(Callback):
             return
         records = _gather(self.records)
         self.metrics = self._summarise(pl_module, records)
+        # Named by the split the number comes from (the stage is Lightning's `validate`).
         for method, entry in self.metrics["methods"].items():
-            pl_module.log(
-                f"val/{pl_module.task_name}/{method}/acc",
-                entry["test"]["accuracy"],
-                sync_dist=True,
-            )
+            for split in ("dev", "test"):
+                pl_module.log(
+                    f"{split}/{pl_module.task_name}/{method}/acc",
+                    entry[split]["accuracy"],
+                    sync_dist=True,
+                )
         if trainer.is_global_zero:
             if self.num_samples:
                 self.metrics["samples"] = self._samples(pl_module, trainer)

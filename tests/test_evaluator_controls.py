@@ -309,7 +309,14 @@ def _evaluate(tiny_dirs, tmp_path, labels, name="tiny_reviews", share_forwards=T
         default_root_dir=tmp_path,
     )
     trainer.validate(module, datamodule=data)
-    return module, evaluator, json.loads((run_dir / METRICS_FILE).read_text()), run_dir
+    metrics = json.loads((run_dir / METRICS_FILE).read_text())
+    # logged figures are named by the split they come from
+    logged = trainer.callback_metrics
+    for split in ("dev", "test"):
+        value = float(logged[f"{split}/{name}/expertsteer/acc"])
+        assert value == pytest.approx(metrics["methods"]["expertsteer"][split]["accuracy"])
+    assert not any(key.startswith("val/") for key in logged)
+    return module, evaluator, metrics, run_dir
 
 
 @pytest.fixture(scope="module")
