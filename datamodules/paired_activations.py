@@ -330,11 +330,6 @@ class PairedActivationDataModule(L.LightningDataModule):
             entries.append({"root": root, "keys": keys, "texts": texts})
         if self.corpus.steer_items:
             items = self.split_items()["steer"]
-            if any(not item.completion for item in items):
-                raise TaskError(
-                    "corpus.steer_items needs prompt + answer items (item_kind 'steering' of a "
-                    "task with answers); set corpus.steer_items: false"
-                )
             entries.append({"root": root, "keys": keys, "texts": steer_texts(items)})
         return entries
 

@@ -179,9 +179,13 @@ def corpus_texts(config: CorpusConfig, task: str, data_root: str, seed: int = 0)
 
 
 def steer_texts(items: Sequence[Item]) -> list[PairText]:
-    """The steer-split items as chat-formatted texts (prompt and completion shared)."""
+    """The steer-split items as chat-formatted texts (prompt and, if any, completion shared)."""
     return [
-        PairText(f"steer:{item.id}", (item.prompt, item.completion), formatted=True)
+        PairText(
+            f"steer:{item.id}",
+            (item.prompt, item.completion) if item.completion else (item.prompt,),
+            formatted=True,
+        )
         for item in items
     ]
 
@@ -258,7 +262,8 @@ def tokenize_texts(decoder: Decoder, texts: Sequence[PairText], max_tokens: int)
     ids, offsets, spans = [], [], []
     for text in texts:
         if text.formatted:
-            string = decoder.format([text.segments[0]], [text.segments[1]])[0]
+            completions = [text.segments[1]] if len(text.segments) > 1 else None
+            string = decoder.format([text.segments[0]], completions)[0]
             encoding = tokenizer(
                 string,
                 add_special_tokens=not decoder.use_chat_template,

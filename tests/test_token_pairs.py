@@ -93,14 +93,15 @@ def test_tokenize_and_pair_steer_items_across_chat_templates():
     texts = [
         PairText("a", ("the weather today",), formatted=False),
         PairText("s", ("is the weather nice?", "yes"), formatted=True),
+        PairText("c", ("a prompt-only concept text",), formatted=True),
     ]
     tok_e, tok_t = tokenize_texts(expert, texts, 64), tokenize_texts(target, texts, 64)
     pairs = pair_texts(tok_e, tok_t)
     for k, text in enumerate(texts):
         strings = (
             [
-                expert.format([text.segments[0]], [text.segments[1]])[0],
-                target.format([text.segments[0]], [text.segments[1]])[0],
+                decoder.format([text.segments[0]], list(text.segments[1:]) or None)[0]
+                for decoder in (expert, target)
             ]
             if text.formatted
             else [text.segments[0]] * 2
@@ -124,6 +125,7 @@ def test_tokenize_and_pair_steer_items_across_chat_templates():
 
     # the last token of the completion (the steering state) pairs
     assert pairs[1][-1] == (len(tok_e.input_ids[1]) - 1, len(tok_t.input_ids[1]) - 1)
+    assert len(pairs[2]) > 10  # a prompt-only item pairs inside its prompt
 
 
 def test_capture_positions_equals_unpadded_forward():
