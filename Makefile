@@ -9,7 +9,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # contact the hub, so an offline machine with the files is as fast as with the flags.
 DEMO_ENV := TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test test-fast test-slow lint bench bench-peers install-large-expert clean
+.PHONY: install demo test test-fast test-slow lint bench bench-peers bench-transfer install-large-expert clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,13 @@ bench: install bench-peers
 	$(OFFLINE) $(BIN)/python benchmarks/rfm_real_activations.py --task arc_easy --steer 120 --dev 80 --test 20
 	$(OFFLINE) $(BIN)/python benchmarks/alignment_packaged.py --task sst2
 	$(OFFLINE) $(BIN)/python benchmarks/steering_throughput.py
+	$(OFFLINE) $(BIN)/python benchmarks/shared_scoring.py --quick
+
+# Transfer diagnostics (about an hour per task on 2 cores, mostly the token-level capture).
+bench-transfer: install
+	$(OFFLINE) $(BIN)/python benchmarks/transfer_diagnostics.py --tasks sst2 financial_phrasebank
+	$(OFFLINE) $(BIN)/python benchmarks/transfer_diagnostics.py --tasks sentiment_concept \
+		--out runs/transfer_diagnostics_concept.json --work runs/transfer_diagnostics_concept
 
 # The larger expert (Qwen2.5-Coder-1.5B, 22 packages, ~9 GB RAM to convert once).
 install-large-expert: install
