@@ -146,7 +146,8 @@ def test_capture_positions_equals_unpadded_forward():
             row += 1
 
 
-def test_capture_is_cached_resumable_and_sourced(tmp_path):
+def _pair_models():
+    """A tiny expert / target pair with different tokenizers, and their cache keys."""
     decoders = {
         "expert": _decoder("qwen2", chat=True, merges=MERGES, seed=1),
         "target": _decoder("llama", chat=False, seed=2),
@@ -155,6 +156,11 @@ def test_capture_is_cached_resumable_and_sourced(tmp_path):
         side: ModelKey(side, "sha", tuple(range(decoders[side].num_layers)), None)
         for side in decoders
     }
+    return decoders, keys
+
+
+def test_capture_is_cached_resumable_and_sourced(tmp_path):
+    decoders, keys = _pair_models()
     texts = [PairText(f"t{k}", (f"the weather on day {k}",), False) for k in range(5)]
     texts.append(PairText("s", ("is the weather nice?", "yes"), True))
     config = CorpusConfig(size=5, shard_texts=2)
@@ -204,14 +210,7 @@ def test_heldout_whole_texts_and_config_errors():
 
 
 def test_length_sorted_batches_keep_text_order(tmp_path):
-    decoders = {
-        "expert": _decoder("qwen2", chat=True, merges=MERGES, seed=1),
-        "target": _decoder("llama", chat=False, seed=2),
-    }
-    keys = {
-        side: ModelKey(side, "sha", tuple(range(decoders[side].num_layers)), None)
-        for side in decoders
-    }
+    decoders, keys = _pair_models()
     texts = [PairText(f"t{k}", ("the weather " * (1 + (7 * k) % 5),), False) for k in range(7)]
     config = CorpusConfig(size=7, shard_texts=7)
     one = ensure_token_pairs(tmp_path / "a", keys, texts, config, "float32", lambda: decoders, 1)
