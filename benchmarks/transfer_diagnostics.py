@@ -63,7 +63,7 @@ def datamodule(args: argparse.Namespace, task: str) -> PairedActivationDataModul
         test_size=args.test,
         seed=0,
         capture_splits=["steer", "dev"],
-        corpus=CorpusConfig(size=args.corpus_size),
+        corpus=CorpusConfig(size=args.corpus_size, steer_items=not args.no_steer_items),
     )
 
 
@@ -233,6 +233,11 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=100)
     parser.add_argument("--corpus-size", type=int, default=500)
     parser.add_argument("--recon-seeds", type=int, default=5)
+    parser.add_argument(
+        "--no-steer-items",
+        action="store_true",
+        help="fit the maps on the generic corpus only (the task's steer items left out)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/transfer_diagnostics.json"))
     parser.add_argument("--work", type=Path, default=Path("runs/transfer_diagnostics"))
     parser.add_argument("--capture-only", action="store_true")
