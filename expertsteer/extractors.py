@@ -14,12 +14,17 @@ import torch
 from expertsteer.rfm import RFMConfig, check_data, fit_rfm
 
 
+def orient(directions: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Rows [k, d] flipped so that label-1 rows of x project higher than label-0 rows (ties
+    keep the sign). The one sign rule of every extractor, the RFM stage and the diagnostics."""
+    projections = x.double() @ directions.double().T
+    gap = projections[y == 1].mean(0) - projections[y == 0].mean(0)
+    signs = torch.where(gap >= 0, 1.0, -1.0).to(directions.dtype)
+    return directions * signs[:, None]
+
+
 def _oriented(direction: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    direction = direction / direction.norm()
-    projections = x @ direction
-    if projections[y == 1].mean() < projections[y == 0].mean():
-        direction = -direction
-    return direction
+    return orient((direction / direction.norm())[None], x, y)[0]
 
 
 def mean_difference(x, y, x_val=None, y_val=None, seed=0) -> torch.Tensor:

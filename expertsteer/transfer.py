@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from expertsteer.extractors import extract
+from expertsteer.extractors import extract, orient
 
 NULL_DRAWS = 200
 RANDOM_DRAWS = 50
@@ -34,14 +34,6 @@ RANDOM_DRAWS = 50
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-
-
-def orient(directions: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Rows [k, d] flipped so that label-1 rows of x project higher than label-0 rows."""
-    projections = x.double() @ directions.double().T
-    gap = projections[y == 1].mean(0) - projections[y == 0].mean(0)
-    signs = torch.where(gap >= 0, 1.0, -1.0).to(directions.dtype)
-    return directions * signs[:, None]
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -30,7 +30,7 @@ from expertsteer.alignment import AffineAutoencoders, load_alignment
 from expertsteer.artifacts import ALIGNMENT_FILE, STEERING_FILE, load_json
 from expertsteer.benchmarks import resolve_task
 from expertsteer.cache import sha256_file
-from expertsteer.extractors import EXTRACTORS, extract
+from expertsteer.extractors import EXTRACTORS, extract, orient
 from expertsteer.rfm import (
     RFMConfig,
     RFMFitter,
@@ -476,10 +476,4 @@ class RFMModule(L.LightningModule):
         if self.hparams.source == "expert" and self.hparams.space == "raw":
             with torch.no_grad():
                 x = self.aligner.to(x.dtype).encode(self._encoder_index(pair[0]), x)
-        projections = x @ rows.to(x.dtype).T
-        signs = torch.where(
-            projections[y == 1].mean(0) >= projections[y == 0].mean(0),
-            torch.ones(len(rows), dtype=rows.dtype),
-            -torch.ones(len(rows), dtype=rows.dtype),
-        )
-        return rows * signs[:, None]
+        return orient(rows, x, y)
