@@ -1,8 +1,13 @@
 """Paired expert / target activations for the same examples, captured through nnsight.
 
-`prepare_data` (local rank 0; the other ranks wait at Lightning's barrier) captures hidden
-states of both models for every steer / dev / test item into a fingerprinted, sharded cache
-(see `expertsteer.activations`); `setup` reads it on every rank. Batches are
+Hidden states of both models for every steer / dev / test item go into a fingerprinted,
+sharded cache (see `expertsteer.activations`), captured with the models on the rank's device
+(the trainer's root device; the CPU without a trainer) in `model_dtype`. In one process
+`prepare_data` captures the missing shards. Under DDP the ranks share the capture in `setup`:
+shard n of the entry (splits in order) goes to rank n % world size, each rank writes its shards
+atomically, and after a barrier rank 0 (local rank 0 of each node) writes `meta.json` with
+every shard's sha256; in float32 the shards are the same bytes as one process's. `setup` then
+reads the entry on every rank. Batches are
 `{expert: [B, L_E, d_E], target: [B, L_T, d_T], label: [B], index: [B], id: list[str]}`.
 
 Exactly-once semantics under DDP: the dataloaders use Lightning's distributed sampler, which
@@ -13,6 +18,7 @@ whole split, identical on every rank, straight from the cache.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -36,9 +42,10 @@ from expertsteer.activations import (
     write_meta,
     write_shard,
 )
+from expertsteer.batching import check_budget, naming_out_of_memory
 from expertsteer.benchmarks import resolve_task
 from expertsteer.cache import cache_dir, file_lock
-from expertsteer.capture import POSITIONS, capture
+from expertsteer.capture import POSITIONS, capture, capture_batches
 from expertsteer.decoder import Decoder
 from expertsteer.errors import ExpertSteerError
 from expertsteer.prompts import Item, prompt_items, steering_items
@@ -56,8 +63,10 @@ from expertsteer.token_pairs import (
 from expertsteer.zoo import (
     DEFAULT_EXPERT,
     DEFAULT_TARGET,
+    check_dtype,
     load_model,
     model_dims,
+    resolve_dtype,
     weights_identity,
 )
 
@@ -122,10 +131,11 @@ class PairedActivationDataModule(L.LightningDataModule):
         test_size: int = 200,
         seed: int = 0,
         storage_dtype: str = "float32",
-        model_dtype: str = "float32",
+        model_dtype: str = "auto",
         chat_template: bool | None = None,
         batch_size: int = 64,
         capture_batch_size: int = 8,
+        max_batch_tokens: int | None = None,
         shard_size: int = 256,
         cache: str | None = None,
         num_workers: int = 0,
@@ -151,10 +161,16 @@ class PairedActivationDataModule(L.LightningDataModule):
             test_size: Examples in the test split (reporting).
             seed: Seed of the split and of wrong-answer sampling.
             storage_dtype: Cache dtype: float32, float16 or bfloat16.
-            model_dtype: Dtype the models run in during capture.
+            model_dtype: Dtype the models run in during capture: float32, bfloat16, float16,
+                or auto (bfloat16 on a CUDA device that supports it, else float32). A dtype
+                other than float32 gives its own cache entry.
             chat_template: Apply chat templates (default: when the tokenizer has one).
             batch_size: Batch size of the dataloaders.
             capture_batch_size: Prompts per traced forward during capture.
+            max_batch_tokens: Token budget of one traced forward during capture (items times
+                the longest, padding included): long prompts make smaller batches, a prompt
+                over the budget goes alone. None: `capture_batch_size` prompts per forward.
+                Lower it when the capture runs out of device memory.
             shard_size: Items per cache shard (the unit of resume).
             cache: Cache root (default: $EXPERTSTEER_CACHE or ~/.cache/expertsteer).
             num_workers: Dataloader workers.
@@ -190,6 +206,8 @@ class PairedActivationDataModule(L.LightningDataModule):
         ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        check_dtype("model_dtype", model_dtype)
+        check_budget("max_batch_tokens", max_batch_tokens)
         self.sizes = SplitSizes(steer_size, dev_size, test_size)
         captured = list(SPLITS) if capture_splits is None else list(capture_splits)
         unknown = sorted(set(captured) - set(SPLITS))
@@ -275,20 +293,47 @@ class PairedActivationDataModule(L.LightningDataModule):
         digest = fingerprint(
             expert, target, hp.position, hp.storage_dtype, hp.shard_size, self.split_items()
         )
+        model_dtype = self.model_dtype()
+        if model_dtype != "float32":
+            # Captured in another precision: an entry of its own; float32 keeps its fingerprints.
+            digest = hashlib.sha256(f"{digest}\0model_dtype\0{model_dtype}".encode())
+            digest = digest.hexdigest()[:32]
         root = Path(hp.cache).expanduser() if hp.cache else cache_dir()
         return root / "activations" / digest
+
+    # -- where and how the models run ---------------------------------------------------------
+
+    def root_device(self) -> torch.device:
+        """The rank's device: the trainer's root device (the CPU without a trainer)."""
+        if self.trainer is None:
+            return torch.device("cpu")
+        return self.trainer.strategy.root_device
+
+    def model_dtype(self) -> str:
+        """The dtype the models capture in on this rank's device (`model_dtype` resolved)."""
+        return resolve_dtype(self.hparams.model_dtype, self.root_device())
+
+    def _world(self) -> tuple[int, int]:
+        """(global rank, world size) of this process; (0, 1) without a trainer."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
 
     # -- Lightning hooks ---------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Capture whatever shards are missing (resumable); a complete entry is reused."""
-        directory = self.cache_path()
+        """In one process, capture whatever activation shards are missing (resumable; a
+        complete entry is reused); under DDP `setup` shares that out. Then the token pairs."""
         try:
-            if read_meta(directory) is None:
-                directory.mkdir(parents=True, exist_ok=True)
-                with file_lock(directory.parent / f"{directory.name}.lock"):
-                    if read_meta(directory) is None:
-                        self._capture(directory)
+            if self._world()[1] == 1:
+                directory = self.cache_path()
+                if read_meta(directory) is None:
+                    directory.mkdir(parents=True, exist_ok=True)
+                    with file_lock(directory.parent / f"{directory.name}.lock"):
+                        if read_meta(directory) is None:
+                            started = time.perf_counter()
+                            self._capture(directory, self._missing_shards(directory))
+                            self._write_meta(directory, time.perf_counter() - started)
             for entry in self.corpus_entries():
                 ensure_token_pairs(
                     entry["root"],
@@ -302,12 +347,44 @@ class PairedActivationDataModule(L.LightningDataModule):
         finally:
             self._models = None
 
+    def _capture_across_ranks(self) -> None:
+        """Every rank captures its share of the missing shards (shard n to rank n % world);
+        rank 0 writes `meta.json` after a barrier. Every rank joins every collective."""
+        strategy = self.trainer.strategy
+        directory = self.cache_path()
+        complete = read_meta(directory) is not None
+        # All ranks must take the same branch, or one would wait at a barrier alone.
+        if strategy.reduce_boolean_decision(complete, all=True):
+            return
+        rank, world = self._world()
+        started = time.perf_counter()
+        directory.mkdir(parents=True, exist_ok=True)
+        shards = self._shards()
+        self._capture(directory, self._missing_shards(directory, shards[rank::world]))
+        strategy.barrier("activation shards captured")
+        unseen = self._missing_shards(directory)
+        if unseen:
+            # Another node's shards on a cache this node does not share: capture them here.
+            log.warning(
+                "rank %d does not see %d shard(s) other ranks wrote to %s (a cache folder not "
+                "shared between nodes); capturing them again here",
+                rank,
+                len(unseen),
+                directory,
+            )
+            self._capture(directory, unseen)
+        strategy.barrier("activation shards complete")
+        if self.trainer.local_rank == 0 and read_meta(directory) is None:
+            self._write_meta(directory, time.perf_counter() - started)
+        strategy.barrier("activation cache complete")
+
     def _decoders(self) -> dict[str, Decoder]:
-        """Both models, loaded once per capture."""
+        """Both models on this rank's device, loaded once per capture."""
         if self._models is None:
             hp = self.hparams
+            device, dtype = self.root_device(), self.model_dtype()
             self._models = {
-                side: Decoder.from_loaded(load_model(name, hp.model_dtype), hp.chat_template)
+                side: Decoder.from_loaded(load_model(name, dtype, device), hp.chat_template)
                 for side, name in (("expert", hp.expert), ("target", hp.target))
             }
         return self._models
@@ -378,52 +455,87 @@ class PairedActivationDataModule(L.LightningDataModule):
             "setup)"
         )
 
-    def _capture(self, directory: Path) -> None:
-        hp = self.hparams
+    def _shards(self) -> list[tuple[str, int, int, int]]:
+        """Every shard of the entry as (split, index, first item, end), splits in order."""
         splits = self.split_items()
-        expert_key, target_key = self.keys()
-        todo = [
+        return [
             (split, k, start, stop)
             for split in self.captured
-            for k, (start, stop) in enumerate(shard_ranges(len(splits[split]), hp.shard_size))
-            if not (directory / shard_name(split, k)).is_file()
-        ]
-        log.info("activation cache %s: %d shard(s) to capture", directory, len(todo))
-        started = time.perf_counter()
-        if todo:
-            models = self._decoders()
-            dtype = STORAGE_DTYPES[hp.storage_dtype]
-            batches = 2 * sum(
-                -(-(stop - start) // hp.capture_batch_size) for *_, start, stop in todo
+            for k, (start, stop) in enumerate(
+                shard_ranges(len(splits[split]), self.hparams.shard_size)
             )
-            bar = tqdm(total=batches, desc="capture (both models)", unit="batch")
-            for split, k, start, stop in todo:
-                items = splits[split][start:stop]
+        ]
+
+    def _missing_shards(
+        self, directory: Path, shards: list[tuple[str, int, int, int]] | None = None
+    ) -> list[tuple[str, int, int, int]]:
+        """The shards (default: all) with no file in `directory` yet."""
+        shards = self._shards() if shards is None else shards
+        return [s for s in shards if not (directory / shard_name(s[0], s[1])).is_file()]
+
+    def _capture(self, directory: Path, todo: list[tuple[str, int, int, int]]) -> None:
+        """Capture and write the shards `todo` (each file atomically)."""
+        hp = self.hparams
+        log.info("activation cache %s: %d shard(s) to capture", directory, len(todo))
+        if not todo:
+            return
+        splits = self.split_items()
+        keys = dict(zip(("expert", "target"), self.keys(), strict=True))
+        models = self._decoders()
+        dtype = STORAGE_DTYPES[hp.storage_dtype]
+        batches = sum(
+            len(self._batches(models[side], splits[split][start:stop]))
+            for split, _, start, stop in todo
+            for side in keys
+        )
+        advice = (
+            f"lower the data module's max_batch_tokens (now {hp.max_batch_tokens}) or "
+            f"capture_batch_size (now {hp.capture_batch_size})"
+        )
+        bar = tqdm(total=batches, desc="capture (both models)", unit="batch")
+        for split, k, start, stop in todo:
+            items = splits[split][start:stop]
+            with naming_out_of_memory(f"activation capture on {self.root_device()}", advice):
                 states = {
                     side: self._states(models[side], key, items, dtype, lambda: bar.update(1))
-                    for side, key in (("expert", expert_key), ("target", target_key))
+                    for side, key in keys.items()
                 }
-                labels = torch.tensor([item.label for item in items], dtype=torch.long)
-                write_shard(
-                    directory / shard_name(split, k),
-                    states["expert"],
-                    states["target"],
-                    labels,
-                    [item.id for item in items],
-                )
-            bar.close()
+            labels = torch.tensor([item.label for item in items], dtype=torch.long)
+            write_shard(
+                directory / shard_name(split, k),
+                states["expert"],
+                states["target"],
+                labels,
+                [item.id for item in items],
+            )
+        bar.close()
+
+    def _write_meta(self, directory: Path, seconds: float) -> None:
+        """`meta.json` of a complete entry (last: it marks the entry complete)."""
+        hp = self.hparams
+        expert_key, target_key = self.keys()
         meta = {
             "expert": {**vars(expert_key), "hidden_size": self.dims()["expert"][0]},
             "target": {**vars(target_key), "hidden_size": self.dims()["target"][0]},
-            "splits": {name: len(items) for name, items in splits.items()},
+            "splits": {name: len(items) for name, items in self.split_items().items()},
             "task": hp.task,
             "item_kind": hp.item_kind,
             "position": hp.position,
             "storage_dtype": hp.storage_dtype,
             "shard_size": hp.shard_size,
-            "capture_seconds": round(time.perf_counter() - started, 2),
+            "capture_seconds": round(seconds, 2),
         }
         write_meta(directory, meta)
+
+    def _batches(self, decoder: Decoder, items: list[Item]) -> list[list[int]]:
+        completions = [item.completion for item in items]
+        return capture_batches(
+            decoder,
+            [item.prompt for item in items],
+            completions if any(completions) else None,
+            self.hparams.capture_batch_size,
+            self.hparams.max_batch_tokens,
+        )
 
     def _states(
         self,
@@ -443,10 +555,16 @@ class PairedActivationDataModule(L.LightningDataModule):
             batch_size=self.hparams.capture_batch_size,
             dtype=dtype,
             on_batch=on_batch,
+            max_tokens=self.hparams.max_batch_tokens,
         )
         return torch.stack([states[layer] for layer in key.layers], dim=1)
 
     def setup(self, stage: str | None = None) -> None:
+        if self._world()[1] > 1:
+            try:
+                self._capture_across_ranks()
+            finally:
+                self._models = None
         directory = self.cache_path()
         meta = read_meta(directory)
         if meta is None:

@@ -10,6 +10,7 @@ import nnsight
 import torch
 from tqdm.auto import tqdm
 
+from expertsteer.batching import check_budget, token_batches
 from expertsteer.decoder import Decoder, block_hidden
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,23 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, position: Position) -> torch.
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
 
 
+def capture_batches(
+    decoder: Decoder,
+    prompts: list[str],
+    completions: list[str] | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+) -> list[list[int]]:
+    """The index groups `capture` runs one traced forward each over: `batch_size` texts at
+    most and, with `max_tokens`, at most that many padded tokens (an over-budget text alone)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_budget("max_tokens", max_tokens)
+    if max_tokens is None:
+        return token_batches([0] * len(prompts), batch_size)
+    return token_batches(decoder.token_lengths(prompts, completions), batch_size, max_tokens)
+
+
 def capture(
     decoder: Decoder,
     prompts: list[str],
@@ -40,6 +58,7 @@ def capture(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     on_batch: Callable[[], None] | None = None,
+    max_tokens: int | None = None,
 ) -> dict[int, torch.Tensor]:
     """Hidden states of `layers` (default: all) for every prompt: `{layer: [N, d]}` on CPU.
 
@@ -48,34 +67,33 @@ def capture(
 
     "Hidden state of layer i" is the residual-stream output of decoder block i (the last
     block's output is taken before the model's final norm). The forward stops after the deepest
-    requested block, so the LM head is never computed. `on_batch` is called after each traced
-    forward (e.g. to advance a caller's progress bar).
+    requested block, so the LM head is never computed. Batches hold `batch_size` texts, fewer
+    where `max_tokens` caps their padded size (`capture_batches`). States stay on the model's
+    device, in `dtype`, until all are captured. `on_batch` is called after each traced forward
+    (e.g. to advance a caller's progress bar).
     """
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}, got '{position}'")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not prompts:
         raise ValueError("capture needs at least one prompt")
     if completions is not None and len(completions) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     layers = decoder.check_layers(layers)
+    groups = capture_batches(decoder, prompts, completions, batch_size, max_tokens)
     chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=f"capture {decoder.name}", disable=not progress):
-        stop = start + batch_size
+    for group in tqdm(groups, desc=f"capture {decoder.name}", disable=not progress):
         batch = capture_batch(
             decoder,
-            prompts[start:stop],
+            [prompts[k] for k in group],
             layers,
             position,
-            completions[start:stop] if completions is not None else None,
+            [completions[k] for k in group] if completions is not None else None,
         )
         for layer in layers:
-            chunks[layer].append(batch[layer].to("cpu", dtype))
+            chunks[layer].append(batch[layer].to(dtype))
         if on_batch is not None:
             on_batch()
-    return {layer: torch.cat(parts) for layer, parts in chunks.items()}
+    return {layer: torch.cat(parts).cpu() for layer, parts in chunks.items()}
 
 
 @torch.inference_mode()

@@ -212,6 +212,13 @@ class Decoder:
             "attention_mask": encoding["attention_mask"].to(self.device),
         }
 
+    def token_lengths(self, prompts: list[str], completions: list[str] | None = None) -> list[int]:
+        """Unpadded token count of each text `encode` would make (for token-budget batches)."""
+        encoding = self.tokenizer(
+            self.format(prompts, completions), add_special_tokens=not self.use_chat_template
+        )
+        return [len(ids) for ids in encoding["input_ids"]]
+
     @torch.inference_mode()
     def generate(self, prompts: list[str], max_new_tokens: int = 32, **kwargs: Any) -> list[str]:
         """Greedy (unless `kwargs` say otherwise) completions of `prompts`, decoded."""

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "expertsteer_model.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_DTYPE = "auto"
+"""A `model_dtype` resolved from the device (`resolve_dtype`)."""
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
@@ -393,14 +395,34 @@ def _convert_gguf(gguf: Path, final: Path, store_dtype: str, record: dict, start
         (tmp / MANIFEST).write_text(json.dumps(record, indent=2))
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a causal LM and its tokenizer.
+def check_dtype(option: str, dtype: str) -> None:
+    """Refuse a `model_dtype` that is neither a dtype name nor `auto`, naming `option`."""
+    if dtype != AUTO_DTYPE and dtype not in DTYPES:
+        raise ValueError(f"{option} must be one of {[AUTO_DTYPE, *sorted(DTYPES)]}, got '{dtype}'")
+
+
+def resolve_dtype(dtype: str, device: torch.device | str) -> str:
+    """The dtype name models run in on `device`: `auto` is bfloat16 on a CUDA device that
+    supports it (half the memory of float32, no float16 overflow), else float32."""
+    if dtype != AUTO_DTYPE:
+        return dtype
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
+def load_model(
+    name: str, dtype: str = "float32", device: torch.device | str = "cpu"
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer onto `device`, in `dtype` (`auto`: see
+    `resolve_dtype`).
 
     `name` is a packaged model name (see `PACKAGED`), a path to a `.gguf` file, a local model
     directory, or (when online) a hub id. Raises `ModelNotFoundError` with the fix otherwise.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
+    check_dtype("dtype", dtype)
+    dtype = resolve_dtype(dtype, device)
     path = Path(name).expanduser()
     recorded = None
     if name in PACKAGED:
@@ -422,7 +444,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> Loaded
     return LoadedModel(name, model, tokenizer, directory, recorded)
 
 
-def _from_pretrained(source: str, dtype: str, device: str, local_files_only: bool):
+def _from_pretrained(source: str, dtype: str, device: torch.device | str, local_files_only: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
@@ -432,7 +454,7 @@ def _from_pretrained(source: str, dtype: str, device: str, local_files_only: boo
     return model.to(device).eval(), tokenizer
 
 
-def _load_from_hub(name: str, dtype: str, device: str) -> LoadedModel:
+def _load_from_hub(name: str, dtype: str, device: torch.device | str) -> LoadedModel:
     known = ", ".join(PACKAGED)
     close = difflib.get_close_matches(name, PACKAGED, n=1, cutoff=0.75)
     hint = f" Did you mean '{close[0]}'?" if close else ""

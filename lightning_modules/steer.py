@@ -18,6 +18,7 @@ draws 0..n-1 are the same for any larger K. The evaluator treats every draw like
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import lightning as L
 import torch
 
 from expertsteer.artifacts import ArtifactError
+from expertsteer.batching import naming_out_of_memory
 from expertsteer.branching import PrefixStore
 from expertsteer.controls import NONE_BIAS
 from expertsteer.decoder import Decoder
@@ -43,8 +45,10 @@ from expertsteer.vectors import POSITIONS, SteeringVectors, load_steering
 from expertsteer.zoo import (
     DEFAULT_EXPERT,
     DEFAULT_TARGET,
+    check_dtype,
     load_model,
     model_dims,
+    resolve_dtype,
     weights_identity,
 )
 
@@ -90,7 +94,7 @@ class SteeringModule(L.LightningModule):
         calibration: str | None = None,
         max_new_tokens: int | None = None,
         batch_size: int = 8,
-        model_dtype: str = "float32",
+        model_dtype: str = "auto",
         chat_template: bool | None = None,
         null_k: int = 0,
         null_seed: int = 1,
@@ -112,7 +116,8 @@ class SteeringModule(L.LightningModule):
             calibration: Option-score calibration: content_free (default), mean or none.
             max_new_tokens: Generation budget (default: 128 numeric, 16 otherwise).
             batch_size: Prompts per forward / generate call.
-            model_dtype: Dtype the models run in: float32 or bfloat16.
+            model_dtype: Dtype the models run in: float32, bfloat16, float16, or auto
+                (bfloat16 on a CUDA device that supports it, else float32).
             chat_template: Apply chat templates (default: when the tokenizer has one).
             null_k: Random null draws, each chosen on dev and scored on test like a method
                 (0: no null, and no method can then be called a gain).
@@ -144,6 +149,7 @@ class SteeringModule(L.LightningModule):
             )
         if config_batch < 1:
             raise ValueError(f"config_batch must be >= 1, got {config_batch}")
+        check_dtype("model_dtype", model_dtype)
         if calibration == "mean":
             raise ValueError(
                 "calibration 'mean' depends on which items share a batch; use content_free or "
@@ -165,12 +171,19 @@ class SteeringModule(L.LightningModule):
         return path if path.is_absolute() else Path(self.hparams.run_dir) / path
 
     def setup(self, stage: str) -> None:
-        """Check the task, the artifacts and the layers, then load the models."""
+        """Check the task, the artifacts and the layers, then load the models onto this rank's
+        device (the trainer's root device: Lightning moves the module there after `setup`;
+        the decoders are no submodules, so they are placed here)."""
         self.preflight(self.trainer.datamodule)
+        device = self.trainer.strategy.root_device
         if self.target_decoder is None:
-            self.target_decoder = self._load(self.hparams.target)
+            self.target_decoder = self._load(self.hparams.target, device)
         if self.hparams.expert is not None and self.expert_decoder is None:
-            self.expert_decoder = self._load(self.hparams.expert)
+            self.expert_decoder = self._load(self.hparams.expert, device)
+        for decoder in (self.target_decoder, self.expert_decoder):
+            if decoder is not None and decoder.device != device:
+                # Loaded under an earlier trainer with another device.
+                decoder.hf_model.to(device)
 
     def preflight(self, datamodule: L.LightningDataModule) -> None:
         """Every check that needs no model: task type and mode, each method's artifact
@@ -217,9 +230,18 @@ class SteeringModule(L.LightningModule):
         """Every steered configuration the evaluator chooses on dev: methods, then null draws."""
         return [*self.hparams.methods, *self.null_names]
 
-    def _load(self, name: str) -> Decoder:
-        loaded = load_model(name, dtype=self.hparams.model_dtype)
+    def _load(self, name: str, device: torch.device) -> Decoder:
+        dtype = resolve_dtype(self.hparams.model_dtype, device)
+        loaded = load_model(name, dtype=dtype, device=device)
         return Decoder.from_loaded(loaded, self.hparams.chat_template)
+
+    def _out_of_memory(self, what: str) -> AbstractContextManager[None]:
+        """Name the option to lower when scoring runs out of device memory."""
+        advice = (
+            f"lower the evaluation's batch_size (now {self.hparams.batch_size}) or, for the "
+            f"steered grid, config_batch (now {self.hparams.config_batch})"
+        )
+        return naming_out_of_memory(f"{what} on {self.target_decoder.device}", advice)
 
     # -- what the evaluator calls --------------------------------------------------------------
 
@@ -254,17 +276,18 @@ class SteeringModule(L.LightningModule):
         hp = self.hparams
         decoder = self.expert_decoder if expert else self.target_decoder
         cache = None if key is None else self.calibration_cache.setdefault((expert, key), {})
-        return evaluate(
-            decoder,
-            self.task_type,
-            examples,
-            intervention,
-            mode=hp.mode,
-            calibration=hp.calibration,
-            max_new_tokens=hp.max_new_tokens,
-            batch_size=hp.batch_size,
-            calibration_cache=cache,
-        )
+        with self._out_of_memory("scoring"):
+            return evaluate(
+                decoder,
+                self.task_type,
+                examples,
+                intervention,
+                mode=hp.mode,
+                calibration=hp.calibration,
+                max_new_tokens=hp.max_new_tokens,
+                batch_size=hp.batch_size,
+                calibration_cache=cache,
+            )
 
     def score_grid(
         self, examples: list[Example], interventions: dict[Any, Intervention]
@@ -278,19 +301,20 @@ class SteeringModule(L.LightningModule):
                 for key, intervention in interventions.items()
             }
         caches = {key: self.calibration_cache.setdefault((False, key), {}) for key in interventions}
-        return evaluate_grid(
-            self.target_decoder,
-            self.task_type,
-            examples,
-            interventions,
-            mode=hp.mode,
-            calibration=hp.calibration,
-            max_new_tokens=hp.max_new_tokens,
-            batch_size=hp.batch_size,
-            calibration_caches=caches,
-            store=self.prefix_store,
-            config_batch=hp.config_batch,
-        )
+        with self._out_of_memory("grid scoring"):
+            return evaluate_grid(
+                self.target_decoder,
+                self.task_type,
+                examples,
+                interventions,
+                mode=hp.mode,
+                calibration=hp.calibration,
+                max_new_tokens=hp.max_new_tokens,
+                batch_size=hp.batch_size,
+                calibration_caches=caches,
+                store=self.prefix_store,
+                config_batch=hp.config_batch,
+            )
 
     def generate(
         self,
@@ -301,9 +325,10 @@ class SteeringModule(L.LightningModule):
     ) -> list[str]:
         """Greedy answers of the target (steered by `intervention`) or of the expert."""
         decoder = self.expert_decoder if expert else self.target_decoder
-        return generate_answers(
-            decoder, prompts, intervention, max_new_tokens, self.hparams.batch_size
-        )
+        with self._out_of_memory("generation"):
+            return generate_answers(
+                decoder, prompts, intervention, max_new_tokens, self.hparams.batch_size
+            )
 
     # -- Lightning hooks -----------------------------------------------------------------------
 
