@@ -1,8 +1,8 @@
 """Run the paired DataModule under a Lightning Trainer with N CPU processes (gloo).
 
 Usage: python ddp_capture_script.py EXPERT_DIR TARGET_DIR CACHE_DIR DEVICES OUT_DIR
-Each rank writes OUT_DIR/rank<k>.json: the dev ids its dataloader served and the number of
-examples `split_tensors("dev")` returned.
+Each rank writes OUT_DIR/rank<k>.json: the dev ids its dataloader served, the number of
+examples `split_tensors("dev")` returned, and the activation shards this rank wrote.
 """
 
 import json
@@ -12,8 +12,20 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from datamodules import paired_activations
 from datamodules.paired_activations import PairedActivationDataModule
 from tests.slow.ddp import cpu_trainer
+
+WRITTEN: list[str] = []
+
+
+def _recording_write(path, *args):
+    WRITTEN.append(path.name)
+    _write_shard(path, *args)
+
+
+_write_shard = paired_activations.write_shard
+paired_activations.write_shard = _recording_write
 
 
 class Recorder(L.LightningModule):
@@ -30,6 +42,7 @@ class Recorder(L.LightningModule):
             "seen": self.seen,
             "full_split": len(dev["id"]),
             "checksum": float(dev["expert"].double().sum()),
+            "wrote": WRITTEN,
         }
         out = Path(sys.argv[5]) / f"rank{self.global_rank}.json"
         out.write_text(json.dumps(record))
