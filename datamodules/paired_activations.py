@@ -167,10 +167,11 @@ class PairedActivationDataModule(L.LightningDataModule):
             chat_template: Apply chat templates (default: when the tokenizer has one).
             batch_size: Batch size of the dataloaders.
             capture_batch_size: Prompts per traced forward during capture.
-            max_batch_tokens: Token budget of one traced forward during capture (items times
-                the longest, padding included): long prompts make smaller batches, a prompt
-                over the budget goes alone. None: `capture_batch_size` prompts per forward.
-                Lower it when the capture runs out of device memory.
+            max_batch_tokens: Token budget of one traced forward during capture, item- and
+                token-level (texts times the longest, padding included): long texts make
+                smaller batches, a text over the budget goes alone. None:
+                `capture_batch_size` texts per forward. Lower it when the capture runs out of
+                device memory.
             shard_size: Items per cache shard (the unit of resume).
             cache: Cache root (default: $EXPERTSTEER_CACHE or ~/.cache/expertsteer).
             num_workers: Dataloader workers.
@@ -334,16 +335,22 @@ class PairedActivationDataModule(L.LightningDataModule):
                             started = time.perf_counter()
                             self._capture(directory, self._missing_shards(directory))
                             self._write_meta(directory, time.perf_counter() - started)
+            hp = self.hparams
             for entry in self.corpus_entries():
-                ensure_token_pairs(
-                    entry["root"],
-                    entry["keys"],
-                    entry["texts"],
-                    self.corpus,
-                    self.hparams.corpus_storage_dtype,
-                    self._decoders,
-                    self.hparams.capture_batch_size,
-                )
+                with naming_out_of_memory(
+                    f"token-pair capture on {self.root_device()}", self._memory_advice()
+                ):
+                    ensure_token_pairs(
+                        entry["root"],
+                        entry["keys"],
+                        entry["texts"],
+                        self.corpus,
+                        hp.corpus_storage_dtype,
+                        self._decoders,
+                        hp.capture_batch_size,
+                        hp.max_batch_tokens,
+                        self.model_dtype(),
+                    )
         finally:
             self._models = None
 
@@ -432,6 +439,7 @@ class PairedActivationDataModule(L.LightningDataModule):
                 self.corpus,
                 self.hparams.corpus_storage_dtype,
                 self._missing_capture,
+                model_dtype=self.model_dtype(),
             )
             meta = read_token_meta(directory)
             data = load_token_pairs(directory, meta)
@@ -488,10 +496,7 @@ class PairedActivationDataModule(L.LightningDataModule):
             for split, _, start, stop in todo
             for side in keys
         )
-        advice = (
-            f"lower the data module's max_batch_tokens (now {hp.max_batch_tokens}) or "
-            f"capture_batch_size (now {hp.capture_batch_size})"
-        )
+        advice = self._memory_advice()
         bar = tqdm(total=batches, desc="capture (both models)", unit="batch")
         for split, k, start, stop in todo:
             items = splits[split][start:stop]
@@ -509,6 +514,13 @@ class PairedActivationDataModule(L.LightningDataModule):
                 [item.id for item in items],
             )
         bar.close()
+
+    def _memory_advice(self) -> str:
+        hp = self.hparams
+        return (
+            f"lower the data module's max_batch_tokens (now {hp.max_batch_tokens}) or "
+            f"capture_batch_size (now {hp.capture_batch_size})"
+        )
 
     def _write_meta(self, directory: Path, seconds: float) -> None:
         """`meta.json` of a complete entry (last: it marks the entry complete)."""

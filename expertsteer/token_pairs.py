@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from expertsteer.activations import STORAGE_DTYPES, CacheMismatchError, ModelKey
+from expertsteer.batching import token_batches
 from expertsteer.cache import atomic_file, file_lock, sha256_file
 from expertsteer.decoder import Decoder, block_hidden
 from expertsteer.errors import ExpertSteerError
@@ -368,11 +369,13 @@ def capture_token_pairs(
     config: CorpusConfig,
     storage_dtype: str,
     batch_size: int = 8,
+    max_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Capture (or resume) the paired token states of `texts` into `directory`; its meta.
 
     Each shard holds `expert [n, L_E, d_E]`, `target [n, L_T, d_T]` and `text [n]` (the index
-    of the text each paired position belongs to).
+    of the text each paired position belongs to). A forward holds `batch_size` texts, fewer
+    where `max_tokens` caps its padded size (`expertsteer.batching.token_batches`).
     """
     if not texts:
         raise TokenPairError("no texts to pair")
@@ -389,18 +392,25 @@ def capture_token_pairs(
     ]
     rows_per_shard = [sum(len(pairs[k]) for k in span) for _, span in shards]
     todo = [(index, span) for index, span in shards if not _shard_path(directory, index).is_file()]
-    total_batches = sum(-(-len(span) // batch_size) for _, span in todo)
+
+    def longest(k: int) -> int:
+        return max(len(tokenized[side].input_ids[k]) for side in tokenized)
+
+    # Batches of similar length waste little on padding; rows return to text order.
+    orders = {index: sorted((k for k in span if pairs[k]), key=longest) for index, span in todo}
+    groups = {
+        index: [
+            [order[n] for n in group]
+            for group in token_batches([longest(k) for k in order], batch_size, max_tokens)
+        ]
+        for index, order in orders.items()
+    }
+    total_batches = sum(len(batches) for batches in groups.values())
     with tqdm(total=total_batches, desc="capture token pairs", unit="batch") as bar:
-        for index, span in todo:
+        for index, _ in todo:
             parts: dict[str, list[torch.Tensor]] = {"expert": [], "target": []}
             text_index: list[int] = []
-            # Batches of similar length waste little on padding; rows return to text order.
-            order = sorted(
-                (k for k in span if pairs[k]),
-                key=lambda k: max(len(tokenized[s].input_ids[k]) for s in tokenized),
-            )
-            for start in range(0, len(span), batch_size):
-                batch = order[start : start + batch_size]
+            for batch in groups[index]:
                 for side, column in (("expert", 0), ("target", 1)):
                     if batch:
                         parts[side].append(
@@ -515,21 +525,31 @@ def ensure_token_pairs(
     storage_dtype: str,
     load_decoders: Any,
     batch_size: int = 8,
+    max_tokens: int | None = None,
+    model_dtype: str = "float32",
 ) -> Path:
     """Directory of the complete capture of `texts`, capturing missing shards first (under a
-    lock; `load_decoders()` is called only when something is missing)."""
-    directory = (
-        root
-        / "token_pairs"
-        / fingerprint(keys["expert"], keys["target"], storage_dtype, config, texts)
-    )
+    lock; `load_decoders()` is called only when something is missing). A `model_dtype` other
+    than float32 (the dtype the models run in) gives an entry of its own."""
+    digest = fingerprint(keys["expert"], keys["target"], storage_dtype, config, texts)
+    if model_dtype != "float32":
+        digest = hashlib.sha256(f"{digest}\0model_dtype\0{model_dtype}".encode()).hexdigest()
+        digest = digest[:32]
+    directory = root / "token_pairs" / digest
     if read_token_meta(directory) is not None:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     with file_lock(directory.parent / f"{directory.name}.lock"):
         if read_token_meta(directory) is None:
             capture_token_pairs(
-                directory, load_decoders(), keys, texts, config, storage_dtype, batch_size
+                directory,
+                load_decoders(),
+                keys,
+                texts,
+                config,
+                storage_dtype,
+                batch_size,
+                max_tokens,
             )
     return directory
 

@@ -17,6 +17,13 @@ from expertsteer.batching import (
 )
 from expertsteer.capture import capture, capture_batches
 from expertsteer.decoder import Decoder
+from expertsteer.token_pairs import (
+    CorpusConfig,
+    PairText,
+    ensure_token_pairs,
+    load_token_pairs,
+    read_token_meta,
+)
 from tests.tiny import byte_tokenizer, tiny_model
 
 
@@ -130,3 +137,38 @@ def test_paired_capture_with_a_budget_equals_the_cache_without(tiny_dirs, tmp_pa
         assert a["id"] == b["id"]
         for side in ("expert", "target"):
             torch.testing.assert_close(a[side], b[side], atol=1e-5, rtol=0)
+
+
+def test_token_pair_forwards_keep_the_budget_and_the_states(tmp_path, monkeypatch):
+    from expertsteer import token_pairs
+    from tests.test_token_pairs import _pair_models
+
+    decoders, keys = _pair_models()
+    texts = [PairText(f"t{k}", ("the weather " * (1 + (7 * k) % 5),), False) for k in range(7)]
+    config = CorpusConfig(size=7, shard_texts=7)
+    widths = []
+    real = token_pairs.capture_positions
+
+    def recording(decoder, input_ids, *args):
+        widths.append(len(input_ids) * max(len(ids) for ids in input_ids))
+        return real(decoder, input_ids, *args)
+
+    monkeypatch.setattr(token_pairs, "capture_positions", recording)
+    plain = ensure_token_pairs(tmp_path, keys, texts, config, "float32", lambda: decoders, 4)
+    unbudgeted = len(widths)
+    budget = 80
+    budgeted = ensure_token_pairs(
+        tmp_path / "b", keys, texts, config, "float32", lambda: decoders, 4, budget
+    )
+    assert plain.name == budgeted.name, "same states, same entry"
+    assert len(widths) - unbudgeted > unbudgeted
+    assert max(widths[unbudgeted:]) <= budget < max(widths[:unbudgeted])
+    a = load_token_pairs(plain, read_token_meta(plain))
+    b = load_token_pairs(budgeted, read_token_meta(budgeted))
+    assert torch.equal(a["text"], b["text"])
+    for side in ("expert", "target"):
+        torch.testing.assert_close(a[side], b[side], atol=1e-4, rtol=1e-4)
+    bf16 = ensure_token_pairs(
+        tmp_path, keys, texts, config, "float32", lambda: decoders, 4, model_dtype="bfloat16"
+    )
+    assert bf16.name != plain.name
