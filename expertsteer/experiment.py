@@ -157,6 +157,9 @@ class AlignmentSettings:
     """AdamW learning rate."""
     batch_size: int = 64
     """Training batch size."""
+    max_batch_tokens: int | None = None
+    """Token budget of one capture forward (the data module's `max_batch_tokens`; long texts
+    make smaller batches): lower it when the capture runs out of device memory. null: none."""
     lambda_tr: float = 1.0
     """Weight of the translation term (recon+translate)."""
     items: str = "steering"
@@ -189,6 +192,8 @@ class AlignmentSettings:
         _integer("alignment.patience", self.patience, 0)
         _number("alignment.lr", self.lr)
         _integer("alignment.batch_size", self.batch_size, 1)
+        if self.max_batch_tokens is not None:
+            _integer("alignment.max_batch_tokens", self.max_batch_tokens, 1)
         _number("alignment.lambda_tr", self.lambda_tr, positive=False)
         _choice("alignment.items", self.items, ("steering", "prompts"))
         _choice("alignment.mi_estimator", self.mi_estimator, ("gaussian", "ksg"))
@@ -556,6 +561,9 @@ def _activations(experiment: Experiment, task: str, item_kind: str, corpus: bool
     }
     if corpus and experiment.alignment.corpus is not None:
         config["init_args"]["corpus"] = dict(experiment.alignment.corpus)
+    if experiment.alignment.max_batch_tokens is not None:
+        # Only when set: other experiments keep their stage configs (and fingerprints).
+        config["init_args"]["max_batch_tokens"] = experiment.alignment.max_batch_tokens
     return config
 
 

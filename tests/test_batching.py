@@ -172,3 +172,21 @@ def test_token_pair_forwards_keep_the_budget_and_the_states(tmp_path, monkeypatc
         tmp_path, keys, texts, config, "float32", lambda: decoders, 4, model_dtype="bfloat16"
     )
     assert bf16.name != plain.name
+
+
+def test_experiment_passes_the_capture_budget_to_every_capturing_stage():
+    from expertsteer.experiment import AlignmentSettings, Experiment, ExperimentError, stage_configs
+
+    def capture_settings(experiment):
+        stages = stage_configs(experiment, "arithmetic")
+        data = [config["data"] for _, config, _ in stages.values()]
+        return [d["init_args"] for d in data if d["class_path"] == "PairedActivationDataModule"]
+
+    budgeted = Experiment(tasks=["arithmetic"], alignment=AlignmentSettings(max_batch_tokens=2048))
+    settings = capture_settings(budgeted)
+    assert settings and all(s.get("max_batch_tokens") == 2048 for s in settings)
+    assert all(
+        "max_batch_tokens" not in s for s in capture_settings(Experiment(tasks=["arithmetic"]))
+    )
+    with pytest.raises(ExperimentError, match="alignment.max_batch_tokens"):
+        AlignmentSettings(max_batch_tokens=0)
