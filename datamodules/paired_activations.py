@@ -167,9 +167,9 @@ class PairedActivationDataModule(L.LightningDataModule):
             chat_template: Apply chat templates (default: when the tokenizer has one).
             batch_size: Batch size of the dataloaders.
             capture_batch_size: Prompts per traced forward during capture.
-            max_batch_tokens: Token budget of one traced forward during capture, item- and
-                token-level (texts times the longest, padding included): long texts make
-                smaller batches, a text over the budget goes alone. None:
+            max_batch_tokens: Token budget of one traced forward during capture, of the items
+                and of the token-pair corpus (texts times the longest, padding included): long
+                texts make smaller batches, a text over the budget goes alone. None:
                 `capture_batch_size` texts per forward. Lower it when the capture runs out of
                 device memory.
             shard_size: Items per cache shard (the unit of resume).
@@ -356,7 +356,7 @@ class PairedActivationDataModule(L.LightningDataModule):
 
     def _capture_across_ranks(self) -> None:
         """Every rank captures its share of the missing shards (shard n to rank n % world);
-        rank 0 writes `meta.json` after a barrier. Every rank joins every collective."""
+        after a barrier local rank 0 writes `meta.json`. Every rank joins every collective."""
         strategy = self.trainer.strategy
         directory = self.cache_path()
         complete = read_meta(directory) is not None
