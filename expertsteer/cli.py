@@ -398,6 +398,8 @@ def lightning_cli(
                 )
             super().instantiate_classes()
 
+    if quiet:
+        _hide_library_bars()
     if quiet and isinstance(args, list) and args and args[0] == "validate":
         args = [*args, "--verbose=false"]
     with warnings.catch_warnings():
@@ -416,6 +418,16 @@ def lightning_cli(
 
 
 PLACEHOLDER_MODEL = "lightning.pytorch.demos.boring_classes.BoringModel"
+
+
+def _hide_library_bars() -> None:
+    """No per-file bars from datasets ("Generating train split") or transformers ("Loading
+    weights") in a quiet stage: each step has its own bar."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def parse_stage_config(config: dict[str, Any], build_model: bool = True) -> None:
@@ -519,6 +531,8 @@ def main(args: list[str] | None = None, quiet_stage: bool = False) -> None:
         return
     namespace = build_parser().parse_args(argv)
     configure_logging(namespace.verbose)
+    if not namespace.verbose:
+        _hide_library_bars()
     try:
         namespace.handler(namespace)
     except ExpertSteerError as error:

@@ -1,4 +1,4 @@
-"""Accuracy, macro-F1, bootstrap intervals and the share of the expert-target gap closed.
+"""Accuracy, macro-F1, habit rate, bootstrap intervals and the share of the gap closed.
 
 Every reported number gets a 95% percentile-bootstrap interval over items. Differences between
 two methods evaluated on the same items use the paired bootstrap (the same resampled item indices
@@ -104,6 +104,65 @@ def bootstrap_ci(
     values = _as_values(correct, "correct")
     low, high = _interval(bootstrap_means(values, n_boot, seed), level)
     return float(values.mean()), low, high
+
+
+def _macro_f1_rows(preds: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """`macro_f1` of each row of `[rows, n]` mapped predictions / labels, vectorised."""
+    predicted = torch.nn.functional.one_hot(preds, num_classes + 1)[..., :num_classes].double()
+    gold = torch.nn.functional.one_hot(target, num_classes).double()
+    true_pos = (predicted * gold).sum(dim=1)
+    predicted_count, gold_count = predicted.sum(dim=1), gold.sum(dim=1)
+    denominator = predicted_count + gold_count
+    f1 = torch.where(denominator > 0, 2 * true_pos / denominator.clamp(min=1), 0.0)
+    present = denominator > 0
+    return (f1 * present).sum(dim=1) / present.sum(dim=1)
+
+
+def macro_f1_ci(
+    preds: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """(macro-F1, low, high): `macro_f1` with a percentile-bootstrap interval over items."""
+    _check_level(level, n_boot)
+    mapped, target = _as_predictions(preds, target, num_classes), target.long()
+    samples = torch.cat(
+        [
+            _macro_f1_rows(mapped[idx], target[idx], num_classes)
+            for idx in _resampled_indices(len(target), n_boot, seed)
+        ]
+    )
+    low, high = _interval(samples, level)
+    return macro_f1(preds, target, num_classes), low, high
+
+
+def habit_rate_ci(
+    codes: torch.Tensor, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """(habit rate, low, high): the share of items given the most common prediction, with a
+    percentile-bootstrap interval over items. `codes` numbers the distinct predictions 0..U-1,
+    -1 for an unanswered item (never counted as a habit)."""
+    _check_level(level, n_boot)
+    codes = torch.as_tensor(codes).long()
+    if codes.dim() != 1 or codes.numel() == 0:
+        raise ValueError(f"codes must be a non-empty 1-D tensor, got shape {tuple(codes.shape)}")
+    if codes.min() < -1:
+        raise ValueError("codes must be >= 0, or -1 for unanswered items")
+    width = int(codes.max()) + 2
+    one_hot = torch.nn.functional.one_hot(codes + 1, width)[:, 1:].double()
+
+    def rates(counts: torch.Tensor) -> torch.Tensor:
+        top = counts.max(dim=-1).values if counts.shape[-1] else torch.zeros(counts.shape[:-1])
+        return top / len(codes)
+
+    samples = torch.cat(
+        [rates(one_hot[idx].sum(dim=1)) for idx in _resampled_indices(len(codes), n_boot, seed)]
+    )
+    low, high = _interval(samples.double(), level)
+    return float(rates(one_hot.sum(dim=0))), low, high
 
 
 def paired_bootstrap_ci(

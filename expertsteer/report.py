@@ -64,8 +64,10 @@ def _versus(entry: dict[str, Any], control: str) -> str:
     return f"{_difference(comparison)} (p {_p(entry.get(f'p_vs_{control}'))})"
 
 
-def _share(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}"
+def _share(value: float | None, interval: list[float] | None = None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f}" + ("" if interval is None else f" [{interval[0]:.2f}, {interval[1]:.2f}]")
 
 
 def _verdict(entry: dict[str, float]) -> str:
@@ -98,7 +100,7 @@ def summary_table(metrics: dict[str, Any]) -> str:
     and its dev choice."""
     lines = [
         "| method | what | test acc % [95% CI] | vs none, points [95% paired CI] (p) | "
-        "vs none+bias (p) | p vs null | macro-F1 | habit | "
+        "vs none+bias (p) | p vs null | macro-F1 [95% CI] | habit [95% CI] | "
         "gap closed (if the expert is sig. better) | alpha | layers | dev acc % |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -118,8 +120,8 @@ def summary_table(metrics: dict[str, Any]) -> str:
                     _versus(entry, "none"),
                     _versus(entry, "none_bias"),
                     _p(entry.get("p_vs_null")),
-                    _share(entry.get("macro_f1")),
-                    _share(entry.get("habit_rate")),
+                    _share(entry.get("macro_f1"), entry.get("macro_f1_ci")),
+                    _share(entry.get("habit_rate"), entry.get("habit_rate_ci")),
                     "—" if gap is None else f"{100 * gap:+.0f}%",
                     f"{entry['alpha']:g}" if steered else "—",
                     layers_key(entry["layers"]) if steered else "—",

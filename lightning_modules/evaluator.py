@@ -56,13 +56,14 @@ from expertsteer.metrics import (
     bootstrap_ci,
     empirical_p,
     gap_closed,
-    macro_f1,
+    habit_rate_ci,
+    macro_f1_ci,
     paired_bootstrap_ci,
     paired_bootstrap_p,
 )
 from expertsteer.prompts import render_prompt
 from expertsteer.report import layers_key, write_report
-from expertsteer.scoring import EvalResult, habit_rate
+from expertsteer.scoring import EvalResult
 from expertsteer.tasks import Example
 from expertsteer.transfer import transfer_summary
 from lightning_modules.steer import EXPERT, NONE, SteeringModule
@@ -147,18 +148,26 @@ def _predictions(items: dict[str, dict], ids: list[str]) -> list[Any]:
 
 
 def _class_metrics(
-    predictions: list[Any], gold: list[int | float], classes: int | None
+    predictions: list[Any], gold: list[int | float], classes: int | None, **boot: int
 ) -> dict[str, Any]:
-    """Macro-F1, habit rate and predicted-class shares of test predictions (numeric tasks,
-    `classes` None: the habit rate alone — the share of the most common number)."""
-    out: dict[str, Any] = {"habit_rate": habit_rate(predictions)}
+    """Macro-F1, habit rate (each with a 95% bootstrap interval over items) and predicted-class
+    shares of test predictions (numeric tasks, `classes` None: the habit rate alone — the share
+    of the most common number)."""
+    distinct: dict[Any, int] = {}
+    codes = torch.tensor(
+        [-1 if p is None else distinct.setdefault(p, len(distinct)) for p in predictions]
+    )
+    habit, habit_low, habit_high = habit_rate_ci(codes, **boot)
+    out: dict[str, Any] = {"habit_rate": habit, "habit_rate_ci": [habit_low, habit_high]}
     if classes is None:
-        return out | {"macro_f1": None, "predicted_share": None}
+        return out | {"macro_f1": None, "macro_f1_ci": None, "predicted_share": None}
     preds = torch.tensor([-1 if p is None else int(p) for p in predictions])
     target = torch.tensor([int(g) for g in gold])
     counts = torch.bincount(preds[preds >= 0], minlength=classes).tolist()
+    f1, f1_low, f1_high = macro_f1_ci(preds, target, num_classes=classes, **boot)
     return out | {
-        "macro_f1": macro_f1(preds, target, num_classes=classes),
+        "macro_f1": f1,
+        "macro_f1_ci": [f1_low, f1_high],
         "predicted_share": {str(k): count / len(preds) for k, count in enumerate(counts)},
     }
 
@@ -338,7 +347,7 @@ class SteeringEvaluator(Callback):
         classes = _num_classes(pl_module.task_type, none_items)
 
         def class_metrics(predictions: list[Any]) -> dict[str, Any]:
-            return _class_metrics(predictions, gold, classes)
+            return _class_metrics(predictions, gold, classes, **boot)
 
         def summary(correct: torch.Tensor) -> dict[str, float]:
             mean, low, high = bootstrap_ci(correct, **boot)

@@ -389,6 +389,9 @@ def test_metrics_carry_both_controls_and_every_method_figure(evaluated):
     for name in ("none", "none+bias", "expertsteer", "target_mean_diff"):
         entry = methods[name]
         assert 0.0 <= entry["macro_f1"] <= 1.0 and 0.5 <= entry["habit_rate"] <= 1.0
+        for figure in ("macro_f1", "habit_rate"):
+            low, high = entry[f"{figure}_ci"]
+            assert low <= entry[figure] <= high
         assert sum(entry["predicted_share"].values()) == pytest.approx(1.0)
     for name in ("expertsteer", "target_mean_diff"):
         entry = methods[name]

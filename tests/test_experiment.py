@@ -103,6 +103,8 @@ def test_run_writes_every_artifact_and_reuses_finished_stages(
     assert "| expertsteer |" in out and str(run / REPORT_FILE) in out
     report = (run / REPORT_FILE).read_text()
     assert "Headroom" in report and "accuracy_vs_alpha.png" in report
+    habit = metrics["methods"]["none"]["habit_rate_ci"]
+    assert "habit [95% CI]" in report and f"[{habit[0]:.2f}, {habit[1]:.2f}]" in report
 
     # The ExpertSteer vectors as a llama.cpp control vector, at the alpha chosen on dev.
     steering = load_steering(run / STEERING_FILE)

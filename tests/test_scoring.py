@@ -11,11 +11,14 @@ from transformers import PreTrainedTokenizerFast
 from expertsteer.benchmarks import BUILTIN
 from expertsteer.decoder import Decoder, left_pad_positions
 from expertsteer.metrics import (
+    _resampled_indices,
     accuracy,
     bootstrap_ci,
     bootstrap_means,
     gap_closed,
+    habit_rate_ci,
     macro_f1,
+    macro_f1_ci,
     paired_bootstrap_ci,
 )
 from expertsteer.prompts import render_prompt
@@ -580,6 +583,32 @@ def test_macro_f1_and_accuracy_against_hand_counts():
         assert math.isclose(macro_f1(preds, target, classes), (2 / 3 + 1 / 2) / 2, rel_tol=1e-6)
     with pytest.raises(ValueError, match="target labels must lie in 0..1"):
         accuracy(preds, torch.tensor([0, 1, 2, 0]), 2)
+
+
+def test_macro_f1_and_habit_intervals_resample_like_the_plain_figures():
+    rng = np.random.default_rng(0)
+    target = torch.tensor(rng.integers(0, 3, 60))
+    preds = torch.where(
+        torch.tensor(rng.random(60) < 0.6), target, torch.tensor(rng.integers(-1, 3, 60))
+    )
+    f1, low, high = macro_f1_ci(preds, target, 3, n_boot=50, seed=4)
+    assert f1 == macro_f1(preds, target, 3) and low < f1 < high
+    # The vectorised resamples equal the plain figures computed on each resampled item set.
+    index_rows = next(_resampled_indices(60, 50, 4))
+    plain = torch.tensor([macro_f1(preds[idx], target[idx], 3) for idx in index_rows])
+    assert (low, high) == pytest.approx(
+        torch.quantile(plain.double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    )
+    answers = [None if p < 0 else int(p) for p in preds]
+    rate, low, high = habit_rate_ci(preds, n_boot=50, seed=4)
+    assert rate == habit_rate(answers) and low <= rate <= high
+    plain = torch.tensor([habit_rate([answers[i] for i in idx]) for idx in index_rows.tolist()])
+    assert (low, high) == pytest.approx(
+        torch.quantile(plain.double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    )
+    assert habit_rate_ci(torch.full((5,), -1), n_boot=10)[0] == 0.0
+    with pytest.raises(ValueError, match="codes must be >= 0"):
+        habit_rate_ci(torch.tensor([0, -2]))
 
 
 def test_bootstrap_ci_sanity():
