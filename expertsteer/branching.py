@@ -67,9 +67,14 @@ def branch_of(decoder: Decoder, intervention: Intervention | None) -> Branch:
         return Branch({}, intervention.positions, last, ())
     fingerprint = (
         intervention.positions,
-        *((layer, added.cpu().numpy().tobytes()) for layer, added in additions.items()),
+        *((layer, _bytes(added)) for layer, added in additions.items()),
     )
     return Branch(additions, intervention.positions, min(additions), fingerprint)
+
+
+def _bytes(values: torch.Tensor) -> bytes:
+    """The exact bytes of `values` in any dtype (NumPy has no bfloat16)."""
+    return values.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
 
 @dataclass

@@ -254,6 +254,35 @@ def test_user_task_yaml_runs_end_to_end_in_a_directory_named_after_the_task(
     assert ("2 in pool 'test'" in (run / REPORT_FILE).read_text()) == (fmt == "jsonl")
 
 
+def test_bfloat16_capture_and_scoring_run_end_to_end_in_their_own_cache_entries(
+    tiny_dirs, tmp_path
+):
+    task = str(_user_task(tmp_path, "csv"))
+    config = _tiny_experiment(
+        tiny_dirs,
+        tmp_path,
+        tasks=[task],
+        methods=["target_mean_diff", "expertsteer_translate"],
+        alignment={"model_dtype": "bfloat16"},
+        evaluation={"model_dtype": "bfloat16", "null_k": 2},
+    )
+    stages = stage_configs(load_experiment(_write(tmp_path, config)), task)
+    assert stages["align"][1]["data"]["init_args"]["model_dtype"] == "bfloat16"
+    assert stages["evaluate"][1]["model"]["init_args"]["model_dtype"] == "bfloat16"
+    main(["run", "--config", str(_write(tmp_path, config))])
+    run = tmp_path / "runs" / "tiny" / "reviews_csv"
+    metrics = json.loads((run / "metrics.json").read_text())
+    for method in ("none", "target_mean_diff", "expertsteer_translate"):
+        assert metrics["methods"][method]["test"]["n"] == 8
+    assert len(metrics["null"]["gains"]) == 2
+    # The default (auto = float32 on the CPU) leaves the stage configs without the key.
+    default = stage_configs(
+        load_experiment(_write(tmp_path, _tiny_experiment(tiny_dirs, tmp_path))), "arithmetic"
+    )
+    assert "model_dtype" not in default["align"][1]["data"]["init_args"]
+    assert "model_dtype" not in default["evaluate"][1]["model"]["init_args"]
+
+
 def test_damaged_outputs_rerun_and_stale_results_are_never_current(
     tiny_dirs, tmp_path, monkeypatch
 ):
