@@ -54,6 +54,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's dtype"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="4 items, 1 vector, one repeat (< 1 min)"
     )
     args = parser.parse_args()
@@ -93,7 +96,7 @@ def max_difference(a: list[OptionScores], b: list[OptionScores]) -> float:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    decoder = Decoder.from_loaded(load_model(args.model))
+    decoder = Decoder.from_loaded(load_model(args.model, dtype=args.dtype))
     task = load_task(BUILTIN[args.task])
     examples = task.pools["test"][: args.items]
     prompts = [render_prompt(task.type, example) for example in examples]
