@@ -58,6 +58,8 @@ def _llm_adapters_choice(row: dict, index: int, spec: TaskSpec) -> Example:
     return Example(str(index), match.group(1).strip(), options, int(row["answer"][6:]) - 1)
 
 
+WINOGRANDE_INSTRUCTION = "Fill in the blank:"
+"""Kept apart from the sentence, so a content-free calibration prompt keeps it."""
 _WINOGRANDE = re.compile(
     r"^Please choose the correct answer to fill in the blank to complete the given sentence: "
     r"(.*)\n\nOption1: (.*) Option2: (.*) Answer format: option1/option2$",
@@ -71,8 +73,13 @@ def _winogrande(row: dict, index: int, spec: TaskSpec) -> Example:
     if match is None:
         raise ValueError("instruction does not follow the 'Option1: ... Option2:' layout")
     sentence, first, second = match.groups()
-    question = f"Fill in the blank: {sentence.strip()}"
-    return Example(str(index), question, (first, second), int(row["answer"][-1]) - 1)
+    return Example(
+        str(index),
+        sentence.strip(),
+        (first, second),
+        int(row["answer"][-1]) - 1,
+        instruction=WINOGRANDE_INSTRUCTION,
+    )
 
 
 _BOOLQ = re.compile(
@@ -230,8 +237,13 @@ def _boolq_hub(row: dict, index: int, spec: TaskSpec) -> Example:
 @row_parser("winogrande_hub")
 def _winogrande_hub(row: dict, index: int, spec: TaskSpec) -> Example:
     options = (_text(row, "option1"), _text(row, "option2"))
-    question = f"Fill in the blank: {_text(row, 'sentence')}"
-    return Example(str(index), question, options, int(row["answer"]) - 1)
+    return Example(
+        str(index),
+        _text(row, "sentence"),
+        options,
+        int(row["answer"]) - 1,
+        instruction=WINOGRANDE_INSTRUCTION,
+    )
 
 
 @row_parser("mmlu_hub")

@@ -280,6 +280,17 @@ def _builtin_example(task: str, row: dict):
             ["Answer with one of: false, true."],
         ),
         (
+            "winogrande",
+            {
+                "instruction": "Please choose the correct answer to fill in the blank to "
+                "complete the given sentence: Ann gave Sue a book because _ was kind.\n\n"
+                "Option1: Ann Option2: Sue Answer format: option1/option2",
+                "answer": "option1",
+            },
+            "kind",
+            ["Fill in the blank:", "Answer with the letter of the correct option."],
+        ),
+        (
             "arc_easy",
             {
                 "instruction": "Please choose the correct answer to the question: Which is a "
