@@ -20,11 +20,12 @@ import time
 
 import torch
 
+from expertsteer.benchmarks import resolve_task
 from expertsteer.capture import capture
 from expertsteer.decoder import Decoder
 from expertsteer.prompts import steering_items
 from expertsteer.splits import SplitSizes, make_splits
-from expertsteer.tasks import load_task, resolve_task
+from expertsteer.tasks import load_task
 from expertsteer.zoo import DEFAULT_EXPERT, DEFAULT_TARGET, load_model
 
 
