@@ -58,6 +58,7 @@ bench: install bench-peers
 	$(OFFLINE) $(BIN)/python benchmarks/rfm_real_activations.py --task arc_easy --steer 120 --dev 80 --test 20
 	$(OFFLINE) $(BIN)/python benchmarks/alignment_packaged.py --task sst2
 	$(OFFLINE) $(BIN)/python benchmarks/steering_throughput.py
+	$(OFFLINE) $(BIN)/python benchmarks/capture_dtype.py
 	$(OFFLINE) $(BIN)/python benchmarks/shared_scoring.py --quick
 
 # Transfer diagnostics (about an hour per task on 2 cores, mostly the token-level capture).
