@@ -23,6 +23,7 @@ import torch
 from expertsteer.benchmarks import resolve_task
 from expertsteer.capture import capture
 from expertsteer.decoder import Decoder
+from expertsteer.extractors import mean_difference
 from expertsteer.prompts import steering_items
 from expertsteer.splits import SplitSizes, make_splits
 from expertsteer.tasks import load_task
@@ -77,15 +78,8 @@ def main() -> None:
         for layer, exact in reference.items():
             rough = fast[layer].float()
             errors.append(float(((rough - exact).norm(dim=1) / exact.norm(dim=1)).median()))
-
-            def direction(states: torch.Tensor) -> torch.Tensor:
-                return states[labels == 1].mean(0) - states[labels == 0].mean(0)
-
-            cosines.append(
-                float(
-                    torch.nn.functional.cosine_similarity(direction(exact), direction(rough), dim=0)
-                )
-            )
+            pair = (mean_difference(exact, labels), mean_difference(rough, labels))
+            cosines.append(float(torch.nn.functional.cosine_similarity(*pair, dim=0)))
         fp32, bf16 = runs["float32"][1], runs["bfloat16"][1]
         print(
             f"{name}: float32 {fp32:.0f} tokens/s, bfloat16 {bf16:.0f} tokens/s "

@@ -273,7 +273,6 @@ class SteeringModule(L.LightningModule):
 
         `key` names the (model, intervention) configuration; calls with the same key share their
         content-free calibration biases (one template per task: scored once, not per batch)."""
-        hp = self.hparams
         decoder = self.expert_decoder if expert else self.target_decoder
         cache = None if key is None else self.calibration_cache.setdefault((expert, key), {})
         with self._out_of_memory("scoring"):
@@ -282,12 +281,19 @@ class SteeringModule(L.LightningModule):
                 self.task_type,
                 examples,
                 intervention,
-                mode=hp.mode,
-                calibration=hp.calibration,
-                max_new_tokens=hp.max_new_tokens,
-                batch_size=hp.batch_size,
                 calibration_cache=cache,
+                **self._scoring_options(),
             )
+
+    def _scoring_options(self) -> dict[str, Any]:
+        """The scoring settings `score` and `score_grid` both pass on."""
+        hp = self.hparams
+        return {
+            "mode": hp.mode,
+            "calibration": hp.calibration,
+            "max_new_tokens": hp.max_new_tokens,
+            "batch_size": hp.batch_size,
+        }
 
     def score_grid(
         self, examples: list[Example], interventions: dict[Any, Intervention]
@@ -307,11 +313,8 @@ class SteeringModule(L.LightningModule):
                 self.task_type,
                 examples,
                 interventions,
-                mode=hp.mode,
-                calibration=hp.calibration,
-                max_new_tokens=hp.max_new_tokens,
-                batch_size=hp.batch_size,
                 calibration_caches=caches,
+                **self._scoring_options(),
                 store=self.prefix_store,
                 config_batch=hp.config_batch,
             )
