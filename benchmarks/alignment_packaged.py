@@ -21,9 +21,9 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from datamodules.paired_activations import PairedActivationDataModule as DataModule
-from expertsteer.alignment import explained_variance
-from expertsteer.mi import MIConfig, PairingConfig, mi_matrix, select_pairs
-from expertsteer.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
+from expertsteer.method.align import explained_variance
+from expertsteer.method.pair import MIConfig, PairingConfig, mi_matrix, select_pairs
+from expertsteer.models.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
 from lightning_modules.alignment import AlignmentModule
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"

@@ -20,14 +20,14 @@ import time
 
 import torch
 
-from expertsteer.benchmarks import resolve_task
-from expertsteer.capture import capture
-from expertsteer.decoder import Decoder
-from expertsteer.extractors import mean_difference
-from expertsteer.prompts import steering_items
-from expertsteer.splits import SplitSizes, make_splits
-from expertsteer.tasks import load_task
-from expertsteer.zoo import DEFAULT_EXPERT, DEFAULT_TARGET, load_model
+from expertsteer.data.catalogue import resolve_task
+from expertsteer.data.prompts import steering_items
+from expertsteer.data.splits import SplitSizes, make_splits
+from expertsteer.data.tasks import load_task
+from expertsteer.method.extractors import mean_difference
+from expertsteer.models.capture import capture
+from expertsteer.models.causal_lm import CausalLM
+from expertsteer.models.zoo import DEFAULT_EXPERT, DEFAULT_TARGET, load_model
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def timed_capture(decoder: Decoder, items: list, batch_size: int) -> tuple[dict, float]:
+def timed_capture(decoder: CausalLM, items: list, batch_size: int) -> tuple[dict, float]:
     start = time.perf_counter()
     states = capture(
         decoder,
@@ -66,7 +66,7 @@ def main() -> None:
     for name in args.models:
         runs = {}
         for dtype in ("float32", "bfloat16"):
-            decoder = Decoder.from_loaded(load_model(name, dtype=dtype))
+            decoder = CausalLM.from_loaded(load_model(name, dtype=dtype))
             tokens = sum(
                 decoder.token_lengths([i.prompt for i in items], [i.completion for i in items])
             )

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from expertsteer.capture import capture
-from expertsteer.decoder import Decoder, left_pad_positions
-from expertsteer.zoo import load_model
+from expertsteer.models.capture import capture
+from expertsteer.models.causal_lm import CausalLM, left_pad_positions
+from expertsteer.models.zoo import load_model
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/benchmarks/arc/ARC-Easy/test.json"
 
@@ -41,7 +41,7 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def plain_forward(decoder: Decoder, prompts: list[str], batch_size: int, head: bool) -> None:
+def plain_forward(decoder: CausalLM, prompts: list[str], batch_size: int, head: bool) -> None:
     model = decoder.hf_model if head else decoder.hf_model.base_model
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
@@ -50,7 +50,7 @@ def plain_forward(decoder: Decoder, prompts: list[str], batch_size: int, head: b
             model(**encoding, position_ids=positions, output_hidden_states=True)
 
 
-def token_count(decoder: Decoder, prompts: list[str], batch_size: int) -> tuple[int, int]:
+def token_count(decoder: CausalLM, prompts: list[str], batch_size: int) -> tuple[int, int]:
     real = padded = 0
     for start in range(0, len(prompts), batch_size):
         mask = decoder.encode(prompts[start : start + batch_size])["attention_mask"]
@@ -93,7 +93,7 @@ def main() -> None:
         convert_s = float("nan") if args.skip_conversion else conversion_seconds(name)
         load_model(name)  # make sure the user cache holds it before timing a cached load
         started = time.perf_counter()
-        decoder = Decoder.from_loaded(load_model(name))
+        decoder = CausalLM.from_loaded(load_model(name))
         reload_s = time.perf_counter() - started
         real, padded = token_count(decoder, prompts, args.batch_size)
         capture(decoder, prompts[: args.batch_size], batch_size=args.batch_size)  # warm-up

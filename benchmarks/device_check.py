@@ -5,7 +5,8 @@ with the device synchronised around each):
 
 1. placement: both models load onto `cuda` in bfloat16 (every parameter there, that dtype);
 2. capture parity: last-token states of every block of both models for a fixed set of prompts
-   (`expertsteer.capture.capture`), GPU against CPU float32. Bounds, per state (one prompt, one
+   (`expertsteer.models.capture.capture`), GPU against CPU float32. Bounds, per state (one
+   prompt, one
    block), relative error ||h_gpu - h_cpu|| / ||h_cpu||:
    * GPU float32: <= 1e-3 (the same arithmetic on another device: summation order only);
    * GPU bfloat16: <= 5e-2 (8-bit mantissa, rounding compounded over the blocks);
@@ -40,12 +41,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from expertsteer.branching import PrefixStore
-from expertsteer.capture import capture
-from expertsteer.decoder import Decoder
-from expertsteer.scoring import score_options, score_options_grid
-from expertsteer.steering import Intervention, mean_residual_norms, steered_generate_ids
-from expertsteer.zoo import DEFAULT_EXPERT, DEFAULT_TARGET, load_model
+from expertsteer.evaluation.branching import PrefixStore
+from expertsteer.evaluation.scoring import score_options, score_options_grid
+from expertsteer.method.steer import Intervention, mean_residual_norms, steered_generate_ids
+from expertsteer.models.capture import capture
+from expertsteer.models.causal_lm import CausalLM
+from expertsteer.models.zoo import DEFAULT_EXPERT, DEFAULT_TARGET, load_model
 
 GPU_FLOAT32_BOUND = 1e-3
 GPU_BFLOAT16_BOUND = 5e-2
@@ -102,18 +103,18 @@ def relative_errors(device: dict[int, torch.Tensor], cpu: dict[int, torch.Tensor
     return torch.stack(rows)
 
 
-def placed(decoder: Decoder, dtype: torch.dtype) -> bool:
+def placed(decoder: CausalLM, dtype: torch.dtype) -> bool:
     parameters = list(decoder.hf_model.parameters())
     return all(p.device.type == "cuda" and p.dtype == dtype for p in parameters)
 
 
-def check_parity(name: str, cuda: Decoder, rows: list[list[str]], results: list[bool]) -> None:
+def check_parity(name: str, cuda: CausalLM, rows: list[list[str]], results: list[bool]) -> None:
     """Capture every block on the GPU (bfloat16, then float32) and on the CPU (float32)."""
-    cpu = Decoder.from_loaded(load_model(name, "float32", "cpu"))
+    cpu = CausalLM.from_loaded(load_model(name, "float32", "cpu"))
     reference = capture(cpu, PROMPTS, batch_size=len(PROMPTS))
     del cpu
     half = capture(cuda, PROMPTS, batch_size=len(PROMPTS))
-    full_model = Decoder.from_loaded(load_model(name, "float32", "cuda"))
+    full_model = CausalLM.from_loaded(load_model(name, "float32", "cuda"))
     full = capture(full_model, PROMPTS, batch_size=len(PROMPTS))
     del full_model
     torch.cuda.empty_cache()
@@ -134,7 +135,7 @@ def check_parity(name: str, cuda: Decoder, rows: list[list[str]], results: list[
         )
 
 
-def check_generation(decoder: Decoder, args: argparse.Namespace, rows: list[list[str]]) -> None:
+def check_generation(decoder: CausalLM, args: argparse.Namespace, rows: list[list[str]]) -> None:
     layer = decoder.num_layers // 2
     prompts = (PROMPTS * args.batch_size)[: args.batch_size]
     scales = mean_residual_norms(decoder, PROMPTS, [layer])
@@ -163,7 +164,7 @@ def check_generation(decoder: Decoder, args: argparse.Namespace, rows: list[list
     )
 
 
-def check_scoring(decoder: Decoder, args: argparse.Namespace, rows: list[list[str]]) -> None:
+def check_scoring(decoder: CausalLM, args: argparse.Namespace, rows: list[list[str]]) -> None:
     layer = decoder.num_layers // 2
     items = (PROMPTS * 8)[: args.items]
     options = [OPTIONS] * len(items)
@@ -215,7 +216,7 @@ def tiny_experiment(out: Path, task: str, data_root: str | None, expert: str, ta
 
 
 def check_run(args: argparse.Namespace, target_bytes: int, rows: list[list[str]]) -> bool:
-    from expertsteer.cli import main as expertsteer
+    from expertsteer.pipeline.cli import main as expertsteer
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="device_check."))
     config = out / "device_check.yaml"
@@ -281,7 +282,7 @@ def main() -> int:
     decoders = {}
     for name in (args.target, args.expert):
         started = time.perf_counter()
-        decoder = Decoder.from_loaded(load_model(name, "bfloat16", "cuda"))
+        decoder = CausalLM.from_loaded(load_model(name, "bfloat16", "cuda"))
         ok = placed(decoder, torch.bfloat16)
         results.append(ok)
         rows.append(

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from datamodules.paired_activations import PairedActivationDataModule as DataModule
-from expertsteer.decoder import Decoder, left_pad_positions
-from expertsteer.zoo import DEFAULT_EXPERT, DEFAULT_TARGET, load_model
+from expertsteer.models.causal_lm import CausalLM, left_pad_positions
+from expertsteer.models.zoo import DEFAULT_EXPERT, DEFAULT_TARGET, load_model
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 
 
-def plain_forward_seconds(decoder: Decoder, prompts: list[str], batch_size: int) -> float:
+def plain_forward_seconds(decoder: CausalLM, prompts: list[str], batch_size: int) -> float:
     started = time.perf_counter()
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
@@ -68,7 +68,7 @@ def main() -> None:
 
     rows = []
     for name in (DEFAULT_EXPERT, DEFAULT_TARGET):
-        decoder = Decoder.from_loaded(load_model(name))
+        decoder = CausalLM.from_loaded(load_model(name))
         tokens = sum(
             int(decoder.encode(prompts[i : i + args.batch_size])["attention_mask"].sum())
             for i in range(0, len(prompts), args.batch_size)

@@ -1,14 +1,15 @@
 """Time a Recursive Feature Machine fit (T AGOP iterations) over a grid of sizes, against the
 vectorised float64 NumPy reference and the `xrfm` package, on the same data in one process.
 
-For every (n, d): seconds of `expertsteer.rfm.fit_rfm` at one bandwidth (the median pairwise
+For every (n, d): seconds of `expertsteer.method.rfm.fit_rfm` at one bandwidth (the median pairwise
 distance, factor 1: the like-for-like number) and with the default four-bandwidth grid, its peak
 memory (CPU: growth of the resident set over the post-data level, measured in a fresh child
 process per size; CUDA: `torch.cuda.max_memory_allocated` growth), the NumPy reference
 (`benchmarks/rfm_numpy_reference.py`, float64, CPU) and `xrfm.rfm_src.RFM` at the same bandwidth,
 ridge, T and dtype, each as a ratio to ours; then the least-squares slope of log(seconds) against
 log(n) for every d. Data: a label that is the XOR of the signs of two latent coordinates in a
-hidden 2-d subspace, plus isotropic noise in the other d - 2 directions (as in tests/test_rfm.py).
+hidden 2-d subspace, plus isotropic noise in the other d - 2 directions (as in
+tests/method/test_rfm.py).
 
 The NumPy reference is float64, so its ratio divides by ours in float64 (an extra timed column
 when `--dtype float32`). Everything is timed in the same process, one implementation after the
@@ -39,7 +40,7 @@ import numpy as np
 import rfm_numpy_reference as reference
 import torch
 
-from expertsteer.rfm import RFMConfig, RFMResult, fit_rfm, median_distance
+from expertsteer.method.rfm import RFMConfig, RFMResult, fit_rfm, median_distance
 
 RIDGE = 1e-3
 """The KRR ridge of `RFMConfig`, passed unchanged to the reference and to xrfm."""

@@ -1,6 +1,7 @@
 """A vectorised float64 NumPy Recursive Feature Machine at one fixed bandwidth: the reference
-that `benchmarks/rfm_fit.py` times against `expertsteer.rfm` (and that
-`tests/test_rfm_reference.py` checks against it). Written from the algorithm, not from the torch
+that `benchmarks/rfm_fit.py` times against `expertsteer.method.rfm` (and that
+`tests/method/test_rfm_reference.py` checks against it). Written from the algorithm, not from
+the torch
 code, and importing nothing from `expertsteer`.
 
 Per iteration t = 0..T (M_0 = I), with D_ij = ||x_i - x_j||_M and K = exp(-D / L):

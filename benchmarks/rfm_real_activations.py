@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from datamodules.paired_activations import PairedActivationDataModule as DataModule
-from expertsteer.extractors import extract
-from expertsteer.rfm import RFMConfig, auroc, fit_rfm
-from expertsteer.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
+from expertsteer.method.extractors import extract
+from expertsteer.method.rfm import RFMConfig, auroc, fit_rfm
+from expertsteer.models.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 

@@ -30,14 +30,19 @@ from typing import Any
 
 import torch
 
-from expertsteer.benchmarks import BUILTIN
-from expertsteer.branching import PrefixStore
-from expertsteer.decoder import Decoder
-from expertsteer.prompts import render_prompt
-from expertsteer.scoring import OptionScores, option_completions, score_options, score_options_grid
-from expertsteer.steering import Intervention, mean_residual_norms
-from expertsteer.tasks import load_task
-from expertsteer.zoo import load_model
+from expertsteer.data.catalogue import BUILTIN
+from expertsteer.data.prompts import render_prompt
+from expertsteer.data.tasks import load_task
+from expertsteer.evaluation.branching import PrefixStore
+from expertsteer.evaluation.scoring import (
+    OptionScores,
+    option_completions,
+    score_options,
+    score_options_grid,
+)
+from expertsteer.method.steer import Intervention, mean_residual_norms
+from expertsteer.models.causal_lm import CausalLM
+from expertsteer.models.zoo import load_model
 
 ALPHAS = (-0.9, -0.3, -0.1, 0.1, 0.3, 0.9)
 
@@ -65,7 +70,7 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def grid(decoder: Decoder, prompts: list[str], layer: int, count: int) -> list[Intervention]:
+def grid(decoder: CausalLM, prompts: list[str], layer: int, count: int) -> list[Intervention]:
     """`count` seeded random unit vectors at `layer` x the signed alpha grid."""
     scales = mean_residual_norms(decoder, prompts, [layer], skip_first=1)
     generator = torch.Generator().manual_seed(0)
@@ -96,7 +101,7 @@ def max_difference(a: list[OptionScores], b: list[OptionScores]) -> float:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    decoder = Decoder.from_loaded(load_model(args.model, dtype=args.dtype))
+    decoder = CausalLM.from_loaded(load_model(args.model, dtype=args.dtype))
     task = load_task(BUILTIN[args.task])
     examples = task.pools["test"][: args.items]
     prompts = [render_prompt(task.type, example) for example in examples]

@@ -1,7 +1,7 @@
 """Cost of steering on the packaged SmolLM2, in one process.
 
 Generation (batch of ARC-Easy prompts, greedy, exactly `--new-tokens` new tokens each): tokens/s
-unsteered and steered through `expertsteer.steering` (nnsight), against plain transformers
+unsteered and steered through `expertsteer.method.steer` (nnsight), against plain transformers
 `generate` unsteered and steered by the `steering-vectors` library (forward hooks), with the same
 vector (a random unit direction at a middle block, alpha * s_j). Scoring: items/s of option
 log-likelihoods (4 options per ARC item) by `steered_logits`, unsteered and steered.
@@ -25,15 +25,15 @@ from pathlib import Path
 
 import torch
 
-from expertsteer.decoder import Decoder
-from expertsteer.steering import (
+from expertsteer.method.steer import (
     Intervention,
     mean_residual_norms,
     prompt_lengths,
     steered_generate_ids,
     steered_logits,
 )
-from expertsteer.zoo import load_model
+from expertsteer.models.causal_lm import CausalLM
+from expertsteer.models.zoo import load_model
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/benchmarks/arc/ARC-Easy/test.json"
 OPTIONS = [f"the correct answer is answer{k}" for k in range(1, 5)]
@@ -57,7 +57,7 @@ def interleaved(methods: dict[str, Callable[[], object]], repeats: int) -> dict[
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def score(decoder: Decoder, prompts: list[str], intervention: Intervention | None, batch: int):
+def score(decoder: CausalLM, prompts: list[str], intervention: Intervention | None, batch: int):
     """Summed log-likelihood of each option text after each prompt: [items, options]."""
     rows = [(prompt, option) for prompt in prompts for option in OPTIONS]
     totals = []
@@ -94,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    decoder = Decoder.from_loaded(load_model(args.model))
+    decoder = CausalLM.from_loaded(load_model(args.model))
     layer = decoder.num_layers // 2 if args.layer is None else args.layer
     prompts = arc_prompts(args.data, max(args.batch_size, args.items))
     batch = prompts[: args.batch_size]

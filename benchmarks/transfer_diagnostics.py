@@ -38,15 +38,15 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from datamodules.paired_activations import PairedActivationDataModule
-from expertsteer.extractors import extract
-from expertsteer.token_pairs import CorpusConfig
-from expertsteer.transfer import (
+from expertsteer.data.token_pairs import CorpusConfig
+from expertsteer.evaluation.transfer import (
     direction_diagnostics,
     mapped_random_directions,
     native_direction,
 )
-from expertsteer.translate import TranslateConfig
-from expertsteer.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
+from expertsteer.method.extractors import extract
+from expertsteer.method.translate import TranslateConfig
+from expertsteer.models.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
 from lightning_modules.alignment import AlignmentModule
 
 DATA_ROOT = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks")

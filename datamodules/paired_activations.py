@@ -1,7 +1,7 @@
 """Paired expert / target activations for the same examples, captured through nnsight.
 
 Hidden states of both models for every steer / dev / test item go into a fingerprinted,
-sharded cache (see `expertsteer.activations`), captured with the models on the rank's device
+sharded cache (see `expertsteer.data.activations`), captured with the models on the rank's device
 (the trainer's root device; the CPU without a trainer) in `model_dtype`. In one process
 `prepare_data` captures the missing shards. Under DDP the ranks share the capture in `setup`:
 shard n of the entry (splits in order) goes to rank n % world size, each rank writes its shards
@@ -30,7 +30,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from expertsteer.activations import (
+from expertsteer.cache import cache_dir, file_lock
+from expertsteer.data.activations import (
     STORAGE_DTYPES,
     CacheMismatchError,
     ModelKey,
@@ -42,16 +43,11 @@ from expertsteer.activations import (
     write_meta,
     write_shard,
 )
-from expertsteer.batching import check_budget, naming_out_of_memory
-from expertsteer.benchmarks import resolve_task
-from expertsteer.cache import cache_dir, file_lock
-from expertsteer.capture import POSITIONS, capture, capture_batches
-from expertsteer.decoder import Decoder
-from expertsteer.errors import ExpertSteerError
-from expertsteer.prompts import Item, prompt_items, steering_items
-from expertsteer.splits import SPLITS, SplitSizes, make_splits
-from expertsteer.tasks import TaskError, load_task
-from expertsteer.token_pairs import (
+from expertsteer.data.catalogue import resolve_task
+from expertsteer.data.prompts import Item, prompt_items, steering_items
+from expertsteer.data.splits import SPLITS, SplitSizes, make_splits
+from expertsteer.data.tasks import TaskError, load_task
+from expertsteer.data.token_pairs import (
     CorpusConfig,
     corpus_texts,
     ensure_token_pairs,
@@ -60,7 +56,11 @@ from expertsteer.token_pairs import (
     read_token_meta,
     steer_texts,
 )
-from expertsteer.zoo import (
+from expertsteer.errors import ExpertSteerError
+from expertsteer.models.batching import check_budget, naming_out_of_memory
+from expertsteer.models.capture import POSITIONS, capture, capture_batches
+from expertsteer.models.causal_lm import CausalLM
+from expertsteer.models.zoo import (
     DEFAULT_EXPERT,
     DEFAULT_TARGET,
     check_dtype,
@@ -178,7 +178,7 @@ class PairedActivationDataModule(L.LightningDataModule):
             capture_splits: Splits to capture (default all three). The fitting stages read
                 only steer and dev; leaving test out saves its capture, and test keeps the
                 same examples (the split is drawn with every size as given).
-            corpus: Also capture paired states at token level (`expertsteer.token_pairs`):
+            corpus: Also capture paired states at token level (`expertsteer.data.token_pairs`):
                 generic texts of other tasks plus this task's steer items, for the
                 `translate` alignment, translatability and held-out MI. None: no corpus.
             corpus_storage_dtype: Cache dtype of the token-level states.
@@ -227,7 +227,7 @@ class PairedActivationDataModule(L.LightningDataModule):
                 f"corpus_storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got "
                 f"'{corpus_storage_dtype}'"
             )
-        self._models: dict[str, Decoder] | None = None
+        self._models: dict[str, CausalLM] | None = None
         self._tokens: dict | None = None
         self._splits: dict[str, list[Item]] | None = None
         self._data: dict[str, dict] = {}
@@ -385,13 +385,13 @@ class PairedActivationDataModule(L.LightningDataModule):
             self._write_meta(directory, time.perf_counter() - started)
         strategy.barrier("activation cache complete")
 
-    def _decoders(self) -> dict[str, Decoder]:
+    def _decoders(self) -> dict[str, CausalLM]:
         """Both models on this rank's device, loaded once per capture."""
         if self._models is None:
             hp = self.hparams
             device, dtype = self.root_device(), self.model_dtype()
             self._models = {
-                side: Decoder.from_loaded(load_model(name, dtype, device), hp.chat_template)
+                side: CausalLM.from_loaded(load_model(name, dtype, device), hp.chat_template)
                 for side, name in (("expert", hp.expert), ("target", hp.target))
             }
         return self._models
@@ -457,7 +457,7 @@ class PairedActivationDataModule(L.LightningDataModule):
         }
 
     @staticmethod
-    def _missing_capture() -> dict[str, Decoder]:
+    def _missing_capture() -> dict[str, CausalLM]:
         raise CacheMismatchError(
             "the token-pair cache is incomplete; run prepare_data() (Lightning does it before "
             "setup)"
@@ -539,7 +539,7 @@ class PairedActivationDataModule(L.LightningDataModule):
         }
         write_meta(directory, meta)
 
-    def _batches(self, decoder: Decoder, items: list[Item]) -> list[list[int]]:
+    def _batches(self, decoder: CausalLM, items: list[Item]) -> list[list[int]]:
         completions = [item.completion for item in items]
         return capture_batches(
             decoder,
@@ -551,7 +551,7 @@ class PairedActivationDataModule(L.LightningDataModule):
 
     def _states(
         self,
-        decoder: Decoder,
+        decoder: CausalLM,
         key: ModelKey,
         items: list[Item],
         dtype: torch.dtype,

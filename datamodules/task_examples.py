@@ -12,9 +12,9 @@ from __future__ import annotations
 import lightning as L
 from torch.utils.data import DataLoader
 
-from expertsteer.benchmarks import resolve_task
-from expertsteer.splits import SplitSizes, make_splits
-from expertsteer.tasks import Example, Task, load_task
+from expertsteer.data.catalogue import resolve_task
+from expertsteer.data.splits import SplitSizes, make_splits
+from expertsteer.data.tasks import Example, Task, load_task
 
 EVAL_SPLITS = ("dev", "test")
 

@@ -1,4 +1,4 @@
-from expertsteer.cli import main
+from expertsteer.pipeline.cli import main
 
 if __name__ == "__main__":
     main()

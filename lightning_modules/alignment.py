@@ -24,15 +24,16 @@ In `recon+translate` mode the translation pairs are fixed by the configuration (
 but never feeds back into the objective, which would be circular (the encoder would be trained
 towards the pairs its own codes select).
 
-With a token-level corpus on the data module (`corpus`, see `expertsteer.token_pairs`):
+With a token-level corpus on the data module (`corpus`, see `expertsteer.data.token_pairs`):
 
 * the held-out R^2 of a ridge map for every (expert layer, target layer in the window) is
-  computed once in `configure_model` (`expertsteer.translate.r2_matrix`: "translatability",
+  computed once in `configure_model` (`expertsteer.method.translate.r2_matrix`: "translatability",
   the score of `select: translatable`, saved and drawn beside the MI);
 * MI is estimated on held-out token positions (thousands of rows instead of the dev split's
   hundred prompts, where canonical correlations saturate) and beside it on the same rows with
   the pairing shuffled, the estimator's floor;
-* `objective: translate` fits every encoder in closed form (`expertsteer.translate.fit_pair`):
+* `objective: translate` fits every encoder in closed form
+  (`expertsteer.method.translate.fit_pair`):
   a ridge map from the standardised expert states of layer i into the target's states of
   layer j (the configured pair's, else the layer with the best held-out R^2), the decoder its
   back-map. The fit needs one epoch and no optimizer step (`automatic_optimization` off).
@@ -55,15 +56,6 @@ import lightning as L
 import torch
 from torchmetrics import Metric
 
-from expertsteer.alignment import (
-    IDENTITY_FIELDS,
-    MODEL_FIELDS,
-    OBJECTIVES,
-    AffineAutoencoders,
-    explained_variance,
-    explained_variance_from_sums,
-    save_alignment,
-)
 from expertsteer.artifacts import (
     ALIGNMENT_FILE,
     MI_FILE,
@@ -74,7 +66,17 @@ from expertsteer.artifacts import (
     save_artifact,
     save_json,
 )
-from expertsteer.mi import (
+from expertsteer.evaluation.plots import mi_heatmap
+from expertsteer.method.align import (
+    IDENTITY_FIELDS,
+    MODEL_FIELDS,
+    OBJECTIVES,
+    AffineAutoencoders,
+    explained_variance,
+    explained_variance_from_sums,
+    save_alignment,
+)
+from expertsteer.method.pair import (
     MIConfig,
     PairingConfig,
     mi_matrix,
@@ -82,8 +84,7 @@ from expertsteer.mi import (
     select_pairs,
     window_mask,
 )
-from expertsteer.plots import mi_heatmap
-from expertsteer.translate import TranslateConfig, fit_pair, r2_matrix, r2_score
+from expertsteer.method.translate import TranslateConfig, fit_pair, r2_matrix, r2_score
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ At the epoch end the test results are gathered and summarised (`metrics.json`):
   shares per method and control;
 * `none+bias`: the unsteered target with per-class log-odds offsets on its calibrated option
   scores, fitted on dev with as many candidate settings as the alpha grid has alphas
-  (`expertsteer.controls.fit_offsets`) — a moved decision threshold, no forward pass;
+  (`expertsteer.evaluation.controls.fit_offsets`) — a moved decision threshold, no forward pass;
   not applicable in generation-scored modes (numeric tasks), which have no option scores;
 * `null`: the test gain over `none` of every null draw at its dev choice, with its median and
   95th percentile;
 * per steered method: paired interval and two-sided paired-bootstrap p-value against `none`
   and `none+bias`, the one-sided empirical p-value against the null, and the one-line
-  conclusion (`expertsteer.controls.conclusion`).
+  conclusion (`expertsteer.evaluation.controls.conclusion`).
 
 `val/<task>/<method>/acc` is logged, and rank 0 writes `metrics.json`, `report.md` and the
 figures into the run directory.
@@ -41,7 +41,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from expertsteer.artifacts import METRICS_FILE, save_json
-from expertsteer.controls import (
+from expertsteer.data.prompts import render_prompt
+from expertsteer.data.tasks import Example
+from expertsteer.evaluation.controls import (
     LEVEL,
     NONE_BIAS,
     comparison_count,
@@ -52,7 +54,9 @@ from expertsteer.controls import (
     offset_predictions,
     smallest_null_p,
 )
-from expertsteer.metrics import (
+from expertsteer.evaluation.report import layers_key, write_report
+from expertsteer.evaluation.scoring import EvalResult
+from expertsteer.evaluation.stats import (
     bootstrap_ci,
     empirical_p,
     gap_closed,
@@ -61,11 +65,7 @@ from expertsteer.metrics import (
     paired_bootstrap_ci,
     paired_bootstrap_p,
 )
-from expertsteer.prompts import render_prompt
-from expertsteer.report import layers_key, write_report
-from expertsteer.scoring import EvalResult
-from expertsteer.tasks import Example
-from expertsteer.transfer import transfer_summary
+from expertsteer.evaluation.transfer import transfer_summary
 from lightning_modules.steer import EXPERT, NONE, SteeringModule
 
 log = logging.getLogger(__name__)

@@ -26,25 +26,25 @@ import torch
 from torch import nn
 from torchmetrics.classification import BinaryAUROC
 
-from expertsteer.alignment import AffineAutoencoders, load_alignment
 from expertsteer.artifacts import ALIGNMENT_FILE, STEERING_FILE, load_json
-from expertsteer.benchmarks import resolve_task
 from expertsteer.cache import sha256_file
-from expertsteer.extractors import EXTRACTORS, extract, orient
-from expertsteer.rfm import (
+from expertsteer.data.catalogue import resolve_task
+from expertsteer.evaluation.transfer import (
+    direction_diagnostics,
+    mapped_random_directions,
+    native_direction,
+    transfer_verdict,
+)
+from expertsteer.method.align import AffineAutoencoders, load_alignment
+from expertsteer.method.extractors import EXTRACTORS, extract, orient
+from expertsteer.method.rfm import (
     RFMConfig,
     RFMFitter,
     median_distance,
     top_directions,
     validation_loss,
 )
-from expertsteer.transfer import (
-    direction_diagnostics,
-    mapped_random_directions,
-    native_direction,
-    transfer_verdict,
-)
-from expertsteer.vectors import SteeringVectors, save_steering
+from expertsteer.method.vectors import SteeringVectors, save_steering
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +414,8 @@ class RFMModule(L.LightningModule):
 
     @torch.no_grad()
     def transfer_entry(self, pair: tuple[int, int], mapped: torch.Tensor) -> dict:
-        """Transfer diagnostics of the mapped direction at `pair` (`expertsteer.transfer`):
+        """Transfer diagnostics of the mapped direction at `pair`
+        (`expertsteer.evaluation.transfer`):
         the alignment's map figures at the pair, and the direction against the target's own
         direction from the same extractor, the mapped-random null and random directions."""
         datamodule = self.trainer.datamodule

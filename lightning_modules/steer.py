@@ -11,7 +11,7 @@ With `null_k > 0` the module also holds the random null: `null_k` draws `null/0`
 `null/1`, ..., each a random unit vector per target layer of a reference method (`expertsteer`
 by default, else the first method) with that method's norm scales s_j, so a draw steers the
 same layers with the same alpha * s_j as the method. The draws come from a generator seeded by
-`null_seed` alone (`expertsteer.extractors.random_unit_vectors`): they never see a label, and
+`null_seed` alone (`expertsteer.method.extractors.random_unit_vectors`): they never see a label, and
 draws 0..n-1 are the same for any larger K. The evaluator treats every draw like a method.
 """
 
@@ -26,12 +26,10 @@ import lightning as L
 import torch
 
 from expertsteer.artifacts import ArtifactError
-from expertsteer.batching import naming_out_of_memory
-from expertsteer.branching import PrefixStore
-from expertsteer.controls import NONE_BIAS
-from expertsteer.decoder import Decoder
-from expertsteer.extractors import random_unit_vectors
-from expertsteer.scoring import (
+from expertsteer.data.tasks import Example
+from expertsteer.evaluation.branching import PrefixStore
+from expertsteer.evaluation.controls import NONE_BIAS
+from expertsteer.evaluation.scoring import (
     DEFAULT_MODE,
     MODES_BY_TYPE,
     EvalResult,
@@ -39,10 +37,12 @@ from expertsteer.scoring import (
     evaluate_grid,
     generate_answers,
 )
-from expertsteer.steering import Intervention
-from expertsteer.tasks import Example
-from expertsteer.vectors import POSITIONS, SteeringVectors, load_steering
-from expertsteer.zoo import (
+from expertsteer.method.extractors import random_unit_vectors
+from expertsteer.method.steer import Intervention
+from expertsteer.method.vectors import POSITIONS, SteeringVectors, load_steering
+from expertsteer.models.batching import naming_out_of_memory
+from expertsteer.models.causal_lm import CausalLM
+from expertsteer.models.zoo import (
     DEFAULT_EXPERT,
     DEFAULT_TARGET,
     check_dtype,
@@ -159,8 +159,8 @@ class SteeringModule(L.LightningModule):
         self.null_names: list[str] = []
         self.calibration_cache: dict[Any, dict] = {}
         self.prefix_store = PrefixStore()
-        self.target_decoder: Decoder | None = None
-        self.expert_decoder: Decoder | None = None
+        self.target_decoder: CausalLM | None = None
+        self.expert_decoder: CausalLM | None = None
         self.task_name = ""
         self.task_type = ""
 
@@ -230,10 +230,10 @@ class SteeringModule(L.LightningModule):
         """Every steered configuration the evaluator chooses on dev: methods, then null draws."""
         return [*self.hparams.methods, *self.null_names]
 
-    def _load(self, name: str, device: torch.device) -> Decoder:
+    def _load(self, name: str, device: torch.device) -> CausalLM:
         dtype = resolve_dtype(self.hparams.model_dtype, device)
         loaded = load_model(name, dtype=dtype, device=device)
-        return Decoder.from_loaded(loaded, self.hparams.chat_template)
+        return CausalLM.from_loaded(loaded, self.hparams.chat_template)
 
     def _out_of_memory(self, what: str) -> AbstractContextManager[None]:
         """Name the option to lower when scoring runs out of device memory."""

@@ -1,7 +1,7 @@
 import pytest
 
-from expertsteer.decoder import Decoder
-from expertsteer.zoo import load_model
+from expertsteer.models.causal_lm import CausalLM
+from expertsteer.models.zoo import load_model
 
 PAIR = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct")
 
@@ -17,11 +17,11 @@ SECOND_TARGET = "gemma-3-270m"
 @pytest.fixture(scope="session")
 def decoders():
     """Packaged models loaded through the zoo (converted on first use), wrapped for nnsight."""
-    loaded: dict[str, Decoder] = {}
+    loaded: dict[str, CausalLM] = {}
 
-    def get(name: str) -> Decoder:
+    def get(name: str) -> CausalLM:
         if name not in loaded:
-            loaded[name] = Decoder.from_loaded(load_model(name))
+            loaded[name] = CausalLM.from_loaded(load_model(name))
         return loaded[name]
 
     return get

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from expertsteer.artifacts import STEERING_FILE
-from expertsteer.vectors import load_steering
+from expertsteer.method.vectors import load_steering
 from tests.slow.ddp import run_script, tiny_pair
 
 pytestmark = pytest.mark.slow

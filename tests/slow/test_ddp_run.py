@@ -13,8 +13,9 @@ import torch
 import yaml
 
 from expertsteer.artifacts import PAIRS_FILE, STEERING_FILE
-from expertsteer.experiment import METHODS, method_dir
-from expertsteer.vectors import load_steering
+from expertsteer.method.vectors import load_steering
+from expertsteer.pipeline.experiment import METHODS
+from expertsteer.pipeline.stages import method_dir
 from tests.slow.ddp import ROOT, tiny_pair
 
 pytestmark = pytest.mark.slow

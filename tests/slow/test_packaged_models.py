@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from expertsteer.capture import capture
-from expertsteer.decoder import left_pad_positions
-from expertsteer.zoo import PACKAGED, load_model
+from expertsteer.models.capture import capture
+from expertsteer.models.causal_lm import left_pad_positions
+from expertsteer.models.zoo import PACKAGED, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +71,7 @@ def test_capture_matches_output_hidden_states(any_packaged):
 def test_token_pairs_on_the_packaged_pair(decoders):
     """Qwen and SmolLM2 tokenize differently; pairs still cover most word ends, and the last
     token of a chat-formatted steering item (its RFM state) always pairs."""
-    from expertsteer.token_pairs import PairText, pair_texts, tokenize_texts
+    from expertsteer.data.token_pairs import PairText, pair_texts, tokenize_texts
 
     expert, target = decoders("qwen2.5-coder-0.5b-instruct"), decoders("smollm2-135m-instruct")
     texts = [

@@ -1,0 +1,511 @@
+"""The stages of one experiment task and how they run: each stage is an ordinary LightningCLI
+run (`expertsteer fit|validate --config <stage>.yaml`) whose config is written into
+`<run>/stages/`; a stage is reused when its fingerprint (its config text and its upstream
+stages' fingerprints) matches `stages.json` and its outputs are byte for byte what it wrote."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from expertsteer.artifacts import (
+    ALIGNMENT_FILE,
+    METRICS_FILE,
+    PAIRS_FILE,
+    STEERING_FILE,
+    load_json,
+    save_json,
+)
+from expertsteer.cache import LockedError, file_lock, sha256_file
+from expertsteer.data.tasks import resolve_data_root
+from expertsteer.errors import ExpertSteerError
+from expertsteer.models.zoo import AUTO_DTYPE
+from expertsteer.pipeline.experiment import (
+    MAIN_METHOD,
+    METHODS,
+    OBJECTIVES,
+    Experiment,
+    ExperimentError,
+    check,
+)
+from expertsteer.pipeline.lightning_cli import parse_stage_config, run_stage
+
+log = logging.getLogger(__name__)
+
+STAGES_FILE = "stages.json"
+ALIGNMENT_DIRS = {"recon": "", "translate": "translate", "recon+translate": "recon_translate"}
+ALIGNMENT_STAGES = {
+    "recon": "align",
+    "translate": "align_translate",
+    "recon+translate": "align_recon_translate",
+}
+
+
+# -- stage configs ------------------------------------------------------------------------------
+
+
+def _trainer(experiment: Experiment, run_dir: Path, name: str, **extra: Any) -> dict:
+    return {
+        "default_root_dir": str(run_dir),
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(run_dir / "logs"), "name": name, "version": 0},
+        },
+        **experiment.trainer,
+        **extra,
+    }
+
+
+def _activations(experiment: Experiment, task: str, item_kind: str, corpus: bool = False) -> dict:
+    config = {
+        "class_path": "PairedActivationDataModule",
+        "init_args": {
+            "expert": experiment.expert,
+            "target": experiment.target,
+            "task": task,
+            "data_root": resolve_data_root(experiment.data_root),
+            "item_kind": item_kind,
+            "position": experiment.position,
+            "steer_size": experiment.splits.steer,
+            "dev_size": experiment.splits.dev,
+            "test_size": experiment.splits.test,
+            "seed": experiment.seed,
+            "batch_size": experiment.alignment.batch_size,
+            "capture_splits": ["steer", "dev"],
+        },
+    }
+    if corpus and experiment.alignment.corpus is not None:
+        config["init_args"]["corpus"] = dict(experiment.alignment.corpus)
+    # Only when set: other experiments keep their stage configs (and fingerprints).
+    if experiment.alignment.max_batch_tokens is not None:
+        config["init_args"]["max_batch_tokens"] = experiment.alignment.max_batch_tokens
+    if experiment.alignment.model_dtype != AUTO_DTYPE:
+        config["init_args"]["model_dtype"] = experiment.alignment.model_dtype
+    return config
+
+
+def alignment_dir(run_dir: Path, objective: str) -> Path:
+    return run_dir / ALIGNMENT_DIRS[objective] if ALIGNMENT_DIRS[objective] else run_dir
+
+
+def method_dir(run_dir: Path, method: str) -> Path:
+    return run_dir if method == MAIN_METHOD else run_dir / "methods" / method
+
+
+def stage_configs(experiment: Experiment, task: str) -> dict[str, tuple[str, dict, list[str]]]:
+    """Stage name -> (LightningCLI subcommand, config, upstream stages), in run order."""
+    run_dir = experiment.run_dir(task)
+    a = experiment.alignment
+    stages: dict[str, tuple[str, dict, list[str]]] = {}
+    objectives = sorted(
+        {METHODS[m].alignment for m in experiment.methods if METHODS[m].alignment} | {"recon"},
+        key=OBJECTIVES.index,
+    )
+    for objective in objectives:
+        name = ALIGNMENT_STAGES[objective]
+        trainer = {"max_epochs": a.max_epochs}
+        if objective == "translate":
+            trainer = {"max_epochs": 1, "enable_checkpointing": False}  # closed form
+        else:
+            trainer["callbacks"] = [
+                {
+                    "class_path": "lightning.pytorch.callbacks.EarlyStopping",
+                    "init_args": {"monitor": "val/recon_loss", "patience": a.patience},
+                },
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "monitor": "val/recon_loss",
+                        "save_top_k": 1,
+                        "dirpath": str(run_dir / "checkpoints" / name),
+                    },
+                },
+            ]
+        model = {
+            "objective": objective,
+            "lambda_tr": a.lambda_tr,
+            "lr": a.lr,
+            "output_dir": str(alignment_dir(run_dir, objective)),
+            "mi_estimator": a.mi_estimator,
+            "mi_rank": a.mi_rank,
+            "top_k": a.top_k,
+            "window": list(a.window),
+            "expert_window": list(a.expert_window),
+            "select": a.select,
+            "candidates": a.candidates,
+            "translate": dict(a.translate),
+        }
+        if objective != "recon":
+            # The pairs are the align stage's; this stage's own selection is informational, so
+            # it skips the translatability matrix the align stage already computed.
+            model["pairs_file"] = str(run_dir / PAIRS_FILE)
+            model["translate"] = {**model["translate"], "matrix": False}
+            if a.select == "translatable":
+                model["select"] = "lowest_mi"
+        config = {
+            "seed_everything": experiment.seed,
+            "trainer": _trainer(experiment, run_dir, name, **trainer),
+            "model": {"class_path": "AlignmentModule", "init_args": model},
+            "data": _activations(experiment, task, a.items, corpus=True),
+        }
+        stages[name] = ("fit", config, [] if objective == "recon" else ["align"])
+    r = experiment.rfm
+    for method in experiment.methods:
+        spec = METHODS[method]
+        model = {
+            "method": spec.extractor,
+            "source": spec.source,
+            "space": r.space,
+            "pairs_file": str(run_dir / PAIRS_FILE),
+            "iterations": r.iterations,
+            "ridge": r.ridge,
+            "bandwidth_scales": list(r.bandwidth_scales),
+            "seed": experiment.seed,
+            "output_dir": str(method_dir(run_dir, method)),
+        }
+        upstream = ["align"]
+        if spec.alignment:
+            model["alignment_file"] = str(alignment_dir(run_dir, spec.alignment) / ALIGNMENT_FILE)
+            upstream.append(ALIGNMENT_STAGES[spec.alignment])
+        epochs = r.iterations + 1 if spec.extractor == "rfm" else 1
+        config = {
+            "seed_everything": experiment.seed,
+            "trainer": _trainer(
+                experiment,
+                run_dir,
+                f"vectors_{method}",
+                max_epochs=epochs,
+                enable_checkpointing=False,
+            ),
+            "model": {"class_path": "RFMModule", "init_args": model},
+            "data": _activations(experiment, task, "steering"),
+        }
+        stages[f"vectors_{method}"] = ("fit", config, sorted(set(upstream)))
+    e = experiment.evaluation
+    evaluation = {
+        "seed_everything": experiment.seed,
+        "trainer": _trainer(
+            experiment,
+            run_dir,
+            "evaluate",
+            callbacks=[
+                {
+                    "class_path": "SteeringEvaluator",
+                    "init_args": {
+                        "alphas": list(e.alphas),
+                        "layer_choice": "dev" if a.select == "dev" else e.layer_choice,
+                        "num_samples": e.num_samples,
+                        "sample_tokens": e.sample_tokens,
+                        "seed": experiment.seed,
+                    },
+                }
+            ],
+        ),
+        "model": {
+            "class_path": "SteeringModule",
+            "init_args": {
+                "target": experiment.target,
+                "expert": experiment.expert if e.headroom else None,
+                "methods": {
+                    m: str((method_dir(run_dir, m) / STEERING_FILE).relative_to(run_dir))
+                    for m in experiment.methods
+                },
+                "run_dir": str(run_dir),
+                "positions": e.positions,
+                "mode": e.mode,
+                "calibration": e.calibration,
+                "max_new_tokens": e.max_new_tokens,
+                "batch_size": e.batch_size,
+                "null_k": e.null_k,
+                # A stream apart from the `random` method's (seeded with the experiment seed).
+                "null_seed": experiment.seed + 1,
+            }
+            | ({} if e.model_dtype == AUTO_DTYPE else {"model_dtype": e.model_dtype}),
+        },
+        "data": {
+            "class_path": "TaskExamplesDataModule",
+            "init_args": {
+                "task": task,
+                "data_root": resolve_data_root(experiment.data_root),
+                "steer_size": experiment.splits.steer,
+                "dev_size": experiment.splits.dev,
+                "test_size": experiment.splits.test,
+                "seed": experiment.seed,
+                "batch_size": e.batch_size,
+            },
+        },
+    }
+    stages["evaluate"] = ("validate", evaluation, [f"vectors_{m}" for m in experiment.methods])
+    return stages
+
+
+def stage_outputs(experiment: Experiment, task: str, stage: str) -> list[Path]:
+    run_dir = experiment.run_dir(task)
+    if stage == "align":
+        return [run_dir / ALIGNMENT_FILE, run_dir / PAIRS_FILE]
+    objectives = {name: objective for objective, name in ALIGNMENT_STAGES.items()}
+    if stage in objectives:
+        return [alignment_dir(run_dir, objectives[stage]) / ALIGNMENT_FILE]
+    if stage.startswith("vectors_"):
+        return [method_dir(run_dir, stage.removeprefix("vectors_")) / STEERING_FILE]
+    return [run_dir / METRICS_FILE]
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def _fingerprint(text: str, upstream: list[str]) -> str:
+    return hashlib.sha256(json.dumps([text, upstream]).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageRecord:
+    """`stages.json`: what each finished stage was run with and what it wrote."""
+
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    """Stage -> fingerprint of the config it finished with."""
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Stage -> output path (relative to the run directory) -> sha256 when it finished."""
+
+    def forget(self, stage: str) -> None:
+        self.fingerprints.pop(stage, None)
+        self.outputs.pop(stage, None)
+
+    def intact(self, run_dir: Path, stage: str, paths: list[Path]) -> bool:
+        """Whether every output of `stage` is still the file the stage wrote (a truncated,
+        edited or replaced file has another checksum)."""
+        recorded = self.outputs.get(stage, {})
+        return all(
+            path.is_file() and recorded.get(_relative(run_dir, path)) == sha256_file(path)
+            for path in paths
+        )
+
+
+def _relative(run_dir: Path, path: Path) -> str:
+    return str(path.relative_to(run_dir))
+
+
+def _read_stages(run_dir: Path) -> StageRecord:
+    path = run_dir / STAGES_FILE
+    if not path.is_file():
+        return StageRecord()
+    payload = load_json(path, "stages")
+    return StageRecord(payload.get("fingerprints", {}), payload.get("outputs", {}))
+
+
+def _save_stages(run_dir: Path, record: StageRecord) -> None:
+    save_json(run_dir / STAGES_FILE, {"kind": "stages", **dataclasses.asdict(record)})
+
+
+def plan(experiment: Experiment, task: str) -> list[tuple[str, str, Path, str, bool]]:
+    """(stage, subcommand, config path, fingerprint, reuse?) per stage, writing nothing. A
+    stage is reused when its fingerprint matches, its outputs are byte for byte what it wrote
+    (sha256 in `stages.json`) and no upstream stage reruns."""
+    settings = experiment.for_task(task)
+    run_dir = settings.run_dir(task)
+    record = _read_stages(run_dir)
+    fingerprints: dict[str, str] = {}
+    rows = []
+    stale: set[str] = set()
+    for stage, (command, config, upstream) in stage_configs(settings, task).items():
+        text = yaml.safe_dump(config, sort_keys=False)
+        fingerprints[stage] = _fingerprint(text, [fingerprints[u] for u in upstream])
+        reuse = (
+            record.fingerprints.get(stage) == fingerprints[stage]
+            and not stale.intersection(upstream)
+            and record.intact(run_dir, stage, stage_outputs(settings, task, stage))
+        )
+        if not reuse:
+            stale.add(stage)
+        path = run_dir / "stages" / f"{stage}.yaml"
+        rows.append((stage, command, path, fingerprints[stage], reuse))
+    return rows
+
+
+RESULT_FILES = (METRICS_FILE, "report.md")
+"""What the evaluation writes for the vectors it scored: removed before any stage reruns, so
+that a failed or killed rerun never leaves results beside vectors they do not describe."""
+
+
+def run_task(experiment: Experiment, task: str, force: bool = False) -> Path:
+    """Run (or reuse) every stage of one task under the run directory's lock; returns the
+    run directory."""
+    settings = experiment.for_task(task)
+    run_dir = settings.run_dir(task)
+    configs = stage_configs(settings, task)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir), log_file(run_dir / "logs" / RUN_LOG):
+        rows = plan(experiment, task)
+        record = _read_stages(run_dir)
+        rerun = [stage for stage, *_, reuse in rows if force or not reuse]
+        for stage in rerun:
+            record.forget(stage)
+        if rerun:
+            for name in RESULT_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+        _save_stages(run_dir, record)
+        for number, (stage, command, path, digest, _) in enumerate(rows, 1):
+            header = f"[{task} {number}/{len(rows)}] {stage}"
+            if stage not in rerun:
+                log.info("%s: reused (fingerprint %s)", header, digest)
+                continue
+            _run_one(settings, task, stage, command, path, configs[stage][1], header)
+            outputs = stage_outputs(settings, task, stage)
+            record.fingerprints[stage] = digest
+            record.outputs[stage] = {_relative(run_dir, o): sha256_file(o) for o in outputs}
+            _save_stages(run_dir, record)
+    return run_dir
+
+
+def _run_one(
+    settings: Experiment,
+    task: str,
+    stage: str,
+    command: str,
+    path: Path,
+    config: dict,
+    header: str,
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    log.info("%s: running `expertsteer %s --config %s`", header, command, path)
+    started = time.perf_counter()
+    code = _run_stage(settings, command, path)
+    missing = [str(o) for o in stage_outputs(settings, task, stage) if not o.is_file()]
+    if code == 0 and missing:
+        code = f"it wrote no {', '.join(missing)}"
+    if code != 0:
+        why = str(code).removeprefix("expertsteer: error: ")
+        raise ExperimentError(
+            f"stage '{stage}' of task '{task}' failed ({why}); its config is {path}, "
+            f"rerun it alone with `expertsteer {command} --config {path}`"
+        )
+    log.info("%s: done in %.1f s", header, time.perf_counter() - started)
+
+
+RUN_LOG = "run.log"
+
+
+@contextlib.contextmanager
+def log_file(path: Path) -> Iterator[None]:
+    """Every log line of the block (per-batch detail included) appended to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+LOCK_FILE = "run.lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Only one `expertsteer run` per run directory at a time; a second one fails at once."""
+    try:
+        with file_lock(run_dir / LOCK_FILE, wait=False):
+            yield
+    except LockedError as error:
+        raise ExperimentError(
+            f"another `expertsteer run` is working in {run_dir} ({error}); wait for it to "
+            "finish, or give this experiment another name or output_root"
+        ) from error
+
+
+def current_metrics(run_dir: Path) -> dict:
+    """`metrics.json` of a run directory, only if it scored the vectors now there: the
+    evaluation finished after every vectors stage and no recorded output has changed since."""
+    metrics_path = run_dir / METRICS_FILE
+    if not (run_dir / STAGES_FILE).is_file():
+        log.warning(
+            "%s has no %s (stages run by hand): cannot check that %s belongs to its vectors",
+            run_dir,
+            STAGES_FILE,
+            METRICS_FILE,
+        )
+        return load_json(metrics_path, "metrics")
+    record = _read_stages(run_dir)
+    changed = [
+        stage
+        for stage, outputs in record.outputs.items()
+        if not record.intact(run_dir, stage, [run_dir / name for name in outputs])
+    ]
+    if "evaluate" not in record.fingerprints or changed:
+        why = (
+            f"outputs of {changed} changed since"
+            if changed
+            else "the last evaluation did not finish"
+        )
+        raise ExperimentError(
+            f"{metrics_path} does not belong to the vectors in {run_dir} ({why}); rerun "
+            "`expertsteer run` to evaluate them (or give the strength with --alpha)"
+        )
+    return load_json(metrics_path, "metrics")
+
+
+def validate_stage_configs(experiment: Experiment, task: str) -> None:
+    """Build and parse every stage config of `task` as its LightningCLI run would (classes
+    instantiated, no model loaded), so a bad value fails before the first stage starts."""
+    settings = experiment.for_task(task)
+    for stage, (_, config, upstream) in stage_configs(settings, task).items():
+        try:
+            # A stage fed by other stages' files is type-checked, not built, before they exist.
+            parse_stage_config(config, build_model=not upstream or stage == "evaluate")
+        except ExpertSteerError as error:
+            raise ExperimentError(f"task '{task}', stage '{stage}': {error}") from error
+
+
+def distributed(experiment: Experiment) -> bool:
+    """Whether the stages run on several processes (then each stage gets its own process)."""
+    devices = experiment.trainer.get("devices", 1)
+    strategy = str(experiment.trainer.get("strategy", "auto"))
+    num_nodes = experiment.trainer.get("num_nodes", 1)
+    return str(devices) not in ("1", "[0]") or "ddp" in strategy or num_nodes != 1
+
+
+def _run_stage(experiment: Experiment, command: str, path: Path) -> int | str:
+    """Run one stage: in this process on one device; as `python -m expertsteer` when
+    distributed, so that Lightning's launcher can re-execute exactly that stage per rank."""
+    if distributed(experiment):
+        env = {**os.environ, "PYTHONPATH": _pythonpath()}
+        argv = [sys.executable, "-m", "expertsteer", command, "--config", str(path)]
+        return subprocess.run(argv, env=env).returncode
+    try:
+        run_stage([command, "--config", str(path)], quiet=True)
+    except SystemExit as exit_:
+        return exit_.code if exit_.code not in (None, 0) else 0
+    return 0
+
+
+def _pythonpath() -> str:
+    """The repository root first, so the stage packages import from any working directory."""
+    root = str(Path(__file__).resolve().parents[2])
+    rest = os.environ.get("PYTHONPATH")
+    return root if not rest else f"{root}{os.pathsep}{rest}"
+
+
+def run_experiment(experiment: Experiment, force: bool = False) -> dict[str, Path]:
+    """Every task of the experiment, in order; task -> run directory. Every stage config of
+    every task is parsed first."""
+    check(experiment)
+    for task in experiment.tasks:
+        validate_stage_configs(experiment, task)
+    return {task: run_task(experiment, task, force) for task in experiment.tasks}
