@@ -7,7 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
-from tests.tiny import save_tiny
+from tests.tiny import tiny_pair
 
 
 @pytest.fixture(autouse=True)
@@ -19,8 +19,4 @@ def isolated_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """Local model directories: an expert (qwen2, 64-d) and a target (llama, 48-d)."""
-    root = tmp_path_factory.mktemp("models")
-    return {
-        "expert": save_tiny(root / "expert", "qwen2", chat=True, seed=1),
-        "target": save_tiny(root / "target", "llama", chat=False, seed=2),
-    }
+    return tiny_pair(tmp_path_factory.mktemp("models"))

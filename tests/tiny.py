@@ -125,3 +125,12 @@ def save_tiny(
     tokenizer.pad_token = "<|pad|>"
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def tiny_pair(root: Path) -> dict[str, Path]:
+    """An expert (qwen2, 64-d x 4 blocks, chat template) and a target (llama, 48-d x 3 blocks,
+    no template) saved under `root`: different families, widths and depths."""
+    return {
+        "expert": save_tiny(root / "expert", "qwen2", chat=True, seed=1),
+        "target": save_tiny(root / "target", "llama", chat=False, seed=2),
+    }

@@ -4,7 +4,6 @@ import pytest
 import torch
 import yaml
 
-from datamodules.paired_activations import PairedActivationDataModule
 from expertsteer.data import activations
 from expertsteer.data.activations import META, CacheMismatchError
 from expertsteer.data.tasks import TaskError
@@ -12,22 +11,14 @@ from expertsteer.errors import ExpertSteerError
 from expertsteer.models.capture import capture
 from expertsteer.models.causal_lm import CausalLM
 from expertsteer.models.zoo import load_model
+from tests.tiny_data import tiny_datamodule
 
 
 def _module(tiny_dirs, tmp_path, **overrides):
     settings = dict(
-        expert=str(tiny_dirs["expert"]),
-        target=str(tiny_dirs["target"]),
-        task="arithmetic",
-        steer_size=6,
-        dev_size=4,
-        test_size=4,
-        shard_size=4,
-        capture_batch_size=3,
-        batch_size=5,
-        cache=str(tmp_path / "cache"),
+        steer_size=6, dev_size=4, test_size=4, shard_size=4, capture_batch_size=3, batch_size=5
     )
-    return PairedActivationDataModule(**{**settings, **overrides})
+    return tiny_datamodule(tiny_dirs, tmp_path / "cache", **{**settings, **overrides})
 
 
 def _bytes(directory):

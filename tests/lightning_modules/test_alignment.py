@@ -8,7 +8,6 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import nn
 
-from datamodules.paired_activations import PairedActivationDataModule
 from expertsteer.artifacts import (
     ALIGNMENT_FILE,
     MI_FILE,
@@ -29,6 +28,7 @@ from expertsteer.method.align import (
 )
 from expertsteer.method.translate import TranslateConfig, fit_pair, r2_score
 from lightning_modules.alignment import AlignmentModule
+from tests.tiny_data import tiny_datamodule
 
 # -- the auto-encoders -----------------------------------------------------------------------
 
@@ -205,18 +205,8 @@ def test_shape_mismatch_is_an_artifact_error(tmp_path):
 
 
 def _datamodule(tiny_dirs, cache, **overrides):
-    settings = dict(
-        expert=str(tiny_dirs["expert"]),
-        target=str(tiny_dirs["target"]),
-        task="arithmetic",
-        steer_size=24,
-        dev_size=12,
-        test_size=2,
-        batch_size=8,
-        capture_batch_size=16,
-        cache=str(cache),
-    )
-    return PairedActivationDataModule(**{**settings, **overrides})
+    settings = dict(test_size=2, batch_size=8, capture_batch_size=16)
+    return tiny_datamodule(tiny_dirs, cache, **{**settings, **overrides})
 
 
 class StartLosses(Callback):

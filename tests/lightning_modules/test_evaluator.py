@@ -10,7 +10,6 @@ import pytest
 import torch
 import yaml
 
-from datamodules.paired_activations import PairedActivationDataModule
 from datamodules.task_examples import TaskExamplesDataModule
 from expertsteer.artifacts import METRICS_FILE, STEERING_FILE
 from expertsteer.evaluation.controls import (
@@ -29,24 +28,13 @@ from expertsteer.models.zoo import weights_identity
 from lightning_modules.evaluator import SteeringEvaluator, choose_setting
 from lightning_modules.rfm import RFMModule
 from lightning_modules.steer import SteeringModule
+from tests.tiny_data import prepared, tiny_datamodule
 
 
 @pytest.fixture(scope="module")
 def paired(tiny_dirs, tmp_path_factory):
     """Tiny paired activations (target 48-d x 3 layers) with labels."""
-    module = PairedActivationDataModule(
-        expert=str(tiny_dirs["expert"]),
-        target=str(tiny_dirs["target"]),
-        task="arithmetic",
-        steer_size=24,
-        dev_size=12,
-        test_size=4,
-        batch_size=16,
-        cache=str(tmp_path_factory.mktemp("cache")),
-    )
-    module.prepare_data()
-    module.setup("fit")
-    return module
+    return prepared(tiny_datamodule(tiny_dirs, tmp_path_factory.mktemp("cache")))
 
 
 # -- the random method is a label-free control ------------------------------------------------

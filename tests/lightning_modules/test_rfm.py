@@ -7,30 +7,18 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torchmetrics.functional.classification import binary_auroc
 
-from datamodules.paired_activations import PairedActivationDataModule
 from expertsteer.artifacts import STEERING_FILE, ArtifactError, load_artifact, save_artifact
 from expertsteer.method.align import AffineAutoencoders, save_alignment
 from expertsteer.method.rfm import RFMConfig, fit_rfm
 from expertsteer.method.vectors import load_steering
 from lightning_modules.rfm import RFMModule
+from tests.tiny_data import prepared, tiny_datamodule
 
 
 @pytest.fixture(scope="module")
 def data(tiny_dirs, tmp_path_factory):
     """A prepared DataModule (expert 64-d x 4 layers, target 48-d x 3 layers)."""
-    module = PairedActivationDataModule(
-        expert=str(tiny_dirs["expert"]),
-        target=str(tiny_dirs["target"]),
-        task="arithmetic",
-        steer_size=24,
-        dev_size=12,
-        test_size=4,
-        batch_size=16,
-        cache=str(tmp_path_factory.mktemp("cache")),
-    )
-    module.prepare_data()
-    module.setup("fit")
-    return module
+    return prepared(tiny_datamodule(tiny_dirs, tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from expertsteer.models.batching import (
 from expertsteer.models.capture import capture, capture_batches
 from expertsteer.models.causal_lm import CausalLM
 from tests.tiny import byte_tokenizer, tiny_model
+from tests.tiny_data import tiny_datamodule
 
 
 def _padded(lengths, group):
@@ -99,15 +100,14 @@ def test_capture_out_of_memory_names_max_batch_tokens(tiny_dirs, tmp_path, monke
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
 
     monkeypatch.setattr("datamodules.paired_activations.capture", exhausted)
-    module = PairedActivationDataModule(
-        expert=str(tiny_dirs["expert"]),
-        target=str(tiny_dirs["target"]),
+    module = tiny_datamodule(
+        tiny_dirs,
+        tmp_path / "cache",
         steer_size=4,
         dev_size=2,
         test_size=2,
         max_batch_tokens=512,
         capture_batch_size=6,
-        cache=str(tmp_path / "cache"),
     )
     with pytest.raises(BatchMemoryError, match=r"max_batch_tokens \(now 512\).*\(now 6\)"):
         module.prepare_data()
@@ -116,18 +116,9 @@ def test_capture_out_of_memory_names_max_batch_tokens(tiny_dirs, tmp_path, monke
 
 
 def test_paired_capture_with_a_budget_equals_the_cache_without(tiny_dirs, tmp_path):
-    settings = dict(
-        expert=str(tiny_dirs["expert"]),
-        target=str(tiny_dirs["target"]),
-        steer_size=6,
-        dev_size=4,
-        test_size=2,
-        capture_batch_size=8,
-    )
-    plain = PairedActivationDataModule(**settings, cache=str(tmp_path / "a"))
-    budgeted = PairedActivationDataModule(
-        **settings, max_batch_tokens=96, cache=str(tmp_path / "b")
-    )
+    settings = dict(steer_size=6, dev_size=4, test_size=2, capture_batch_size=8)
+    plain = tiny_datamodule(tiny_dirs, tmp_path / "a", **settings)
+    budgeted = tiny_datamodule(tiny_dirs, tmp_path / "b", **settings, max_batch_tokens=96)
     assert plain.cache_path().name == budgeted.cache_path().name, "same states, same entry"
     for module in (plain, budgeted):
         module.prepare_data()

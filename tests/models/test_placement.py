@@ -23,6 +23,7 @@ from expertsteer.method.vectors import SteeringVectors, save_steering
 from expertsteer.models.batching import BatchMemoryError
 from expertsteer.models.zoo import resolve_dtype, weights_identity
 from lightning_modules.steer import SteeringModule
+from tests.tiny_data import tiny_datamodule
 
 META = torch.device("meta")
 
@@ -55,18 +56,14 @@ def _quiet_trainer(tmp_path, **settings) -> L.Trainer:
 
 def _paired(tiny_dirs, tmp_path, **overrides) -> PairedActivationDataModule:
     settings = dict(
-        expert=str(tiny_dirs["expert"]),
-        target=str(tiny_dirs["target"]),
-        task="arithmetic",
         steer_size=4,
         dev_size=2,
         test_size=2,
         shard_size=4,
         batch_size=4,
         capture_splits=["steer", "dev"],
-        cache=str(tmp_path / "cache"),
     )
-    return PairedActivationDataModule(**{**settings, **overrides})
+    return tiny_datamodule(tiny_dirs, tmp_path / "cache", **{**settings, **overrides})
 
 
 def _task(tmp_path) -> str:

@@ -1,4 +1,4 @@
-"""Shared plumbing of the DDP tests: tiny model pair, and a stage script run with N processes."""
+"""Shared plumbing of the DDP tests: a stage script run with N processes, a CPU Trainer."""
 
 import json
 import os
@@ -8,17 +8,7 @@ from pathlib import Path
 
 import lightning as L
 
-from tests.tiny import save_tiny
-
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def tiny_pair(root: Path) -> dict[str, Path]:
-    """An expert (qwen2, chat template) and a target (llama, no template) saved under `root`."""
-    return {
-        "expert": save_tiny(root / "expert", "qwen2", seed=1),
-        "target": save_tiny(root / "target", "llama", chat=False, seed=2),
-    }
 
 
 def run_script(

@@ -11,25 +11,22 @@ from pathlib import Path
 
 import torch
 
-from datamodules.paired_activations import PairedActivationDataModule
 from lightning_modules.alignment import AlignmentModule
 from tests.slow.ddp import cpu_trainer
+from tests.tiny_data import tiny_datamodule
 
 
 def main() -> None:
     expert, target, cache, devices, out = sys.argv[1:6]
     torch.manual_seed(0)
-    data = PairedActivationDataModule(
-        expert=expert,
-        target=target,
-        task="arithmetic",
+    data = tiny_datamodule(
+        {"expert": expert, "target": target},
+        cache,
         item_kind="prompts",
         steer_size=120,
         dev_size=200,
-        test_size=4,
         # Same global batch (16) and so the same number of optimiser steps as one process.
         batch_size=16 // int(devices),
-        cache=cache,
     )
     module = AlignmentModule(lr=1e-2, mi_rank=4, output_dir=out)
     trainer = cpu_trainer(devices, max_epochs=60)

@@ -13,8 +13,8 @@ import lightning as L
 import torch
 
 from datamodules import paired_activations
-from datamodules.paired_activations import PairedActivationDataModule
 from tests.slow.ddp import cpu_trainer
+from tests.tiny_data import tiny_datamodule
 
 WRITTEN: list[str] = []
 
@@ -51,16 +51,14 @@ class Recorder(L.LightningModule):
 def main() -> None:
     expert, target, cache, devices = sys.argv[1:5]
     torch.manual_seed(0)
-    module = PairedActivationDataModule(
-        expert=expert,
-        target=target,
-        task="arithmetic",
+    module = tiny_datamodule(
+        {"expert": expert, "target": target},
+        cache,
         steer_size=10,
         dev_size=7,
         test_size=6,
         shard_size=4,
         batch_size=2,
-        cache=cache,
     )
     trainer = cpu_trainer(devices)
     trainer.validate(Recorder(), datamodule=module)

@@ -11,23 +11,16 @@ from pathlib import Path
 
 import torch
 
-from datamodules.paired_activations import PairedActivationDataModule
 from lightning_modules.rfm import RFMModule
 from tests.slow.ddp import cpu_trainer
+from tests.tiny_data import tiny_datamodule
 
 
 def main() -> None:
     expert, target, cache, devices, out = sys.argv[1:6]
     torch.manual_seed(0)
-    data = PairedActivationDataModule(
-        expert=expert,
-        target=target,
-        task="arithmetic",
-        steer_size=30,
-        dev_size=15,
-        test_size=4,
-        batch_size=8,
-        cache=cache,
+    data = tiny_datamodule(
+        {"expert": expert, "target": target}, cache, steer_size=30, dev_size=15, batch_size=8
     )
     module = RFMModule(source="target", pairs=[[0, 1], [0, 2]], iterations=3, output_dir=out)
     trainer = cpu_trainer(devices, max_epochs=50)

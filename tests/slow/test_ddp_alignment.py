@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from expertsteer.artifacts import MI_FILE, PAIRS_FILE, load_artifact
-from tests.slow.ddp import run_script, tiny_pair
+from tests.slow.ddp import run_script
+from tests.tiny import tiny_pair
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("ddp_alignment_script.py")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.slow.ddp import run_script, tiny_pair
+from tests.slow.ddp import run_script
+from tests.tiny import tiny_pair
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("ddp_capture_script.py")

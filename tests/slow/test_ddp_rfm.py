@@ -7,7 +7,8 @@ import torch
 
 from expertsteer.artifacts import STEERING_FILE
 from expertsteer.method.vectors import load_steering
-from tests.slow.ddp import run_script, tiny_pair
+from tests.slow.ddp import run_script
+from tests.tiny import tiny_pair
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("ddp_rfm_script.py")

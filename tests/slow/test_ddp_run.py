@@ -16,7 +16,8 @@ from expertsteer.artifacts import PAIRS_FILE, STEERING_FILE
 from expertsteer.method.vectors import load_steering
 from expertsteer.pipeline.experiment import METHODS
 from expertsteer.pipeline.stages import method_dir
-from tests.slow.ddp import ROOT, tiny_pair
+from tests.slow.ddp import ROOT
+from tests.tiny import tiny_pair
 
 pytestmark = pytest.mark.slow
 
