@@ -42,7 +42,7 @@ import torch
 import yaml
 
 from expertsteer.evaluation.branching import PrefixStore
-from expertsteer.evaluation.scoring import score_options, score_options_grid
+from expertsteer.evaluation.options import score_options, score_options_grid
 from expertsteer.method.steer import Intervention, mean_residual_norms, steered_generate_ids
 from expertsteer.models.capture import capture
 from expertsteer.models.causal_lm import CausalLM

@@ -34,12 +34,8 @@ from expertsteer.data.catalogue import BUILTIN
 from expertsteer.data.prompts import render_prompt
 from expertsteer.data.tasks import load_task
 from expertsteer.evaluation.branching import PrefixStore
-from expertsteer.evaluation.scoring import (
-    OptionScores,
-    option_completions,
-    score_options,
-    score_options_grid,
-)
+from expertsteer.evaluation.calibration import option_completions
+from expertsteer.evaluation.options import OptionScores, score_options, score_options_grid
 from expertsteer.method.steer import Intervention, mean_residual_norms
 from expertsteer.models.causal_lm import CausalLM
 from expertsteer.models.zoo import load_model

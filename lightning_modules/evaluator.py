@@ -54,8 +54,8 @@ from expertsteer.evaluation.controls import (
     offset_predictions,
     smallest_null_p,
 )
+from expertsteer.evaluation.evaluate import EvalResult
 from expertsteer.evaluation.report import layers_key, write_report
-from expertsteer.evaluation.scoring import EvalResult
 from expertsteer.evaluation.stats import (
     bootstrap_ci,
     empirical_p,

@@ -27,15 +27,15 @@ import torch
 
 from expertsteer.artifacts import ArtifactError
 from expertsteer.data.tasks import Example
+from expertsteer.evaluation.answers import generate_answers
 from expertsteer.evaluation.branching import PrefixStore
 from expertsteer.evaluation.controls import NONE_BIAS
-from expertsteer.evaluation.scoring import (
+from expertsteer.evaluation.evaluate import (
     DEFAULT_MODE,
     MODES_BY_TYPE,
     EvalResult,
     evaluate,
     evaluate_grid,
-    generate_answers,
 )
 from expertsteer.method.extractors import random_unit_vectors
 from expertsteer.method.steer import Intervention

@@ -39,8 +39,6 @@ from expertsteer.models.zoo import AUTO_DTYPE, DEFAULT_EXPERT, DEFAULT_TARGET, D
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("recon", "translate", "recon+translate")
-
 
 class ExperimentError(ExpertSteerError):
     """An experiment config that cannot run."""
@@ -249,7 +247,8 @@ class EvalSettings:
     scored in the same dtype."""
 
     def __post_init__(self) -> None:
-        from expertsteer.evaluation.scoring import CALIBRATIONS, SCORE_MODES
+        from expertsteer.evaluation.calibration import CALIBRATIONS
+        from expertsteer.evaluation.evaluate import SCORE_MODES
         from expertsteer.method.vectors import POSITIONS
 
         alphas = self.alphas

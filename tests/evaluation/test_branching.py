@@ -1,8 +1,8 @@
 """Grid scoring from shared forwards equals one nnsight-steered forward per configuration.
 
-The reference is the evaluation path as it was before sharing: `scoring.evaluate` per
+The reference is the evaluation path as it was before sharing: `evaluate.evaluate` per
 intervention, which scores through `steering.steered_logits` (nnsight). The shared path
-(`scoring.evaluate_grid` over `branching.grid_log_probs`: prefix keys / values, an unsteered
+(`evaluate.evaluate_grid` over `branching.grid_log_probs`: prefix keys / values, an unsteered
 trunk, branches run by plain forward hooks) must give the same option scores, calibration
 biases and calibrated scores to 1e-5 in float32, in every positions mode and score mode.
 """
@@ -12,7 +12,7 @@ import torch
 
 from expertsteer.data.tasks import Example
 from expertsteer.evaluation.branching import PrefixStore, grid_log_probs
-from expertsteer.evaluation.scoring import evaluate, evaluate_grid
+from expertsteer.evaluation.evaluate import evaluate, evaluate_grid
 from expertsteer.method.steer import POSITIONS, Intervention, steered_logits
 from expertsteer.models.causal_lm import CausalLM
 from tests.tiny import byte_tokenizer, tiny_model

@@ -49,7 +49,7 @@ def test_console_filter_keeps_headers_and_warnings_and_drops_detail_and_tips():
 
     quiet, verbose = _ConsoleFilter(False), _ConsoleFilter(True)
     header = record("expertsteer.pipeline.experiment", logging.INFO, "[sst2 1/13] align: running")
-    batch = record("expertsteer.evaluation.scoring", logging.INFO, "scored batch 3 of 40")
+    batch = record("expertsteer.evaluation.evaluate", logging.INFO, "scored batch 3 of 40")
     tip = record("lightning.pytorch.utilities.rank_zero", logging.INFO, "💡 Tip: try litlogger")
     warning = record("expertsteer.method.pair", logging.WARNING, "only 8 pairs")
     lightning_hint = record("py.warnings", logging.WARNING, "log_every_n_steps ...")
