@@ -30,16 +30,12 @@ import torch
 from torch import nn
 
 from expertsteer.artifacts import ArtifactError, load_artifact, save_artifact
+from expertsteer.data.activations import MODEL_FIELDS
 
 ALIGNMENT_KIND = "alignment"
 OBJECTIVES = ("recon", "recon+translate", "translate")
-MODEL_FIELDS = (
-    "expert_model_id",
-    "expert_weights_sha256",
-    "target_model_id",
-    "target_weights_sha256",
-)
-"""Which models an artifact was made for."""
+"""Alignment objectives: reconstruction (the paper), plus a translation term, or closed-form
+translation maps."""
 IDENTITY_FIELDS = (*MODEL_FIELDS, "expert_layers", "target_layers", "expert_dim", "target_dim")
 """Models, captured layers and widths: what must match for the weights to apply."""
 REQUIRED_METADATA = (*IDENTITY_FIELDS, "objective", "translation_pairs", "data_fingerprint")

@@ -36,7 +36,6 @@ from expertsteer.models.zoo import AUTO_DTYPE
 from expertsteer.pipeline.experiment import (
     MAIN_METHOD,
     METHODS,
-    OBJECTIVES,
     Experiment,
     ExperimentError,
     check,
@@ -52,6 +51,8 @@ ALIGNMENT_STAGES = {
     "translate": "align_translate",
     "recon+translate": "align_recon_translate",
 }
+"""Alignment objective (`expertsteer.method.align.OBJECTIVES`) -> its stage, in run order:
+`recon` first, whose pairs.json the others read."""
 
 
 # -- stage configs ------------------------------------------------------------------------------
@@ -112,7 +113,7 @@ def stage_configs(experiment: Experiment, task: str) -> dict[str, tuple[str, dic
     stages: dict[str, tuple[str, dict, list[str]]] = {}
     objectives = sorted(
         {METHODS[m].alignment for m in experiment.methods if METHODS[m].alignment} | {"recon"},
-        key=OBJECTIVES.index,
+        key=list(ALIGNMENT_STAGES).index,
     )
     for objective in objectives:
         name = ALIGNMENT_STAGES[objective]
