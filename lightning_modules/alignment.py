@@ -62,14 +62,13 @@ from expertsteer.artifacts import (
     MI_HEATMAP_FILE,
     PAIRS_FILE,
     R2_HEATMAP_FILE,
-    load_json,
     save_artifact,
     save_json,
 )
+from expertsteer.data.activations import model_identity
 from expertsteer.evaluation.plots import mi_heatmap
 from expertsteer.method.align import (
     IDENTITY_FIELDS,
-    MODEL_FIELDS,
     OBJECTIVES,
     AffineAutoencoders,
     explained_variance,
@@ -81,6 +80,7 @@ from expertsteer.method.pair import (
     PairingConfig,
     mi_matrix,
     pairs_payload,
+    read_pairs_file,
     select_pairs,
     window_mask,
 )
@@ -133,20 +133,6 @@ def _layer_moments(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         [states[:, k].double().std(0, correction=0) for k in range(states.shape[1])]
     ).clamp_min(1e-6)
     return mean.float(), std.float()
-
-
-def read_pairs_file(path: str | Path) -> tuple[list[list[int]], dict[str, Any]]:
-    """[expert_layer, target_layer] pairs (real layer numbers) of a `pairs.json`, and the
-    model identity fields it records (checked against the data module later)."""
-    payload = load_json(path, "pairs")
-    try:
-        pairs = [[int(p["expert_layer"]), int(p["target_layer"])] for p in payload["pairs"]]
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(
-            f"{path}: 'pairs' must be a list of {{expert_layer, target_layer}} objects ({error})"
-        ) from error
-    identity = {name: payload[name] for name in MODEL_FIELDS if name in payload}
-    return pairs, identity
 
 
 class AlignmentModule(L.LightningModule):
@@ -291,10 +277,7 @@ class AlignmentModule(L.LightningModule):
         expert, target = datamodule.keys()
         dims = datamodule.dims()
         return {
-            "expert_model_id": expert.model_id,
-            "expert_weights_sha256": expert.weights_sha256,
-            "target_model_id": target.model_id,
-            "target_weights_sha256": target.weights_sha256,
+            **model_identity(expert, target),
             "expert_layers": list(expert.layers),
             "target_layers": list(target.layers),
             "expert_dim": int(dims["expert"][0]),

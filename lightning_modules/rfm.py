@@ -3,9 +3,9 @@ iteration per epoch, or a baseline extractor in one epoch.
 
 Epoch t (t = 0..T): at its start every pair's RFM updates its metric by the AGOP of iteration
 t-1 (t > 0) and solves the kernel ridge regression; validation then scores every bandwidth by
-AUROC on the whole dev split (TorchMetrics), and the fit stops itself after iteration T. At the
-end of fitting the best (bandwidth, iteration) of each pair gives the top AGOP eigenvector,
-mapped into the target's space and written to `steering.safetensors`.
+AUROC on the whole dev split (the fitter's own, the one it selects by), and the fit stops itself
+after iteration T. At the end of fitting the best (bandwidth, iteration) of each pair gives the
+top AGOP eigenvector, mapped into the target's space and written to `steering.safetensors`.
 
 Data comes from `PairedActivationDataModule.split_tensors`, the whole split on every rank, so
 under DDP every rank solves the identical problem (no sampler duplicates, no gather needed) and
@@ -24,10 +24,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics.classification import BinaryAUROC
 
-from expertsteer.artifacts import ALIGNMENT_FILE, STEERING_FILE, load_json
+from expertsteer.artifacts import ALIGNMENT_FILE, STEERING_FILE
 from expertsteer.cache import sha256_file
+from expertsteer.data.activations import model_identity
 from expertsteer.data.catalogue import resolve_task
 from expertsteer.evaluation.transfer import (
     direction_diagnostics,
@@ -36,15 +36,16 @@ from expertsteer.evaluation.transfer import (
     transfer_verdict,
 )
 from expertsteer.method.align import AffineAutoencoders, load_alignment
-from expertsteer.method.extractors import EXTRACTORS, extract, orient
+from expertsteer.method.extractors import EXTRACTORS, extract
+from expertsteer.method.pair import read_pairs_file
 from expertsteer.method.rfm import (
     RFMConfig,
     RFMFitter,
-    median_distance,
+    auroc,
     top_directions,
-    validation_loss,
+    tune_hyperparameters,
 )
-from expertsteer.method.vectors import SteeringVectors, save_steering
+from expertsteer.method.vectors import SteeringVectors, orient, save_steering
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,6 @@ class RFMModule(L.LightningModule):
         self.automatic_optimization = False
         self.log_bandwidth_scales = nn.Parameter(torch.tensor(scales, dtype=torch.float64).log())
         self.log_ridge = nn.Parameter(torch.tensor(math.log(ridge), dtype=torch.float64))
-        self.val_auroc = BinaryAUROC(sync_on_compute=False)  # every rank holds the whole split
         self.aligner: AffineAutoencoders | None = None
         self.alignment_meta: dict | None = None
         self.layer_pairs: list[tuple[int, int]] = []
@@ -150,17 +150,9 @@ class RFMModule(L.LightningModule):
         layer the models do not have fails before any activation is captured."""
         expert_key, target_key = datamodule.keys()
         hp = self.hparams
-        expect = {
-            "expert_model_id": expert_key.model_id,
-            "expert_weights_sha256": expert_key.weights_sha256,
-            "target_model_id": target_key.model_id,
-            "target_weights_sha256": target_key.weights_sha256,
-        }
-        if hp.pairs_file is not None:
-            payload = load_json(hp.pairs_file, "pairs")
-            pairs = [(p["expert_layer"], p["target_layer"]) for p in payload["pairs"]]
-        else:
-            pairs = [(int(i), int(j)) for i, j in hp.pairs]
+        expect = model_identity(expert_key, target_key)
+        listed = read_pairs_file(hp.pairs_file)[0] if hp.pairs_file is not None else hp.pairs
+        pairs = [(int(i), int(j)) for i, j in listed]
         for i, j in pairs:
             if j not in target_key.layers:
                 raise ValueError(f"target layer {j} is not among the captured {target_key.layers}")
@@ -237,8 +229,7 @@ class RFMModule(L.LightningModule):
             ]
             return
         if hp.tune_steps:
-            with torch.enable_grad():
-                self._tune(data)
+            self._tune(data)
         scales = tuple(float(s) for s in self.log_bandwidth_scales.detach().exp())
         config = RFMConfig(
             iterations=hp.iterations,
@@ -250,33 +241,21 @@ class RFMModule(L.LightningModule):
         self.fitters = [RFMFitter(x, y, xv, yv, config) for (x, y), (xv, yv) in data]
 
     def _tune(self, data: list) -> None:
-        """Adam on the log bandwidth factors and log ridge, summed validation MSE of every
-        grid point and pair at M = I (identical on every rank: same data, same steps)."""
-        optimizer = torch.optim.Adam(
-            [self.log_bandwidth_scales, self.log_ridge], lr=self.hparams.tune_lr
+        """Tune the log bandwidth factors and log ridge (`tune_hyperparameters`: Adam on the
+        summed validation MSE of every grid point and pair at M = I; identical on every rank:
+        same data, same steps)."""
+        hp = self.hparams
+        log_scales, log_ridge = tune_hyperparameters(
+            [(x, y, x_val, y_val) for (x, y), (x_val, y_val) in data],
+            self.log_bandwidth_scales,
+            self.log_ridge,
+            steps=hp.tune_steps,
+            lr=hp.tune_lr,
+            center=hp.center,
         )
-        problems = []
-        for (x, y), (x_val, y_val) in data:
-            mean = x.mean(0) if self.hparams.center else torch.zeros_like(x[0])
-            x, x_val = x - mean, x_val - mean
-            problems.append((x, y, x_val, y_val, math.log(median_distance(x))))
-        for _ in range(self.hparams.tune_steps):
-            optimizer.zero_grad()
-            loss = sum(
-                validation_loss(
-                    x,
-                    y,
-                    x_val,
-                    y_val,
-                    torch.eye(x.shape[1], dtype=x.dtype),
-                    (log_median + log_scale).to(x.dtype),
-                    self.log_ridge.to(x.dtype),
-                )
-                for x, y, x_val, y_val, log_median in problems
-                for log_scale in self.log_bandwidth_scales
-            )
-            loss.backward()
-            optimizer.step()
+        with torch.no_grad():
+            self.log_bandwidth_scales.copy_(log_scales)
+            self.log_ridge.copy_(log_ridge)
         log.info(
             "tuned bandwidth factors %s, ridge %.3g",
             [round(float(s), 4) for s in self.log_bandwidth_scales.exp()],
@@ -301,36 +280,27 @@ class RFMModule(L.LightningModule):
                     zip(self.layer_pairs, self.directions, strict=True)
                 ):
                     x_val, y_val = self._features("dev", pair)
-                    score = self._auroc(x_val @ direction, y_val)
+                    score = auroc(x_val @ direction, y_val)
                     self.log(f"val/direction_auroc/pair{index}", score, sync_dist=True)
         done = self.hparams.method != "rfm" or self.current_epoch >= self.hparams.iterations
         if done:
             self.trainer.should_stop = True
 
-    def _auroc(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.val_auroc.update(scores.float(), labels)
-        value = self.val_auroc.compute()
-        self.val_auroc.reset()
-        return value
-
     def _log_rfm_iteration(self) -> None:
         best = []
         for index, fitter in enumerate(self.fitters):
-            fitter.evaluate()
-            predictions = fitter.predictions()
-            scores = [self._auroc(p, fitter.y_val) for p in predictions]
+            scores = fitter.evaluate()  # the AUROC the fit selects by, one per bandwidth
             for factor, score in zip(self.config.bandwidth_scales, scores, strict=True):
                 self.log(f"val/auroc/pair{index}/bw{factor:g}", score, sync_dist=True)
-            top = max(range(len(scores)), key=lambda k: float(scores[k]))
+            top = max(range(len(scores)), key=lambda k: scores[k])
             (direction,), _ = top_directions(fitter.agop_of(top), fitter.x, fitter.y, 1)
-            x_val = fitter.x_val
             self.log(
                 f"val/direction_auroc/pair{index}",
-                self._auroc(x_val @ direction, fitter.y_val),
+                auroc(fitter.x_val @ direction, fitter.y_val),
                 sync_dist=True,
             )
             best.append(max(scores))
-        self.log("val/auroc", torch.stack(best).mean(), prog_bar=True, sync_dist=True)
+        self.log("val/auroc", sum(best) / len(best), prog_bar=True, sync_dist=True)
         self.log("rfm/iteration", float(self.current_epoch), sync_dist=True)
 
     def configure_optimizers(self) -> None:
@@ -384,10 +354,7 @@ class RFMModule(L.LightningModule):
             "method": self.hparams.method,
             "source": self.hparams.source,
             "space": self.hparams.space if self.hparams.source == "expert" else "target",
-            "expert_model_id": expert_key.model_id,
-            "expert_weights_sha256": expert_key.weights_sha256,
-            "target_model_id": target_key.model_id,
-            "target_weights_sha256": target_key.weights_sha256,
+            **model_identity(expert_key, target_key),
             "pairs": [list(pair) for pair in self.layer_pairs],
             "positions": "all",
             "norm_scale": "mean L2 norm of the target block output on the dev split",

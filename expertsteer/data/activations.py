@@ -54,6 +54,25 @@ class ModelKey:
     """Chat-template setting (None: automatic)."""
 
 
+MODEL_FIELDS = (
+    "expert_model_id",
+    "expert_weights_sha256",
+    "target_model_id",
+    "target_weights_sha256",
+)
+"""Which models an artifact was made for (`model_identity`)."""
+
+
+def model_identity(expert: ModelKey, target: ModelKey) -> dict[str, str]:
+    """The `MODEL_FIELDS` of an artifact made from the activations of these two models."""
+    return {
+        "expert_model_id": expert.model_id,
+        "expert_weights_sha256": expert.weights_sha256,
+        "target_model_id": target.model_id,
+        "target_weights_sha256": target.weights_sha256,
+    }
+
+
 def fingerprint(
     expert: ModelKey,
     target: ModelKey,

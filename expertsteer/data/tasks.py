@@ -234,7 +234,8 @@ def _text(row: dict, path: str) -> str:
     return text
 
 
-def _hub_offline() -> bool:
+def _datasets_offline() -> bool:
+    """HF_DATASETS_OFFLINE or HF_HUB_OFFLINE is set: no dataset is read from the hub."""
     flags = (os.environ.get(name, "").lower() for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
     return any(flag in {"1", "true", "yes", "on"} for flag in flags)
 
@@ -276,7 +277,7 @@ def _hub_connection_error() -> str | None:
 
 def hub_unreachable() -> str | None:
     """Why the hub cannot serve datasets now (offline flags, no connection), or None."""
-    if _hub_offline():
+    if _datasets_offline():
         return "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set"
     return _hub_connection_error()
 
@@ -414,7 +415,7 @@ def _read_hub(spec: TaskSpec) -> dict[str, list[dict]]:
     import datasets
 
     hub = spec.hub or {}
-    if _hub_offline():
+    if _datasets_offline():
         raise TaskError(
             f"task '{spec.name}' reads the hub dataset '{hub.get('path')}', but the "
             "hub is offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE); point `files` "

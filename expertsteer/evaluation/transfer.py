@@ -24,9 +24,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torchmetrics.functional.classification import binary_auroc
 
-from expertsteer.method.extractors import extract, orient
+from expertsteer.method.extractors import extract
+from expertsteer.method.rfm import auroc
+from expertsteer.method.vectors import orient
 
 NULL_DRAWS = 200
 RANDOM_DRAWS = 50
@@ -34,10 +35,6 @@ RANDOM_DRAWS = 50
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-
-
-def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    return float(binary_auroc(scores.float(), labels.long()))
 
 
 def mapped_random_directions(

@@ -12,24 +12,13 @@ from collections.abc import Callable
 import torch
 
 from expertsteer.method.rfm import RFMConfig, check_data, fit_rfm
-
-
-def orient(directions: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Rows [k, d] flipped so that label-1 rows of x project higher than label-0 rows (ties
-    keep the sign). The one sign rule of every extractor, the RFM stage and the diagnostics."""
-    projections = x.double() @ directions.double().T
-    gap = projections[y == 1].mean(0) - projections[y == 0].mean(0)
-    signs = torch.where(gap >= 0, 1.0, -1.0).to(directions.dtype)
-    return directions * signs[:, None]
-
-
-def _oriented(direction: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return orient((direction / direction.norm())[None], x, y)[0]
+from expertsteer.method.vectors import orient
 
 
 def mean_difference(x, y, x_val=None, y_val=None, seed=0) -> torch.Tensor:
     """CAA: mean of the positive states minus mean of the negative states."""
-    return _oriented(x[y == 1].mean(0) - x[y == 0].mean(0), x, y)
+    difference = x[y == 1].mean(0) - x[y == 0].mean(0)
+    return orient(difference / difference.norm(), x, y)
 
 
 def pca_of_differences(x, y, x_val=None, y_val=None, seed=0) -> torch.Tensor:
@@ -43,7 +32,7 @@ def pca_of_differences(x, y, x_val=None, y_val=None, seed=0) -> torch.Tensor:
     differences = positive[:count] - negative[:count]
     # Uncentred: the shared offset is the signal, not a nuisance.
     _, _, vectors = torch.linalg.svd(differences, full_matrices=False)
-    return _oriented(vectors[0], x, y)
+    return orient(vectors[0] / vectors[0].norm(), x, y)
 
 
 def logistic_probe(
@@ -65,7 +54,8 @@ def logistic_probe(
         return loss
 
     optimizer.step(closure)
-    return _oriented(weight.detach() / std, x, y)  # back to the unstandardised space
+    weight = weight.detach() / std  # back to the unstandardised space
+    return orient(weight / weight.norm(), x, y)
 
 
 def random_unit_vectors(count: int, dim: int, seed: int) -> torch.Tensor:

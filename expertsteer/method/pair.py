@@ -42,6 +42,9 @@ Depth windows are judged on real depth: block j of a model with L blocks sits at
 (j + 0.5) / L (the block's centre), and it is inside a window (lo, hi) when lo <= depth < hi.
 The default target window (0.25, 0.75) is then exactly the middle half of the blocks whenever L
 is a multiple of 4 (blocks 6..17 of 24, 7..21 of 30), and never empty for L >= 1.
+
+The chosen pairs are saved as `pairs.json` (`pairs_payload`); `read_pairs_file` reads them back
+for the later stages.
 """
 
 from __future__ import annotations
@@ -50,10 +53,13 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from expertsteer.artifacts import load_json
+from expertsteer.data.activations import MODEL_FIELDS
 from expertsteer.errors import ExpertSteerError
 
 log = logging.getLogger(__name__)
@@ -467,3 +473,17 @@ def pairs_payload(
         "mi_config": _jsonable(mi_config),
         "pairing_config": _jsonable(pairing_config),
     }
+
+
+def read_pairs_file(path: str | Path) -> tuple[list[list[int]], dict[str, Any]]:
+    """[expert_layer, target_layer] pairs (real layer numbers) of a `pairs.json`, and the
+    model identity fields it records (`MODEL_FIELDS`, for the caller to check)."""
+    payload = load_json(path, "pairs")
+    try:
+        pairs = [[int(p["expert_layer"]), int(p["target_layer"])] for p in payload["pairs"]]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"{path}: 'pairs' must be a list of {{expert_layer, target_layer}} objects ({error})"
+        ) from error
+    identity = {name: payload[name] for name in MODEL_FIELDS if name in payload}
+    return pairs, identity

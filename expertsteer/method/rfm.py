@@ -7,18 +7,20 @@ Per iteration t (M_0 = I):
     grad f(x_j) = -(1/L) sum_i alpha_i K_ji / d_ji M (x_j - x_i)   (i with d_ji = 0 excluded)
     M <- mean_j grad f(x_j) grad f(x_j)^T, divided by its largest absolute entry.
 The iteration with the best validation AUROC is kept; the steering direction is the top
-eigenvector of its M, unit norm, signed so that projections correlate positively with y.
+eigenvector of its M, unit norm, signed so that label-1 training rows project higher.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from expertsteer.errors import ExpertSteerError
+from expertsteer.method.vectors import orient
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +200,11 @@ def check_data(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
 def top_directions(
     metric: torch.Tensor, x: torch.Tensor, y: torch.Tensor, count: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Leading eigenvectors of `metric` [k, d], signed to correlate positively with y."""
+    """Leading eigenvectors of `metric` [k, d] with their eigenvalues [k], signed by `orient`
+    (label-1 rows of x project higher)."""
     values, vectors = torch.linalg.eigh(metric)
     order = torch.argsort(values, descending=True)[:count]
-    vectors, values = vectors[:, order].T, values[order]
-    projections = x @ vectors.T
-    centred_y = y.to(x.dtype) - y.to(x.dtype).mean()
-    signs = torch.sign((projections - projections.mean(0)).T @ centred_y)
-    signs[signs == 0] = 1
-    return vectors * signs[:, None], values
+    return orient(vectors[:, order].T, x, y), values[order]
 
 
 class RFMFitter:
@@ -363,23 +361,45 @@ def validation_loss(
 
 
 def tune_hyperparameters(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    x_val: torch.Tensor,
-    y_val: torch.Tensor,
-    metric: torch.Tensor,
-    bandwidth: float,
-    ridge: float,
+    problems: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    log_bandwidth_scales: torch.Tensor,
+    log_ridge: torch.Tensor,
     steps: int = 50,
     lr: float = 0.05,
-) -> tuple[float, float]:
-    """Adjust bandwidth and ridge by gradient descent on the validation loss (Adam on logs)."""
-    log_bandwidth = torch.tensor(math.log(bandwidth), dtype=x.dtype, requires_grad=True)
-    log_ridge = torch.tensor(math.log(ridge), dtype=x.dtype, requires_grad=True)
-    optimizer = torch.optim.Adam([log_bandwidth, log_ridge], lr=lr)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = validation_loss(x, y, x_val, y_val, metric, log_bandwidth, log_ridge)
-        loss.backward()
-        optimizer.step()
-    return float(log_bandwidth.exp()), float(log_ridge.exp())
+    center: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tune the bandwidth grid and the ridge by gradient descent (Adam on their logs) on the
+    validation loss at M = I, summed over every problem (x, y, x_val, y_val) and grid point.
+
+    `log_bandwidth_scales` [g] are logs of multiples of each problem's median pairwise
+    distance (`RFMConfig.bandwidth_scales`), `log_ridge` the log of lambda (0-d); both are
+    left as given, and the tuned values come back as new tensors of their dtype. With
+    `center`, each problem is shifted by its training mean first, as the fit does.
+    """
+    log_bandwidth_scales = log_bandwidth_scales.detach().clone().requires_grad_(True)
+    log_ridge = log_ridge.detach().clone().requires_grad_(True)
+    prepared = []
+    for x, y, x_val, y_val in problems:
+        mean = x.mean(0) if center else torch.zeros_like(x[0])
+        x, x_val = x - mean, x_val - mean
+        prepared.append((x, y, x_val, y_val, math.log(median_distance(x))))
+    optimizer = torch.optim.Adam([log_bandwidth_scales, log_ridge], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = sum(
+                validation_loss(
+                    x,
+                    y,
+                    x_val,
+                    y_val,
+                    torch.eye(x.shape[1], dtype=x.dtype),
+                    (log_median + log_scale).to(x.dtype),
+                    log_ridge.to(x.dtype),
+                )
+                for x, y, x_val, y_val, log_median in prepared
+                for log_scale in log_bandwidth_scales
+            )
+            loss.backward()
+            optimizer.step()
+    return log_bandwidth_scales.detach(), log_ridge.detach()

@@ -7,6 +7,10 @@ adds alpha * s_j * v with a dimensionless alpha). The JSON metadata names the me
 models and their weight checksums, the layer pairs, the space the extractor ran in, the data
 fingerprint and the fit's diagnostics. `load_steering` checks all of it against what the caller
 is about to steer.
+
+`orient` is the one sign rule of every direction: extractors, the RFM's eigenvectors, the
+fitting stage and the transfer diagnostics all flip a direction so that label-1 states project
+higher.
 """
 
 from __future__ import annotations
@@ -21,6 +25,17 @@ from expertsteer.artifacts import ArtifactError, load_artifact, save_artifact
 
 KIND = "steering"
 POSITIONS = ("all", "prompt", "generated", "last_prompt")
+
+
+def orient(directions: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Rows [k, d] (or one direction [d]) flipped so that label-1 rows of x [n, d] project
+    higher on average than label-0 rows; a tie keeps the sign. Computed in float64."""
+    rows = directions if directions.ndim == 2 else directions[None]
+    projections = x.double() @ rows.double().T
+    gap = projections[y == 1].mean(0) - projections[y == 0].mean(0)
+    signs = torch.where(gap >= 0, 1.0, -1.0).to(rows.dtype)
+    oriented = rows * signs[:, None]
+    return oriented if directions.ndim == 2 else oriented[0]
 
 
 @dataclass

@@ -258,15 +258,16 @@ def _hub_config(name: str) -> dict:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name, local_files_only=_hub_offline()).to_dict()
+        return AutoConfig.from_pretrained(name, local_files_only=_models_offline()).to_dict()
     except OSError as error:
         raise ModelNotFoundError(
-            f"cannot read the config of '{name}' (hub offline: {_hub_offline()}); pass a local "
+            f"cannot read the config of '{name}' (hub offline: {_models_offline()}); pass a local "
             "model directory or a packaged model name"
         ) from error
 
 
-def _hub_offline() -> bool:
+def _models_offline() -> bool:
+    """HF_HUB_OFFLINE is set: models and configs come from the local Hugging Face cache only."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
@@ -463,7 +464,7 @@ def _load_from_hub(name: str, dtype: str, device: torch.device | str) -> LoadedM
             f"unknown model '{name}': not a packaged model ({known}), not an existing "
             f"directory or .gguf file, and not a hub id of the form owner/name.{hint}"
         )
-    offline = _hub_offline()
+    offline = _models_offline()
     try:
         model, tokenizer = _from_pretrained(name, dtype, device, local_files_only=offline)
     except OSError as error:
