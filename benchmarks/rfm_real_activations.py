@@ -4,7 +4,7 @@ Captures (or reuses from the cache) last-token states of the packaged pair on on
 steering items — prompt + correct answer (1) vs prompt + a wrong answer (0) — then, for each
 requested expert layer, in the expert's raw space:
 
-* RFM (`fit_rfm`, SPEC defaults): dev AUROC of the KRR predictor per iteration (the selected
+* RFM (`fit_rfm`, default settings): dev AUROC of the KRR predictor per iteration (the selected
   bandwidth) and dev AUROC of projections on its top AGOP eigenvector;
 * mean-difference (CAA), PCA of differences and a logistic probe: dev AUROC of projections on
   their direction (and, for the probe, of its own logits).

@@ -77,7 +77,7 @@ class PairingError(ExpertSteerError):
 
 @dataclass
 class MIConfig:
-    """Settings of the layer-pair MI estimate (SPEC section 2)."""
+    """Settings of the layer-pair MI estimate (the paper's layer-pairing step)."""
 
     estimator: str = "gaussian"
     """`gaussian` (closed form, all pairs at once) or `ksg` (Kraskov k-NN, a slower check)."""
@@ -113,7 +113,7 @@ class MIConfig:
 
 @dataclass
 class PairingConfig:
-    """How intervention pairs are chosen from the MI matrix (SPEC section 2)."""
+    """How intervention pairs are chosen from the MI matrix (the paper's layer-pairing step)."""
 
     top_k: int = 1
     """Number of (expert layer, target layer) pairs intervened on."""

@@ -31,7 +31,7 @@ class RFMError(ExpertSteerError):
 
 @dataclass
 class RFMConfig:
-    """Settings of an RFM fit (SPEC defaults)."""
+    """Settings of an RFM fit (defaults of the paper's RFM step, arXiv 2505.12313)."""
 
     iterations: int = 8
     """Number of AGOP updates T."""

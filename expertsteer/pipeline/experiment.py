@@ -99,7 +99,7 @@ METHODS: dict[str, MethodSpec] = {
     "expert_mean_diff_recon_translate": MethodSpec("mean_diff", "expert", "recon+translate"),
     "expertsteer_recon_translate": MethodSpec("rfm", "expert", "recon+translate"),
 }
-"""The methods of the evaluation protocol (SPEC): target-self and expert-derived vectors; every
+"""The methods of the evaluation protocol: target-self and expert-derived vectors; every
 expert RFM method has a mean-difference twin under the same alignment objective."""
 MAIN_METHOD = "expertsteer"
 
