@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from datamodules.paired_activations import PairedActivationDataModule as DataModule
-from expertsteer.method.align import explained_variance
+from expertsteer.method.align import TrainingConfig, explained_variance
 from expertsteer.method.pair import MIConfig, PairingConfig, mi_matrix, select_pairs
 from expertsteer.models.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
 from lightning_modules.alignment import AlignmentModule
@@ -56,7 +56,7 @@ def main() -> None:
     data.prepare_data()
     print(f"activations ready in {time.perf_counter() - started:.1f} s: {data.cache_path()}")
 
-    module = AlignmentModule(lr=3e-3, output_dir=str(args.out))
+    module = AlignmentModule(training=TrainingConfig(lr=3e-3), output_dir=str(args.out))
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=args.max_epochs,

@@ -44,7 +44,9 @@ from expertsteer.evaluation.transfer import (
     mapped_random_directions,
     native_direction,
 )
+from expertsteer.method.align import TrainingConfig
 from expertsteer.method.extractors import extract
+from expertsteer.method.pair import MIConfig
 from expertsteer.method.translate import TranslateConfig
 from expertsteer.models.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
 from lightning_modules.alignment import AlignmentModule
@@ -81,9 +83,9 @@ def fit_alignment(
     L.seed_everything(seed, verbose=False)
     module = AlignmentModule(
         objective=objective,
-        lr=3e-3,
-        mi_rank=16,
         pairs=pairs,
+        training=TrainingConfig(lr=3e-3),
+        mi=MIConfig(mi_rank=16),
         translate=TranslateConfig(matrix=matrix),
     )
     callbacks = []

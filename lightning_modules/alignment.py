@@ -71,6 +71,8 @@ from expertsteer.method.align import (
     IDENTITY_FIELDS,
     OBJECTIVES,
     AffineAutoencoders,
+    Objective,
+    TrainingConfig,
     explained_variance,
     explained_variance_from_sums,
     save_alignment,
@@ -85,10 +87,10 @@ from expertsteer.method.pair import (
     window_mask,
 )
 from expertsteer.method.translate import TranslateConfig, fit_pair, r2_matrix, r2_score
+from expertsteer.settings import check_choice, settings_of
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = ("cosine", "none")
 CHECKPOINT_KEY = "expertsteer_alignment"
 """Checkpoint entry holding the auto-encoder shapes and run metadata (the parameters are built
 from the data, so a checkpoint must say how to rebuild them before its state dict loads)."""
@@ -140,22 +142,14 @@ class AlignmentModule(L.LightningModule):
 
     def __init__(
         self,
-        objective: str = "recon",
-        lambda_tr: float = 1.0,
+        objective: Objective = "recon",
         pairs: list[list[int]] | None = None,
         pairs_file: str | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        scheduler: str = "cosine",
         output_dir: str | None = None,
-        mi_estimator: str = "gaussian",
-        mi_rank: int = 16,
-        top_k: int = 1,
-        window: tuple[float, float] = (0.25, 0.75),
-        select: str = "lowest_mi",
-        candidates: int = 4,
-        expert_window: tuple[float, float] = (0.0, 1.0),
-        translate: TranslateConfig | None = None,
+        training: TrainingConfig = TrainingConfig(),  # noqa: B008 (frozen: one shared default)
+        mi: MIConfig = MIConfig(),  # noqa: B008
+        pairing: PairingConfig = PairingConfig(),  # noqa: B008
+        translate: TranslateConfig = TranslateConfig(),  # noqa: B008
         refine: bool = False,
         keep_all_layers: bool = False,
     ) -> None:
@@ -164,25 +158,20 @@ class AlignmentModule(L.LightningModule):
             objective: `recon` (paper-faithful), `recon+translate` (adds the translation
                 term on `pairs`) or `translate` (closed-form ridge maps on the data module's
                 token-level corpus; `pairs` optional).
-            lambda_tr: Weight of the translation term.
             pairs: [expert_layer, target_layer] pairs (real layer numbers) for the translation
                 term; required for `recon+translate` unless `pairs_file` is given.
             pairs_file: A `pairs.json` (e.g. of a `recon` run) to take the pairs from.
-            lr: AdamW learning rate.
-            weight_decay: AdamW weight decay.
-            scheduler: `cosine` (per step, over the whole fit) or `none`.
             output_dir: Where the artifacts go (default: the trainer's `default_root_dir`).
-            mi_estimator: MI estimator (`gaussian` or `ksg`).
-            mi_rank: PCA dimensions kept per side before estimating MI.
-            top_k: Number of (expert, target) pairs selected.
-            window: Allowed relative depth of the target layer, (low, high) in [0, 1].
-            select: `lowest_mi` (the `top_k` lowest-MI pairs, the paper), `translatable` (the
-                best held-out R^2 of a ridge map; needs a corpus) or `dev` (`candidates`
-                lowest-MI pairs are saved, for the steering stage to choose among on dev).
-            candidates: Number of candidate pairs kept with `select: dev`.
-            expert_window: Allowed relative depth of the expert layer.
-            translate: Ridge settings (lambda grid, rank, rows of the R^2 matrix and of the
-                held-out MI); used whenever the data module has a corpus.
+            training: How the auto-encoders are trained by gradient (`TrainingConfig`:
+                AdamW learning rate and weight decay, schedule, weight of the translation
+                term).
+            mi: The MI estimate (`MIConfig`: estimator, PCA rank, ...).
+            pairing: How pairs are chosen from it (`PairingConfig`: `top_k`, depth windows,
+                `select`: `lowest_mi` (the paper), `translatable` (best held-out R^2 of a
+                ridge map; needs a corpus) or `dev` (`candidates` lowest-MI pairs are saved,
+                for the evaluation to choose among on dev)).
+            translate: Ridge settings (`TranslateConfig`: lambda grid, rank, rows of the R^2
+                matrix and of the held-out MI); used whenever the data module has a corpus.
             refine: With `translate`: after the closed form, train the same auto-encoders by
                 gradient on `recon_loss + lambda_tr * translate_loss` (every expert layer into
                 its target layer) — the path for corpora too large for a closed form, and the
@@ -192,21 +181,15 @@ class AlignmentModule(L.LightningModule):
                 for the packaged pair).
         """
         super().__init__()
-        # A plain dict in the hyperparameters keeps checkpoints loadable with weights_only.
-        self.translate_config = (
-            TranslateConfig(**translate) if isinstance(translate, dict) else translate
-        ) or TranslateConfig()
-        translate = asdict(self.translate_config)
+        self.training_config = settings_of(TrainingConfig, training)
+        self.mi_config = settings_of(MIConfig, mi)
+        self.pairing_config = settings_of(PairingConfig, pairing)
+        self.translate_config = settings_of(TranslateConfig, translate)
+        # Plain dicts in the hyperparameters keep checkpoints loadable with weights_only.
+        training, mi = asdict(self.training_config), asdict(self.mi_config)
+        pairing, translate = asdict(self.pairing_config), asdict(self.translate_config)
         self.save_hyperparameters()
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got '{objective}'")
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got '{scheduler}'")
-        for name, value in (("lr", lr), ("lambda_tr", lambda_tr)):
-            if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        check_choice("objective", objective, OBJECTIVES)
         if pairs is not None and pairs_file is not None:
             raise ValueError("give either pairs or pairs_file, not both")
         self.pairs_identity: dict[str, Any] = {}
@@ -235,14 +218,6 @@ class AlignmentModule(L.LightningModule):
         if refine and objective != "translate":
             raise ValueError("refine applies to objective 'translate' only")
         self.automatic_optimization = objective != "translate" or refine
-        self.mi_config = MIConfig(estimator=mi_estimator, mi_rank=mi_rank)
-        self.pairing_config = PairingConfig(
-            top_k=top_k,
-            window=tuple(window),
-            select=select,
-            candidates=candidates,
-            expert_window=tuple(expert_window),
-        )
         self.autoencoders: AffineAutoencoders | None = None
         self.val_explained_variance: LayerExplainedVariance | None = None
         self.run_metadata: dict[str, Any] = {}
@@ -574,10 +549,11 @@ class AlignmentModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any] | None:
         if not self.automatic_optimization:
             return None  # closed form (configure_model); the epoch only runs validation
+        training = self.training_config
         optimizer = torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            self.parameters(), lr=training.lr, weight_decay=training.weight_decay
         )
-        if self.hparams.scheduler == "none":
+        if training.scheduler == "none":
             return {"optimizer": optimizer}
         steps = self.trainer.estimated_stepping_batches
         if not 0 < steps < float("inf"):
@@ -610,7 +586,8 @@ class AlignmentModule(L.LightningModule):
         if not self.automatic_optimization:
             return None  # fitted in closed form in configure_model
         losses = self._losses(batch)
-        loss = losses["recon_loss"] + self.hparams.lambda_tr * losses.get("translate_loss", 0.0)
+        lambda_tr = self.training_config.lambda_tr
+        loss = losses["recon_loss"] + lambda_tr * losses.get("translate_loss", 0.0)
         size = batch["expert"].shape[0]
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=size, prog_bar=True)
@@ -767,7 +744,7 @@ class AlignmentModule(L.LightningModule):
                 "expert_layers": [meta["expert_layers"][i] for i in kept_layers],
                 "captured_expert_layers": meta["expert_layers"],
                 "objective": self.hparams.objective,
-                "lambda_tr": self.hparams.lambda_tr,
+                "lambda_tr": self.training_config.lambda_tr,
                 "translation_pairs": [list(self._real(pair)) for pair in self.translation_pairs],
                 "dev_explained_variance": [round(float(variance[i]), 6) for i in kept_layers],
                 "pair_maps": pair_maps,

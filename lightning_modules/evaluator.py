@@ -32,7 +32,6 @@ dropped by example id when results are gathered.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from lightning.pytorch.callbacks import Callback
 from expertsteer.artifacts import METRICS_FILE, save_json
 from expertsteer.data.prompts import render_prompt
 from expertsteer.data.tasks import Example
+from expertsteer.evaluation.choice import ChoiceConfig
 from expertsteer.evaluation.controls import (
     LEVEL,
     NONE_BIAS,
@@ -66,13 +66,11 @@ from expertsteer.evaluation.stats import (
     paired_bootstrap_p,
 )
 from expertsteer.evaluation.transfer import transfer_summary
+from expertsteer.settings import settings_of
 from lightning_modules.steer import EXPERT, NONE, SteeringModule
 
 log = logging.getLogger(__name__)
 
-LAYER_CHOICES = ("all", "dev")
-DEFAULT_ALPHAS = (-0.9, -0.3, -0.1, 0.1, 0.3, 0.9)
-"""Signed: a direction's sign is chosen on dev like its size (both signs of every vector)."""
 NO_OPTION_SCORES = (
     "generation-scored task: no option scores to offset; the random null is the control"
 )
@@ -191,46 +189,21 @@ class SteeringEvaluator(Callback):
 
     def __init__(
         self,
-        alphas: list[float] | None = None,
-        layer_choice: str = "all",
-        num_samples: int = 3,
-        sample_tokens: int = 48,
-        n_boot: int = 2000,
+        choice: ChoiceConfig = ChoiceConfig(),  # noqa: B008 (frozen: one shared default)
         seed: int = 0,
         report: bool = True,
     ) -> None:
         """
         Args:
-            alphas: Steering strengths tried on dev, as fractions of each layer's mean residual
-                norm (default ±0.1, ±0.3, ±0.9: signed, so each direction's sign is chosen on
-                dev too, and wide enough to reach strengths that break the outputs). Zero is
-                not a candidate: a method is reported at its best non-zero strength, so "no
-                gain" shows as no gain. The null's draws use the same grid, and `none+bias`
-                gets as many candidate offsets as there are alphas.
-            layer_choice: `all` steers every layer of a method's artifact together; `dev` also
-                tries each layer alone and keeps the best on dev (with `select: dev` pairing).
-            num_samples: Test prompts answered in free text with and without steering.
-            sample_tokens: Generation budget of those samples.
-            n_boot: Bootstrap resamples of every interval.
+            choice: The dev grid and the report's extras (`ChoiceConfig`: alphas, as
+                fractions of each layer's mean residual norm, signed and non-zero; whether
+                each layer is also tried alone; sample generations; bootstrap resamples).
             seed: Bootstrap seed.
             report: Write `metrics.json`, `report.md` and figures (rank 0).
         """
         super().__init__()
-        alphas = list(DEFAULT_ALPHAS) if alphas is None else [float(a) for a in alphas]
-        if not alphas or any(not math.isfinite(a) or a == 0 for a in alphas):
-            raise ValueError(f"alphas must be finite and non-zero, got {alphas}")
-        if layer_choice not in LAYER_CHOICES:
-            raise ValueError(f"layer_choice must be one of {LAYER_CHOICES}, got '{layer_choice}'")
-        if num_samples < 0 or sample_tokens < 1 or n_boot < 1:
-            raise ValueError(
-                "num_samples must be >= 0, sample_tokens and n_boot >= 1; got "
-                f"{num_samples}, {sample_tokens}, {n_boot}"
-            )
-        self.alphas = sorted(set(alphas), key=lambda a: (abs(a), a))
-        self.layer_choice = layer_choice
-        self.num_samples = num_samples
-        self.sample_tokens = sample_tokens
-        self.n_boot = n_boot
+        self.choice = settings_of(ChoiceConfig, choice)
+        self.alphas = sorted(set(self.choice.alphas), key=lambda a: (abs(a), a))
         self.seed = seed
         self.report = report
         self.records: dict[Key, dict[str, dict]] = {}
@@ -277,7 +250,7 @@ class SteeringEvaluator(Callback):
             if split == "dev":
                 grid = [
                     (layers, alpha)
-                    for layers in pl_module.layer_sets(method, self.layer_choice)
+                    for layers in pl_module.layer_sets(method, self.choice.layer_choice)
                     for alpha in self.alphas
                 ]
             else:
@@ -328,7 +301,7 @@ class SteeringEvaluator(Callback):
                     sync_dist=True,
                 )
         if trainer.is_global_zero:
-            if self.num_samples:
+            if self.choice.num_samples:
                 self.metrics["samples"] = self._samples(pl_module, trainer)
             if self.report:
                 run_dir = Path(pl_module.hparams.run_dir)
@@ -338,7 +311,7 @@ class SteeringEvaluator(Callback):
         trainer.strategy.barrier()
 
     def _summarise(self, pl_module: SteeringModule, records: dict[Key, dict]) -> dict[str, Any]:
-        boot = {"n_boot": self.n_boot, "seed": self.seed}
+        boot = {"n_boot": self.choice.n_boot, "seed": self.seed}
         test_ids = sorted(records[("test", NONE, 0.0, ())])
         dev_ids = sorted(records[("dev", NONE, 0.0, ())])
         none_items = records[("test", NONE, 0.0, ())]
@@ -437,13 +410,13 @@ class SteeringEvaluator(Callback):
             "task": pl_module.task_name,
             "task_type": pl_module.task_type,
             "mode": pl_module.mode,
-            "calibration": hp.calibration
+            "calibration": pl_module.scoring.calibration
             or ("none" if pl_module.mode == "generate" else "content_free"),
-            "positions": hp.positions,
+            "positions": pl_module.scoring.positions,
             "target": hp.target,
             "expert": hp.expert,
             "alphas": self.alphas,
-            "layer_choice": self.layer_choice,
+            "layer_choice": self.choice.layer_choice,
             "n_dev": len(dev_ids),
             "n_test": len(test_ids),
             "dropped_rows": _dropped_rows(pl_module),
@@ -534,15 +507,15 @@ class SteeringEvaluator(Callback):
 
     def _samples(self, pl_module: SteeringModule, trainer: L.Trainer) -> list[dict[str, Any]]:
         """Free-text answers to the first test prompts: unsteered, each method, the expert."""
-        examples = trainer.datamodule.splits()["test"][: self.num_samples]
+        examples = trainer.datamodule.splits()["test"][: self.choice.num_samples]
         prompts = [render_prompt(pl_module.task_type, example) for example in examples]
-        outputs = {NONE: pl_module.generate(prompts, self.sample_tokens)}
+        outputs = {NONE: pl_module.generate(prompts, self.choice.sample_tokens)}
         for method in pl_module.hparams.methods:
             layers, alpha = self.chosen[method]
             intervention = pl_module.intervention(method, alpha, layers)
-            outputs[method] = pl_module.generate(prompts, self.sample_tokens, intervention)
+            outputs[method] = pl_module.generate(prompts, self.choice.sample_tokens, intervention)
         if pl_module.expert_decoder is not None:
-            outputs[EXPERT] = pl_module.generate(prompts, self.sample_tokens, expert=True)
+            outputs[EXPERT] = pl_module.generate(prompts, self.choice.sample_tokens, expert=True)
         return [
             {
                 "id": example.id,

@@ -7,7 +7,7 @@ test once and writes the report. Every artifact is read and checked against the 
 models and task before any model loads, so a vector made for another model pair or task, or a
 layer the target does not have, fails at once.
 
-With `null_k > 0` the module also holds the random null: `null_k` draws `null/0`,
+With `scoring.null_k > 0` the module also holds the random null: `null_k` draws `null/0`,
 `null/1`, ..., each a random unit vector per target layer of a reference method (`expertsteer`
 by default, else the first method) with that method's norm scales s_j, so a draw steers the
 same layers with the same alpha * s_j as the method. The draws come from a generator seeded by
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,23 +35,24 @@ from expertsteer.evaluation.evaluate import (
     DEFAULT_MODE,
     MODES_BY_TYPE,
     EvalResult,
+    ScoringConfig,
     evaluate,
     evaluate_grid,
 )
 from expertsteer.method.extractors import random_unit_vectors
 from expertsteer.method.steer import Intervention
-from expertsteer.method.vectors import POSITIONS, SteeringVectors, load_steering
+from expertsteer.method.vectors import SteeringVectors, load_steering
 from expertsteer.models.batching import naming_out_of_memory
 from expertsteer.models.causal_lm import CausalLM
 from expertsteer.models.zoo import (
     DEFAULT_EXPERT,
     DEFAULT_TARGET,
-    check_dtype,
     load_model,
     model_dims,
     resolve_dtype,
     weights_identity,
 )
+from expertsteer.settings import settings_of
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +91,9 @@ class SteeringModule(L.LightningModule):
         expert: str | None = DEFAULT_EXPERT,
         methods: dict[str, str] | None = None,
         run_dir: str = "runs/default",
-        positions: str = "all",
-        mode: str | None = None,
-        calibration: str | None = None,
-        max_new_tokens: int | None = None,
-        batch_size: int = 8,
-        model_dtype: str = "auto",
-        chat_template: bool | None = None,
-        null_k: int = 0,
+        scoring: ScoringConfig = ScoringConfig(),  # noqa: B008 (frozen: one shared default)
         null_seed: int = 1,
         null_reference: str | None = None,
-        share_forwards: bool = True,
-        config_batch: int = 1,
     ) -> None:
         """
         Args:
@@ -111,49 +104,28 @@ class SteeringModule(L.LightningModule):
             methods: Method name -> `steering.safetensors` (relative paths are read from
                 `run_dir`). `none`, the unsteered target, is always added.
             run_dir: Run directory: artifacts are read from it and the report is written to it.
-            positions: Steered positions: `all`, `prompt`, `generated` or `last_prompt`.
-            mode: Scoring mode (default per task type: letter, label or generate).
-            calibration: Option-score calibration: content_free (default), mean or none.
-            max_new_tokens: Generation budget (default: 128 numeric, 16 otherwise).
-            batch_size: Prompts per forward / generate call.
-            model_dtype: Dtype the models run in: float32, bfloat16, float16, or auto
-                (bfloat16 on a CUDA device that supports it, else float32).
-            chat_template: Apply chat templates (default: when the tokenizer has one).
-            null_k: Random null draws, each chosen on dev and scored on test like a method
-                (0: no null, and no method can then be called a gain).
+            scoring: How the models are scored (`ScoringConfig`: steered positions, mode,
+                calibration, generation budget, batch size, dtype, shared forwards) and how
+                many random null draws are scored beside the methods.
             null_seed: Seed of the null's draws (the experiment passes its seed + 1, apart
                 from the `random` method's own seed).
             null_reference: Method whose target layers and norm scales the draws copy
                 (default `expertsteer` if present, else the first method).
-            share_forwards: Score the steered grid from shared forwards (the prompts' common
-                prefix once per configuration, the blocks below each configuration's first
-                steered block once per batch; same scores); false: one full forward per
-                configuration.
-            config_batch: Steered configurations stacked in one shared forward.
         """
         super().__init__()
+        self.scoring = settings_of(ScoringConfig, scoring)
+        # A plain dict in the hyperparameters keeps checkpoints loadable with weights_only.
+        scoring = asdict(self.scoring)
         self.save_hyperparameters()
-        if positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got '{positions}'")
         if not methods:
             raise ValueError("methods is empty: name at least one steering.safetensors to test")
         reserved = {NONE, NONE_BIAS, EXPERT} & set(methods)
         reserved |= {name for name in methods if name.startswith(NULL_PREFIX)}
         if reserved:
             raise ValueError(f"method names {sorted(reserved)} are reserved; rename them")
-        if null_k < 0:
-            raise ValueError(f"null_k must be >= 0, got {null_k}")
         if null_reference is not None and null_reference not in methods:
             raise ValueError(
                 f"null_reference '{null_reference}' is not one of the methods {sorted(methods)}"
-            )
-        if config_batch < 1:
-            raise ValueError(f"config_batch must be >= 1, got {config_batch}")
-        check_dtype("model_dtype", model_dtype)
-        if calibration == "mean":
-            raise ValueError(
-                "calibration 'mean' depends on which items share a batch; use content_free or "
-                "none in the evaluation stage"
             )
         self.steering: dict[str, SteeringVectors] = {}
         self.null_names: list[str] = []
@@ -193,9 +165,10 @@ class SteeringModule(L.LightningModule):
         hp = self.hparams
         if task.type not in MODES_BY_TYPE:
             raise ValueError(f"task '{task.name}' of type '{task.type}' has no answers to score")
-        if hp.mode is not None and hp.mode not in MODES_BY_TYPE[task.type]:
+        mode = self.scoring.mode
+        if mode is not None and mode not in MODES_BY_TYPE[task.type]:
             raise ValueError(
-                f"mode '{hp.mode}' does not apply to {task.type} task '{task.name}'; choose one "
+                f"mode '{mode}' does not apply to {task.type} task '{task.name}'; choose one "
                 f"of {MODES_BY_TYPE[task.type]}"
             )
         expect = {
@@ -212,9 +185,10 @@ class SteeringModule(L.LightningModule):
                     f"'{made_for}', this evaluation is on '{task.name}'"
                 )
             self.steering[method] = steering
-        self.null_names = [f"{NULL_PREFIX}{draw}" for draw in range(hp.null_k)]
-        if hp.null_k:
-            draws = null_steering(self.steering[self.null_reference], hp.null_k, hp.null_seed)
+        null_k = self.scoring.null_k
+        self.null_names = [f"{NULL_PREFIX}{draw}" for draw in range(null_k)]
+        if null_k:
+            draws = null_steering(self.steering[self.null_reference], null_k, hp.null_seed)
             self.steering.update(zip(self.null_names, draws, strict=True))
 
     @property
@@ -231,15 +205,15 @@ class SteeringModule(L.LightningModule):
         return [*self.hparams.methods, *self.null_names]
 
     def _load(self, name: str, device: torch.device) -> CausalLM:
-        dtype = resolve_dtype(self.hparams.model_dtype, device)
+        dtype = resolve_dtype(self.scoring.model_dtype, device)
         loaded = load_model(name, dtype=dtype, device=device)
-        return CausalLM.from_loaded(loaded, self.hparams.chat_template)
+        return CausalLM.from_loaded(loaded, self.scoring.chat_template)
 
     def _out_of_memory(self, what: str) -> AbstractContextManager[None]:
         """Name the option to lower when scoring runs out of device memory."""
         advice = (
-            f"lower the evaluation's batch_size (now {self.hparams.batch_size}) or, for the "
-            f"steered grid, config_batch (now {self.hparams.config_batch})"
+            f"lower the evaluation's batch_size (now {self.scoring.batch_size}) or, for the "
+            f"steered grid, config_batch (now {self.scoring.config_batch})"
         )
         return naming_out_of_memory(f"{what} on {self.target_decoder.device}", advice)
 
@@ -247,7 +221,7 @@ class SteeringModule(L.LightningModule):
 
     @property
     def mode(self) -> str:
-        return self.hparams.mode or DEFAULT_MODE[self.task_type]
+        return self.scoring.mode or DEFAULT_MODE[self.task_type]
 
     def layer_sets(self, method: str, choice: str) -> list[tuple[int, ...]]:
         """Candidate target-layer sets of a method: all its layers together, and with
@@ -259,7 +233,7 @@ class SteeringModule(L.LightningModule):
 
     def intervention(self, method: str, alpha: float, layers: tuple[int, ...]) -> Intervention:
         return Intervention.from_steering(
-            self.steering[method], alpha, self.hparams.positions, list(layers)
+            self.steering[method], alpha, self.scoring.positions, list(layers)
         )
 
     def score(
@@ -287,12 +261,12 @@ class SteeringModule(L.LightningModule):
 
     def _scoring_options(self) -> dict[str, Any]:
         """The scoring settings `score` and `score_grid` both pass on."""
-        hp = self.hparams
+        scoring = self.scoring
         return {
-            "mode": hp.mode,
-            "calibration": hp.calibration,
-            "max_new_tokens": hp.max_new_tokens,
-            "batch_size": hp.batch_size,
+            "mode": scoring.mode,
+            "calibration": scoring.calibration,
+            "max_new_tokens": scoring.max_new_tokens,
+            "batch_size": scoring.batch_size,
         }
 
     def score_grid(
@@ -300,8 +274,7 @@ class SteeringModule(L.LightningModule):
     ) -> dict[Any, EvalResult]:
         """`score` of the target under each configuration (key -> intervention; the keys name
         them as `score`'s `key` does), from shared forwards unless `share_forwards` is off."""
-        hp = self.hparams
-        if not hp.share_forwards:
+        if not self.scoring.share_forwards:
             return {
                 key: self.score(examples, intervention, key=key)
                 for key, intervention in interventions.items()
@@ -316,7 +289,7 @@ class SteeringModule(L.LightningModule):
                 calibration_caches=caches,
                 **self._scoring_options(),
                 store=self.prefix_store,
-                config_batch=hp.config_batch,
+                config_batch=self.scoring.config_batch,
             )
 
     def generate(
@@ -330,7 +303,7 @@ class SteeringModule(L.LightningModule):
         decoder = self.expert_decoder if expert else self.target_decoder
         with self._out_of_memory("generation"):
             return generate_answers(
-                decoder, prompts, intervention, max_new_tokens, self.hparams.batch_size
+                decoder, prompts, intervention, max_new_tokens, self.scoring.batch_size
             )
 
     # -- Lightning hooks -----------------------------------------------------------------------

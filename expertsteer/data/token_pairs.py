@@ -48,6 +48,7 @@ from expertsteer.data.prompts import Item, answer_text, render_prompt
 from expertsteer.errors import ExpertSteerError
 from expertsteer.models.batching import token_batches
 from expertsteer.models.causal_lm import CausalLM, block_hidden
+from expertsteer.settings import check_bool, check_integer, check_number
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +87,18 @@ class CorpusConfig:
     an attention sink whose residual norm is orders of magnitude above the rest."""
 
     def __post_init__(self) -> None:
-        if self.size < 0:
-            raise ValueError(f"corpus.size must be >= 0, got {self.size}")
-        if self.max_tokens < 2:
-            raise ValueError(f"corpus.max_tokens must be >= 2, got {self.max_tokens}")
+        for name in ("tasks", "files"):
+            values = getattr(self, name)
+            if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
+                raise ValueError(f"corpus.{name} must be a list of names, got {values!r}")
+        check_integer("corpus.size", self.size, 0)
+        check_integer("corpus.max_tokens", self.max_tokens, 2)
+        check_number("corpus.heldout", self.heldout)
         if not 0.0 < self.heldout < 1.0:
             raise ValueError(f"corpus.heldout must be in (0, 1), got {self.heldout}")
-        if self.shard_texts < 1:
-            raise ValueError(f"corpus.shard_texts must be >= 1, got {self.shard_texts}")
-        if self.skip_first < 0:
-            raise ValueError(f"corpus.skip_first must be >= 0, got {self.skip_first}")
+        check_bool("corpus.steer_items", self.steer_items)
+        check_integer("corpus.shard_texts", self.shard_texts, 1)
+        check_integer("corpus.skip_first", self.skip_first, 0)
         if self.size == 0 and not self.steer_items:
             raise ValueError("corpus is empty: set corpus.size > 0 or corpus.steer_items: true")
         self.tasks, self.files = list(self.tasks), list(self.files)

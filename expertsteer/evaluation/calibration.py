@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -37,7 +37,8 @@ from expertsteer.models.causal_lm import CausalLM
 
 log = logging.getLogger(__name__)
 
-CALIBRATIONS: tuple[str, ...] = ("content_free", "mean", "none")
+Calibration = Literal["content_free", "mean", "none"]
+CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
 CONTENT_FREE_INPUTS: tuple[str, ...] = ("N/A", "", "[MASK]")
 
 

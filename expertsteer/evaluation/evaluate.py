@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -35,6 +35,7 @@ from expertsteer.evaluation.answers import (
 from expertsteer.evaluation.calibration import (
     CALIBRATIONS,
     CONTENT_FREE_INPUTS,
+    Calibration,
     apply_calibration,
     content_free_biases,
     content_free_biases_grid,
@@ -49,11 +50,14 @@ from expertsteer.evaluation.options import (
     score_options_grid,
 )
 from expertsteer.evaluation.stats import bootstrap_ci, macro_f1
+from expertsteer.method.vectors import POSITIONS
 from expertsteer.models.causal_lm import CausalLM
+from expertsteer.models.zoo import AUTO_DTYPE, DTYPES
+from expertsteer.settings import check_bool, check_choices, check_integer
 
 log = logging.getLogger(__name__)
 
-SCORE_MODES: tuple[str, ...] = ("letter", "text", "label", "generate")
+ScoreMode = Literal["letter", "text", "label", "generate"]
 MODES_BY_TYPE: dict[str, tuple[str, ...]] = {
     "choice": ("letter", "text", "generate"),
     "yesno": ("label", "generate"),
@@ -71,6 +75,59 @@ DEFAULT_MODE: dict[str, str] = {
 DEFAULT_NORMALIZE: dict[str, str] = {"letter": "sum", "label": "sum", "text": "mean"}
 # Numeric answers need room for some working; an option letter or label word does not.
 DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"numeric": 128, "option": 16}
+
+
+Positions = Literal[POSITIONS]
+ModelDtype = Literal[(AUTO_DTYPE, *DTYPES)]
+"""A model dtype, or `auto`: bfloat16 on a CUDA device that supports it, else float32."""
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How the evaluation stage (`lightning_modules.steer.SteeringModule`) scores the target
+    and the expert, and how many random null draws it scores beside the methods."""
+
+    positions: Positions = "all"
+    """Steered positions: `all`, `prompt`, `generated` or `last_prompt`."""
+    mode: ScoreMode | None = None
+    """Scoring mode (None: per task type, letter, label or generate)."""
+    calibration: Calibration | None = None
+    """Option-score calibration: content_free (None: the default) or none (`mean` depends on
+    which items share a batch, so the stage refuses it)."""
+    max_new_tokens: int | None = None
+    """Generation budget (None: 128 for numeric answers, 16 otherwise)."""
+    batch_size: int = 8
+    """Prompts per forward / generate call."""
+    model_dtype: ModelDtype = "auto"
+    """Dtype the target and the expert are scored in; every method and control is scored in
+    the same dtype."""
+    chat_template: bool | None = None
+    """Apply chat templates (None: when the tokenizer has one)."""
+    null_k: int = 0
+    """Random null draws, each chosen on dev and scored on test like a method (0: no null, and
+    no method can then be called a gain)."""
+    share_forwards: bool = True
+    """Score the steered grid from shared forwards (the prompts' common prefix once per
+    configuration, the blocks below each configuration's first steered block once per batch;
+    same scores); false: one full forward per configuration."""
+    config_batch: int = 1
+    """Steered configurations stacked in one shared forward."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.calibration == "mean":
+            raise ValueError(
+                "calibration 'mean' depends on which items share a batch; use content_free or "
+                "none in the evaluation stage"
+            )
+        if self.max_new_tokens is not None:
+            check_integer("max_new_tokens", self.max_new_tokens, 1)
+        check_integer("batch_size", self.batch_size, 1)
+        if self.chat_template is not None:
+            check_bool("chat_template", self.chat_template)
+        check_integer("null_k", self.null_k, 0)
+        check_bool("share_forwards", self.share_forwards)
+        check_integer("config_batch", self.config_batch, 1)
 
 
 @dataclass

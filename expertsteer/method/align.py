@@ -23,19 +23,23 @@ independently of d_E and d_T.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from expertsteer.artifacts import ArtifactError, load_artifact, save_artifact
 from expertsteer.data.activations import MODEL_FIELDS
+from expertsteer.settings import check_choices, check_number
 
 ALIGNMENT_KIND = "alignment"
-OBJECTIVES = ("recon", "recon+translate", "translate")
+Objective = Literal["recon", "recon+translate", "translate"]
 """Alignment objectives: reconstruction (the paper), plus a translation term, or closed-form
 translation maps."""
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+Scheduler = Literal["cosine", "none"]
 IDENTITY_FIELDS = (*MODEL_FIELDS, "expert_layers", "target_layers", "expert_dim", "target_dim")
 """Models, captured layers and widths: what must match for the weights to apply."""
 REQUIRED_METADATA = (*IDENTITY_FIELDS, "objective", "translation_pairs", "data_fingerprint")
@@ -45,6 +49,27 @@ numbers of the translation term, empty for `recon`)."""
 STD_FLOOR = 1e-6
 """Standard deviations below this fraction of the layer's mean deviation are raised to it, so a
 constant feature standardises to 0 instead of dividing by zero."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How the auto-encoders are trained by gradient (objectives `recon` and
+    `recon+translate`, and `translate` with `refine`)."""
+
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    scheduler: Scheduler = "cosine"
+    """Learning-rate schedule: `cosine` (per step, over the whole fit) or `none`."""
+    lambda_tr: float = 1.0
+    """Weight of the translation term."""
+
+    def __post_init__(self) -> None:
+        check_number("lr", self.lr)
+        check_number("weight_decay", self.weight_decay, positive=False)
+        check_choices(self)
+        check_number("lambda_tr", self.lambda_tr)
 
 
 class AffineAutoencoders(nn.Module):

@@ -54,18 +54,25 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from expertsteer.artifacts import load_json
 from expertsteer.data.activations import MODEL_FIELDS
 from expertsteer.errors import ExpertSteerError
+from expertsteer.settings import (
+    check_bool,
+    check_choices,
+    check_integer,
+    check_number,
+    check_numbers,
+)
 
 log = logging.getLogger(__name__)
 
-ESTIMATORS = ("gaussian", "ksg")
-SELECT_MODES = ("lowest_mi", "translatable", "dev")
+Estimator = Literal["gaussian", "ksg"]
+Select = Literal["lowest_mi", "translatable", "dev"]
 DEFAULT_SHRINKAGE = 1e-3
 _MIN_SAMPLES = 3
 _RHO_MAX = 1.0 - 1e-12
@@ -75,11 +82,11 @@ class PairingError(ExpertSteerError):
     """States the MI estimators cannot use, or windows that contain no layers."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class MIConfig:
     """Settings of the layer-pair MI estimate (the paper's layer-pairing step)."""
 
-    estimator: str = "gaussian"
+    estimator: Estimator = "gaussian"
     """`gaussian` (closed form, all pairs at once) or `ksg` (Kraskov k-NN, a slower check)."""
     mi_rank: int = 16
     """Principal components kept per side for `gaussian` (also at most n - 1 and the width)."""
@@ -95,23 +102,25 @@ class MIConfig:
     """Seed of the `max_samples` row draw."""
 
     def __post_init__(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        if self.mi_rank < 1:
-            raise ValueError(f"mi_rank must be >= 1, got {self.mi_rank}")
-        if not 0.0 <= self.shrinkage < 1.0:
+        check_choices(self)
+        check_integer("mi_rank", self.mi_rank, 1)
+        check_number("shrinkage", self.shrinkage, positive=False)
+        if self.shrinkage >= 1.0:
             raise ValueError(f"shrinkage must be in [0, 1), got {self.shrinkage}")
-        if self.ksg_k < 1:
-            raise ValueError(f"ksg_k must be >= 1, got {self.ksg_k}")
-        if self.ksg_rank < 1:
-            raise ValueError(f"ksg_rank must be >= 1, got {self.ksg_rank}")
-        if self.max_samples is not None and self.max_samples <= max(self.ksg_k, _MIN_SAMPLES):
+        check_integer("ksg_k", self.ksg_k, 1)
+        check_integer("ksg_rank", self.ksg_rank, 1)
+        if self.max_samples is not None and (
+            isinstance(self.max_samples, bool)
+            or not isinstance(self.max_samples, int)
+            or self.max_samples <= max(self.ksg_k, _MIN_SAMPLES)
+        ):
             raise ValueError(
                 f"max_samples must be None or > max(ksg_k, {_MIN_SAMPLES}), got {self.max_samples}"
             )
+        check_integer("seed", self.seed, 0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PairingConfig:
     """How intervention pairs are chosen from the MI matrix (the paper's layer-pairing step)."""
 
@@ -119,9 +128,10 @@ class PairingConfig:
     """Number of (expert layer, target layer) pairs intervened on."""
     window: tuple[float, float] = (0.25, 0.75)
     """Allowed target depth [lo, hi): block j of L sits at (j + 0.5) / L; default middle half."""
-    select: str = "lowest_mi"
+    select: Select = "lowest_mi"
     """`lowest_mi` (the paper): the lowest-MI pairs; `translatable`: the pairs whose ridge map
-    has the best held-out R^2; `dev`: `candidates` lowest-MI pairs for dev evaluation."""
+    has the best held-out R^2 (needs a token corpus); `dev`: `candidates` lowest-MI pairs, for
+    the evaluation to choose among on dev."""
     candidates: int = 4
     """With `select: dev`, how many lowest-MI pairs are returned as candidates."""
     expert_window: tuple[float, float] = (0.0, 1.0)
@@ -130,21 +140,22 @@ class PairingConfig:
     """At most one pair per target layer (steering stores one vector per target layer)."""
 
     def __post_init__(self) -> None:
-        self.window = _check_window(self.window, "window")
-        self.expert_window = _check_window(self.expert_window, "expert_window")
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.select not in SELECT_MODES:
-            raise ValueError(f"select must be one of {SELECT_MODES}, got {self.select!r}")
-        if self.candidates < 1:
-            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+        object.__setattr__(self, "window", _check_window(self.window, "window"))
+        object.__setattr__(
+            self, "expert_window", _check_window(self.expert_window, "expert_window")
+        )
+        check_integer("top_k", self.top_k, 1)
+        check_choices(self)
+        check_integer("candidates", self.candidates, 1)
         if self.select == "dev" and self.candidates < self.top_k:
             raise ValueError(
                 f"candidates ({self.candidates}) must be >= top_k ({self.top_k}) with select: dev"
             )
+        check_bool("unique_target", self.unique_target)
 
 
 def _check_window(window: Sequence[float], name: str) -> tuple[float, float]:
+    check_numbers(name, window, positive=False)
     if len(window) != 2:
         raise ValueError(f"{name} must be a pair (lo, hi) of depth fractions, got {window!r}")
     lo, hi = float(window[0]), float(window[1])

@@ -16,11 +16,19 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from expertsteer.errors import ExpertSteerError
 from expertsteer.method.vectors import orient
+from expertsteer.settings import (
+    check_bool,
+    check_choices,
+    check_integer,
+    check_number,
+    check_numbers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +37,7 @@ class RFMError(ExpertSteerError):
     """Data or settings the RFM cannot fit."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RFMConfig:
     """Settings of an RFM fit (defaults of the paper's RFM step, arXiv 2505.12313)."""
 
@@ -47,14 +55,42 @@ class RFMConfig:
     """Subtract the training mean before fitting (directions are unaffected)."""
 
     def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if self.ridge <= 0:
-            raise ValueError(f"ridge must be > 0, got {self.ridge}")
-        if not self.bandwidth_scales or min(self.bandwidth_scales) <= 0:
-            raise ValueError(f"bandwidth_scales must be positive, got {self.bandwidth_scales}")
-        if self.num_directions < 1:
-            raise ValueError(f"num_directions must be >= 1, got {self.num_directions}")
+        check_integer("iterations", self.iterations, 1)
+        check_number("ridge", self.ridge)
+        check_numbers("bandwidth_scales", self.bandwidth_scales)
+        object.__setattr__(self, "bandwidth_scales", tuple(self.bandwidth_scales))
+        check_integer("num_directions", self.num_directions, 1)
+        check_number("jitter", self.jitter)
+        check_bool("center", self.center)
+
+
+Space = Literal["encoded", "raw"]
+"""Expert states as the extractor sees them: encoded by the alignment, or raw."""
+FitDtype = Literal["float64", "float32"]
+
+
+@dataclass(frozen=True)
+class VectorsConfig(RFMConfig):
+    """Settings of the vectors stage (`lightning_modules.vectors.VectorsModule`, an
+    experiment's `rfm:`): the RFM's, the space and precision every extractor fits in, and the
+    RFM's optional hyperparameter tuning."""
+
+    space: Space = "encoded"
+    """Expert methods: fit on the encoded states f_i(h^E) (the paper) or on raw h^E, then map
+    the direction by the encoder's linear part."""
+    fit_dtype: FitDtype = "float64"
+    """Precision of the kernel algebra (and of every extractor's states)."""
+    tune_steps: int = 0
+    """Adam steps tuning the log bandwidths and log ridge on the validation loss before
+    iteration 0 (`tune_hyperparameters`; 0: keep the grid as given)."""
+    tune_lr: float = 0.05
+    """Learning rate of that tuning."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choices(self)
+        check_integer("tune_steps", self.tune_steps, 0)
+        check_number("tune_lr", self.tune_lr)
 
 
 @dataclass

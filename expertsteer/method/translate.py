@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 import torch
 
 from expertsteer.errors import ExpertSteerError
+from expertsteer.settings import check_bool, check_integer, check_numbers
 
 
 class TranslationError(ExpertSteerError):
     """Paired states from which no map can be fitted."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TranslateConfig:
     """Ridge settings of the `translate` objective."""
 
@@ -57,14 +58,14 @@ class TranslateConfig:
     the same relative depth."""
 
     def __post_init__(self) -> None:
-        self.lambdas = [float(v) for v in self.lambdas]
-        if not self.lambdas or any(not math.isfinite(v) or v <= 0 for v in self.lambdas):
-            raise ValueError(f"translate lambdas must be finite and > 0, got {self.lambdas}")
-        if self.rank is not None and self.rank < 1:
-            raise ValueError(f"translate rank must be None or >= 1, got {self.rank}")
-        for name in ("matrix_rows", "heldout_rows"):
-            if getattr(self, name) < 4:
-                raise ValueError(f"translate {name} must be >= 4, got {getattr(self, name)}")
+        check_numbers("translate.lambdas", self.lambdas)
+        object.__setattr__(self, "lambdas", [float(v) for v in self.lambdas])
+        if self.rank is not None:
+            check_integer("translate.rank", self.rank, 1)
+        check_integer("translate.matrix_rows", self.matrix_rows, 4)
+        check_integer("translate.heldout_rows", self.heldout_rows, 4)
+        check_integer("translate.seed", self.seed, 0)
+        check_bool("translate.matrix", self.matrix)
 
 
 def r2_score(prediction: torch.Tensor, target: torch.Tensor) -> float:

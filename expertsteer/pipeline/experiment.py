@@ -22,20 +22,31 @@ Run directory of one task (`<output_root>/<name>/<task>/`):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
-import math
 import os
+import types
+import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from expertsteer.cache import CACHE_ENV
+from expertsteer.data.token_pairs import CorpusConfig
 from expertsteer.errors import ExpertSteerError
-from expertsteer.models.zoo import AUTO_DTYPE, DEFAULT_EXPERT, DEFAULT_TARGET, DTYPES
+from expertsteer.evaluation.choice import ChoiceConfig
+from expertsteer.evaluation.evaluate import ModelDtype, ScoringConfig
+from expertsteer.method.align import TrainingConfig
+from expertsteer.method.pair import Estimator, MIConfig, PairingConfig
+from expertsteer.method.rfm import VectorsConfig
+from expertsteer.method.translate import TranslateConfig
+from expertsteer.models.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
+from expertsteer.settings import check_bool, check_choices, check_integer
 
 log = logging.getLogger(__name__)
 
@@ -44,36 +55,14 @@ class ExperimentError(ExpertSteerError):
     """An experiment config that cannot run."""
 
 
-ALPHA_LIMIT = 20.0
-"""Largest |alpha| accepted: alpha is a fraction of the mean residual norm, and far beyond a
-few norms the steered state is the vector alone (garbage text, then non-finite logits)."""
-
-
-def _integer(option: str, value: Any, minimum: int) -> None:
-    """`value` must be an int (not a bool or float) of at least `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ExperimentError(f"{option} must be an integer >= {minimum}, got {value!r}")
-
-
-def _number(option: str, value: Any, positive: bool = True) -> None:
-    """`value` must be a finite real number (> 0 if `positive`, else >= 0)."""
-    real = isinstance(value, int | float) and not isinstance(value, bool)
-    if not real or not math.isfinite(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ExperimentError(f"{option} must be a finite number {bound}, got {value!r}")
-
-
-def _choice(option: str, value: Any, choices: tuple[Any, ...]) -> None:
-    if value not in choices:
-        raise ExperimentError(f"{option} must be one of {list(choices)}, got {value!r}")
-
-
-def _numbers(option: str, values: Any, positive: bool = True) -> None:
-    """A non-empty list of finite numbers."""
-    if not isinstance(values, list) or not values:
-        raise ExperimentError(f"{option} must be a non-empty list of numbers, got {values!r}")
-    for value in values:
-        _number(option, value, positive)
+@contextlib.contextmanager
+def _options(prefix: str = "") -> Iterator[None]:
+    """A settings error (ValueError) raised in the block as an `ExperimentError`, its option
+    named with the experiment section it belongs to (`rfm.` + `iterations must be ...`)."""
+    try:
+        yield
+    except ValueError as error:
+        raise ExperimentError(f"{prefix}{error}") from error
 
 
 @dataclass(frozen=True)
@@ -81,7 +70,7 @@ class MethodSpec:
     """How one steering method's vectors are made."""
 
     extractor: str
-    """RFMModule `method`: rfm, mean_diff, pca_diff, logistic or random."""
+    """VectorsModule `method`: rfm, mean_diff, pca_diff, logistic or random."""
     source: str
     """Whose states: expert or target."""
     alignment: str | None = None
@@ -116,172 +105,84 @@ class Splits:
     """Reported once."""
 
     def __post_init__(self) -> None:
-        for split in ("steer", "dev", "test"):
-            _integer(f"splits.{split}", getattr(self, split), 1)
+        with _options("splits."):
+            for split in ("steer", "dev", "test"):
+                check_integer(split, getattr(self, split), 1)
 
 
-@dataclass
-class AlignmentSettings:
-    """Auto-encoder alignment and MI pairing."""
+@dataclass(frozen=True)
+class AlignmentSettings(PairingConfig, TrainingConfig):
+    """Auto-encoder alignment and MI pairing: the alignment stages' training
+    (`TrainingConfig`) and pairing (`PairingConfig`) settings, their MI estimate and token
+    corpus, and the trainer and capture settings of every fitting stage."""
 
     max_epochs: int = 60
     """Epoch budget (early stopping on dev reconstruction loss)."""
     patience: int = 6
     """Early-stopping patience in epochs."""
     lr: float = 3e-3
-    """AdamW learning rate."""
+    """AdamW learning rate (the experiment's default; the stage's is 1e-3)."""
     batch_size: int = 64
     """Training batch size."""
     max_batch_tokens: int | None = None
     """Token budget of one capture forward (the data module's `max_batch_tokens`; long texts
     make smaller batches): lower it when the capture runs out of device memory. null: none."""
-    model_dtype: str = "auto"
+    model_dtype: ModelDtype = "auto"
     """Dtype the models capture in (every fitting stage's data module): auto (bfloat16 on a
     CUDA device that supports it, else float32), float32, bfloat16 or float16. A CPU with
     native bfloat16 runs the packaged models 2-3x faster in bfloat16 (`benchmarks/
     capture_dtype.py`); each dtype has its own cache entry."""
-    lambda_tr: float = 1.0
-    """Weight of the translation term (recon+translate)."""
-    items: str = "steering"
+    items: Literal["steering", "prompts"] = "steering"
     """States the auto-encoders and MI use: `steering` (prompt + answer, the same capture as
     the RFM) or `prompts` (prompt only, a second capture)."""
-    mi_estimator: str = "gaussian"
-    """gaussian or ksg."""
+    mi_estimator: Estimator = "gaussian"
+    """`MIConfig.estimator`: gaussian or ksg."""
     mi_rank: int = 16
-    """PCA rank of the MI estimate."""
-    top_k: int = 1
-    """Pairs kept."""
-    window: list[float] = field(default_factory=lambda: [0.25, 0.75])
-    """Target-depth window of the pairs."""
-    expert_window: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    """Expert-depth window of the pairs."""
-    select: str = "lowest_mi"
-    """lowest_mi (the paper), translatable (best held-out R^2; needs a corpus) or dev (the
-    evaluator chooses among `candidates` lowest-MI pairs on dev)."""
-    candidates: int = 4
-    """Candidates kept with select: dev."""
-    corpus: dict[str, Any] | None = field(default_factory=dict)
-    """Token-level paired corpus (`expertsteer.data.token_pairs.CorpusConfig` fields; `{}` for the
-    defaults, null for none). Needed by `translate` and `select: translatable`; with it, MI is
-    estimated on held-out token positions."""
-    translate: dict[str, Any] = field(default_factory=dict)
-    """Ridge settings of the `translate` objective
-    (`expertsteer.method.translate.TranslateConfig`)."""
+    """`MIConfig.mi_rank`: PCA rank of the MI estimate."""
+    corpus: CorpusConfig | None = field(default_factory=CorpusConfig)
+    """Token-level paired corpus (`CorpusConfig`; `{}` for the defaults, null for none).
+    Needed by `translate` and `select: translatable`; with it, MI is estimated on held-out
+    token positions."""
+    translate: TranslateConfig = field(default_factory=TranslateConfig)
+    """Ridge settings of the `translate` objective (`TranslateConfig`)."""
 
     def __post_init__(self) -> None:
-        _integer("alignment.max_epochs", self.max_epochs, 1)
-        _integer("alignment.patience", self.patience, 0)
-        _number("alignment.lr", self.lr)
-        _integer("alignment.batch_size", self.batch_size, 1)
-        if self.max_batch_tokens is not None:
-            _integer("alignment.max_batch_tokens", self.max_batch_tokens, 1)
-        _choice("alignment.model_dtype", self.model_dtype, (AUTO_DTYPE, *DTYPES))
-        _number("alignment.lambda_tr", self.lambda_tr, positive=False)
-        _choice("alignment.items", self.items, ("steering", "prompts"))
-        _choice("alignment.mi_estimator", self.mi_estimator, ("gaussian", "ksg"))
-        _integer("alignment.mi_rank", self.mi_rank, 1)
-        _integer("alignment.top_k", self.top_k, 1)
-        _integer("alignment.candidates", self.candidates, 1)
-        for option in ("window", "expert_window"):
-            values = getattr(self, option)
-            _numbers(f"alignment.{option}", values, positive=False)
-            if len(values) != 2:
-                raise ExperimentError(f"alignment.{option} must be [low, high], got {values!r}")
-        if self.corpus is not None and not isinstance(self.corpus, dict):
-            raise ExperimentError(
-                f"alignment.corpus must be a mapping or null, got {self.corpus!r}"
-            )
-        if not isinstance(self.translate, dict):
-            raise ExperimentError(f"alignment.translate must be a mapping, got {self.translate!r}")
+        with _options("alignment."):
+            TrainingConfig.__post_init__(self)
+            PairingConfig.__post_init__(self)
+            check_choices(self)
+            check_integer("max_epochs", self.max_epochs, 1)
+            check_integer("patience", self.patience, 0)
+            check_integer("batch_size", self.batch_size, 1)
+            if self.max_batch_tokens is not None:
+                check_integer("max_batch_tokens", self.max_batch_tokens, 1)
+            self.mi()
+            if not isinstance(self.corpus, CorpusConfig | None):
+                raise ValueError(f"corpus must be a mapping or null, got {self.corpus!r}")
+            if not isinstance(self.translate, TranslateConfig):
+                raise ValueError(f"translate must be a mapping, got {self.translate!r}")
+
+    def mi(self) -> MIConfig:
+        """The MI estimate of the alignment stages."""
+        return MIConfig(estimator=self.mi_estimator, mi_rank=self.mi_rank)
 
 
-@dataclass
-class RFMSettings:
-    """Vector extraction (RFM and baselines)."""
+@dataclass(frozen=True)
+class EvalSettings(ChoiceConfig, ScoringConfig):
+    """The validate stage: how the target is scored (`ScoringConfig`), the dev grid and the
+    report (`ChoiceConfig`), and whether the expert is scored too."""
 
-    iterations: int = 8
-    """RFM iterations T."""
-    ridge: float = 1e-3
-    """KRR ridge lambda."""
-    bandwidth_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
-    """Bandwidth grid, multiples of the median distance."""
-    space: str = "encoded"
-    """Expert methods: fit on encoded (default) or raw expert states."""
-
-    def __post_init__(self) -> None:
-        _integer("rfm.iterations", self.iterations, 1)
-        _number("rfm.ridge", self.ridge)
-        _numbers("rfm.bandwidth_scales", self.bandwidth_scales)
-        _choice("rfm.space", self.space, ("encoded", "raw"))
-
-
-@dataclass
-class EvalSettings:
-    """The validate stage."""
-
-    alphas: list[float] = field(default_factory=lambda: [-0.9, -0.3, -0.1, 0.1, 0.3, 0.9])
-    """Steering strengths tried on dev (fractions of the mean residual norm); signed, non-zero."""
     null_k: int = 6
-    """Random null draws, each chosen on dev like a method (p vs null >= 1/(K+1))."""
-    positions: str = "all"
-    """Steered positions."""
-    layer_choice: str = "all"
-    """all layers together, or dev: also each layer alone, chosen on dev."""
-    mode: str | None = None
-    """Scoring mode (default per task type)."""
-    calibration: str | None = None
-    """content_free (default) or none."""
-    max_new_tokens: int | None = None
-    """Generation budget (default 128 numeric, 16 otherwise)."""
-    batch_size: int = 8
-    """Prompts per forward."""
-    num_samples: int = 3
-    """Sample generations in the report."""
-    sample_tokens: int = 48
-    """Their budget."""
+    """Random null draws, each chosen on dev like a method (p vs null >= 1/(K+1)); the
+    experiment's default (the stage's is 0)."""
     headroom: bool = True
     """Score the expert too."""
-    model_dtype: str = "auto"
-    """Dtype the target and expert are scored in: auto (bfloat16 on a CUDA device that
-    supports it, else float32), float32, bfloat16 or float16. Every method and control is
-    scored in the same dtype."""
 
     def __post_init__(self) -> None:
-        from expertsteer.evaluation.calibration import CALIBRATIONS
-        from expertsteer.evaluation.evaluate import SCORE_MODES
-        from expertsteer.method.vectors import POSITIONS
-
-        alphas = self.alphas
-        real = isinstance(alphas, list) and all(
-            isinstance(a, int | float) and not isinstance(a, bool) for a in alphas
-        )
-        if not real or not alphas or any(not math.isfinite(a) or a == 0 for a in alphas):
-            raise ExperimentError(
-                "evaluation.alphas must be a non-empty list of finite numbers, each non-zero "
-                f"(zero is `none`), got {alphas!r}"
-            )
-        extreme = [a for a in alphas if abs(a) > ALPHA_LIMIT]
-        if extreme:
-            raise ExperimentError(
-                f"evaluation.alphas {extreme} exceed +-{ALPHA_LIMIT:g}: alpha is a fraction of "
-                "the mean residual norm, and at such strengths the target only emits the vector "
-                "(garbage text, then non-finite logits); use strengths of a few norms at most"
-            )
-        _integer("evaluation.null_k", self.null_k, 0)
-        _choice("evaluation.model_dtype", self.model_dtype, (AUTO_DTYPE, *DTYPES))
-        _choice("evaluation.positions", self.positions, POSITIONS)
-        _choice("evaluation.layer_choice", self.layer_choice, ("all", "dev"))
-        _choice("evaluation.mode", self.mode, (None, *SCORE_MODES))
-        _choice("evaluation.calibration", self.calibration, (None, *CALIBRATIONS))
-        if self.max_new_tokens is not None:
-            _integer("evaluation.max_new_tokens", self.max_new_tokens, 1)
-        _integer("evaluation.batch_size", self.batch_size, 1)
-        _integer("evaluation.num_samples", self.num_samples, 0)
-        _integer("evaluation.sample_tokens", self.sample_tokens, 1)
-        if not isinstance(self.headroom, bool):
-            raise ExperimentError(
-                f"evaluation.headroom must be true or false, got {self.headroom!r}"
-            )
+        with _options("evaluation."):
+            ChoiceConfig.__post_init__(self)
+            ScoringConfig.__post_init__(self)
+            check_bool("headroom", self.headroom)
 
 
 @dataclass
@@ -303,14 +204,18 @@ class Experiment:
     `../shared/data/benchmarks`; a task whose files are absent reads its hub dataset)."""
     seed: int = 0
     """Split and fit seed."""
-    position: str = "last"
+    position: Literal["last", "mean"] = "last"
     """Sequence-level state: last or mean."""
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     """Methods evaluated (see `METHODS`); `none` and the expert are always there."""
     splits: Splits = field(default_factory=Splits)
+    """Examples per split."""
     alignment: AlignmentSettings = field(default_factory=AlignmentSettings)
-    rfm: RFMSettings = field(default_factory=RFMSettings)
+    """Alignment and pairing, and the capture of every fitting stage."""
+    rfm: VectorsConfig = field(default_factory=VectorsConfig)
+    """Vector extraction (RFM and baselines), for every method."""
     evaluation: EvalSettings = field(default_factory=EvalSettings)
+    """The evaluation stage."""
     trainer: dict[str, Any] = field(default_factory=lambda: {"accelerator": "cpu", "devices": 1})
     """Trainer settings of every stage (e.g. strategy: ddp, devices: 2)."""
     task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -324,8 +229,9 @@ class Experiment:
                 f"name {self.name!r} must be letters, digits, '_', '.', '+' or '-' (not starting "
                 "with '.'): it names the folder of the runs"
             )
-        _choice("position", self.position, ("last", "mean"))
-        _integer("seed", self.seed, 0)
+        with _options():
+            check_choices(self)
+            check_integer("seed", self.seed, 0)
         for option in ("tasks", "methods"):
             values = getattr(self, option)
             if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
@@ -364,26 +270,38 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _build(cls: type, values: dict, where: str) -> Any:
-    """A dataclass from a dict, with unknown keys named in the error."""
+def _build(cls: type, values: dict, where: str, prefix: str = "") -> Any:
+    """A settings dataclass from a dict, nested settings (a field typed with a dataclass)
+    built from their dicts, with unknown keys named in the error. A setting's error names it
+    after its section (`prefix`): a section of the experiment under its own key, the settings
+    nested in a section under the section's key (their messages name them: `corpus.size`)."""
     if not isinstance(values, dict):
         raise ExperimentError(f"{where} must be a mapping, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    hints = typing.get_type_hints(cls)
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ExperimentError(f"unknown option(s) {unknown} in {where}; known: {sorted(fields)}")
+        raise ExperimentError(f"unknown option(s) {unknown} in {where}; known: {known}")
     kwargs = {}
-    nested = {"splits": Splits, "alignment": AlignmentSettings, "rfm": RFMSettings}
-    nested["evaluation"] = EvalSettings
     for key, value in values.items():
-        if cls is Experiment and key in nested:
-            value = (
-                value
-                if isinstance(value, nested[key])
-                else _build(nested[key], value or {}, f"{where}.{key}")
-            )
-        kwargs[key] = value
-    return cls(**kwargs)
+        nested, optional = _settings_class(hints[key])
+        if nested is None or isinstance(value, nested) or (value is None and optional):
+            kwargs[key] = value
+            continue
+        section = f"{key}." if cls is Experiment else prefix
+        value = {} if value is None else value
+        kwargs[key] = _build(nested, value, f"{where}.{key}", section)
+    with _options(prefix):
+        return cls(**kwargs)
+
+
+def _settings_class(annotation: Any) -> tuple[type | None, bool]:
+    """The dataclass an annotation names (`X` or `X | None`), and whether None is allowed."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        classes = [arg for arg in args if dataclasses.is_dataclass(arg)]
+        return (classes[0] if classes else None), type(None) in args
+    return (annotation if dataclasses.is_dataclass(annotation) else None), False
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -420,7 +338,7 @@ def check(experiment: Experiment) -> None:
     for task in experiment.tasks:
         settings = experiment.for_task(task)
         _check_data(settings, task)
-        _check_alignment(settings)
+        _check_corpus(settings)
         _check_accelerator(settings.trainer)
         run_dir = settings.run_dir(task)
         if run_dir in run_dirs:
@@ -441,9 +359,7 @@ def _check_data(settings: Experiment, task: str) -> None:
 
     names = [task]
     if settings.alignment.corpus is not None:
-        from expertsteer.data.token_pairs import DEFAULT_CORPUS_TASKS
-
-        names += list(settings.alignment.corpus.get("tasks", DEFAULT_CORPUS_TASKS))
+        names += settings.alignment.corpus.tasks
     for name in dict.fromkeys(names):
         data_source(resolve_task(name), settings.data_root)
 
@@ -479,33 +395,9 @@ def _check_writable(path: Path, option: str) -> None:
         )
 
 
-def _check_alignment(settings: Experiment) -> None:
-    """Corpus, ridge and pairing settings, checked by building them (errors name the option)."""
-    from expertsteer.data.token_pairs import CorpusConfig
-    from expertsteer.method.pair import PairingConfig
-    from expertsteer.method.translate import TranslateConfig
-
+def _check_corpus(settings: Experiment) -> None:
+    """The methods and pairing that need the token-level corpus have one."""
     a = settings.alignment
-    for name, cls, values in (
-        ("corpus", CorpusConfig, a.corpus),
-        ("translate", TranslateConfig, a.translate),
-    ):
-        if values is None:
-            continue
-        try:
-            cls(**values)
-        except (TypeError, ValueError) as error:
-            raise ExperimentError(f"alignment.{name}: {error}") from error
-    try:
-        PairingConfig(
-            top_k=a.top_k,
-            window=tuple(a.window),
-            select=a.select,
-            candidates=a.candidates,
-            expert_window=tuple(a.expert_window),
-        )
-    except ValueError as error:
-        raise ExperimentError(f"alignment: {error}") from error
     needs_corpus = [m for m in settings.methods if METHODS[m].alignment == "translate"]
     if a.corpus is None and (needs_corpus or a.select == "translatable"):
         raise ExperimentError(

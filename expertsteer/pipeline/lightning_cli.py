@@ -18,7 +18,7 @@ STAGE_MODULES = (
     "datamodules.paired_activations",
     "datamodules.task_examples",
     "lightning_modules.alignment",
-    "lightning_modules.rfm",
+    "lightning_modules.vectors",
     "lightning_modules.steer",
     "lightning_modules.evaluator",
 )
@@ -33,16 +33,20 @@ def lightning_cli(
 ) -> Any:
     """LightningCLI over the stage modules and DataModules (`fit`, `validate`, `test`).
 
-    Configs name classes by short name (`class_path: RFMModule`): the stage packages are
-    imported here so that jsonargparse finds them as subclasses. Stages build their own
-    optimizers (`auto_configure_optimizers=False`), so a stray `--optimizer` cannot replace
-    them; the resolved configuration is saved as `config.yaml` in the run's log directory.
+    Configs name classes by short name (`class_path: VectorsModule`): the stage packages are
+    imported here so that jsonargparse finds them as subclasses. A stage's settings are
+    dataclasses (`rfm: VectorsConfig`, ...): their fields are options with the docstring of
+    each field as help, and a `Literal` field's choices are checked and listed. Stages build
+    their own optimizers (`auto_configure_optimizers=False`), so a stray `--optimizer` cannot
+    replace them; the resolved configuration is saved as `config.yaml` in the run's log directory.
     `quiet` (stages run by `expertsteer run`): no model summary and no validate metric table
     on the console (the metrics are in the CSV logs and `metrics.json`).
     """
+    from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
 
     route_lightning_logs()
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # jsonargparse resolves short class names among the imported subclasses of
     # LightningModule / LightningDataModule, so the stages must be imported first.
     for module in STAGE_MODULES:

@@ -31,7 +31,14 @@ from expertsteer.artifacts import (
 )
 from expertsteer.cache import LockedError, file_lock, sha256_file
 from expertsteer.data.tasks import resolve_data_root
+from expertsteer.data.token_pairs import CorpusConfig
 from expertsteer.errors import ExpertSteerError
+from expertsteer.evaluation.choice import ChoiceConfig
+from expertsteer.evaluation.evaluate import ScoringConfig
+from expertsteer.method.align import TrainingConfig
+from expertsteer.method.pair import MIConfig, PairingConfig
+from expertsteer.method.rfm import VectorsConfig
+from expertsteer.method.translate import TranslateConfig
 from expertsteer.models.zoo import AUTO_DTYPE
 from expertsteer.pipeline.experiment import (
     MAIN_METHOD,
@@ -56,6 +63,20 @@ ALIGNMENT_STAGES = {
 
 
 # -- stage configs ------------------------------------------------------------------------------
+
+
+def _init_args(settings: Any, cls: type) -> dict[str, Any]:
+    """The fields of settings dataclass `cls`, read from `settings` (a `cls`, or an experiment
+    section that extends it), as a stage's init args (YAML values: tuples become lists)."""
+    return {f.name: _plain(getattr(settings, f.name)) for f in dataclasses.fields(cls)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def _trainer(experiment: Experiment, run_dir: Path, name: str, **extra: Any) -> dict:
@@ -89,8 +110,8 @@ def _activations(experiment: Experiment, task: str, item_kind: str, corpus: bool
         },
     }
     if corpus and experiment.alignment.corpus is not None:
-        config["init_args"]["corpus"] = dict(experiment.alignment.corpus)
-    # Only when set: other experiments keep their stage configs (and fingerprints).
+        config["init_args"]["corpus"] = _init_args(experiment.alignment.corpus, CorpusConfig)
+    # Written only when set: the data module's defaults (no budget, auto) otherwise.
     if experiment.alignment.max_batch_tokens is not None:
         config["init_args"]["max_batch_tokens"] = experiment.alignment.max_batch_tokens
     if experiment.alignment.model_dtype != AUTO_DTYPE:
@@ -137,25 +158,19 @@ def stage_configs(experiment: Experiment, task: str) -> dict[str, tuple[str, dic
             ]
         model = {
             "objective": objective,
-            "lambda_tr": a.lambda_tr,
-            "lr": a.lr,
             "output_dir": str(alignment_dir(run_dir, objective)),
-            "mi_estimator": a.mi_estimator,
-            "mi_rank": a.mi_rank,
-            "top_k": a.top_k,
-            "window": list(a.window),
-            "expert_window": list(a.expert_window),
-            "select": a.select,
-            "candidates": a.candidates,
-            "translate": dict(a.translate),
+            "training": _init_args(a, TrainingConfig),
+            "mi": _init_args(a.mi(), MIConfig),
+            "pairing": _init_args(a, PairingConfig),
+            "translate": _init_args(a.translate, TranslateConfig),
         }
         if objective != "recon":
             # The pairs are the align stage's; this stage's own selection is informational, so
             # it skips the translatability matrix the align stage already computed.
             model["pairs_file"] = str(run_dir / PAIRS_FILE)
-            model["translate"] = {**model["translate"], "matrix": False}
+            model["translate"]["matrix"] = False
             if a.select == "translatable":
-                model["select"] = "lowest_mi"
+                model["pairing"]["select"] = "lowest_mi"
         config = {
             "seed_everything": experiment.seed,
             "trainer": _trainer(experiment, run_dir, name, **trainer),
@@ -169,11 +184,8 @@ def stage_configs(experiment: Experiment, task: str) -> dict[str, tuple[str, dic
         model = {
             "method": spec.extractor,
             "source": spec.source,
-            "space": r.space,
             "pairs_file": str(run_dir / PAIRS_FILE),
-            "iterations": r.iterations,
-            "ridge": r.ridge,
-            "bandwidth_scales": list(r.bandwidth_scales),
+            "rfm": _init_args(r, VectorsConfig),
             "seed": experiment.seed,
             "output_dir": str(method_dir(run_dir, method)),
         }
@@ -191,11 +203,14 @@ def stage_configs(experiment: Experiment, task: str) -> dict[str, tuple[str, dic
                 max_epochs=epochs,
                 enable_checkpointing=False,
             ),
-            "model": {"class_path": "RFMModule", "init_args": model},
+            "model": {"class_path": "VectorsModule", "init_args": model},
             "data": _activations(experiment, task, "steering"),
         }
         stages[f"vectors_{method}"] = ("fit", config, sorted(set(upstream)))
     e = experiment.evaluation
+    choice = _init_args(e, ChoiceConfig)
+    if a.select == "dev":
+        choice["layer_choice"] = "dev"
     evaluation = {
         "seed_everything": experiment.seed,
         "trainer": _trainer(
@@ -205,13 +220,7 @@ def stage_configs(experiment: Experiment, task: str) -> dict[str, tuple[str, dic
             callbacks=[
                 {
                     "class_path": "SteeringEvaluator",
-                    "init_args": {
-                        "alphas": list(e.alphas),
-                        "layer_choice": "dev" if a.select == "dev" else e.layer_choice,
-                        "num_samples": e.num_samples,
-                        "sample_tokens": e.sample_tokens,
-                        "seed": experiment.seed,
-                    },
+                    "init_args": {"choice": choice, "seed": experiment.seed},
                 }
             ],
         ),
@@ -225,16 +234,10 @@ def stage_configs(experiment: Experiment, task: str) -> dict[str, tuple[str, dic
                     for m in experiment.methods
                 },
                 "run_dir": str(run_dir),
-                "positions": e.positions,
-                "mode": e.mode,
-                "calibration": e.calibration,
-                "max_new_tokens": e.max_new_tokens,
-                "batch_size": e.batch_size,
-                "null_k": e.null_k,
+                "scoring": _init_args(e, ScoringConfig),
                 # A stream apart from the `random` method's (seeded with the experiment seed).
                 "null_seed": experiment.seed + 1,
-            }
-            | ({} if e.model_dtype == AUTO_DTYPE else {"model_dtype": e.model_dtype}),
+            },
         },
         "data": {
             "class_path": "TaskExamplesDataModule",

@@ -22,10 +22,12 @@ from expertsteer.data.token_pairs import CorpusConfig
 from expertsteer.method.align import (
     STD_FLOOR,
     AffineAutoencoders,
+    TrainingConfig,
     explained_variance,
     load_alignment,
     save_alignment,
 )
+from expertsteer.method.pair import MIConfig, PairingConfig
 from expertsteer.method.translate import TranslateConfig, fit_pair, r2_score
 from lightning_modules.alignment import AlignmentModule
 from tests.tiny_data import tiny_datamodule
@@ -262,7 +264,9 @@ def _fit(module, datamodule, root, max_epochs=3, ckpt_path=None, monitor=True, c
 def recon_run(tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("recon")
     datamodule = _datamodule(tiny_dirs, root / "cache")
-    module = AlignmentModule(lr=1e-2, mi_rank=4, keep_all_layers=True)
+    module = AlignmentModule(
+        training=TrainingConfig(lr=1e-2), mi=MIConfig(mi_rank=4), keep_all_layers=True
+    )
     trainer, recorder = _fit(module, datamodule, root)
     return {
         "root": root,
@@ -333,7 +337,7 @@ def test_checkpoint_reloads_and_resumes(recon_run, tmp_path):
     assert codes.shape == (24, 4, 48)
 
     last = trainer.checkpoint_callback.last_model_path
-    resumed = AlignmentModule(lr=1e-2, mi_rank=4)
+    resumed = AlignmentModule(training=TrainingConfig(lr=1e-2), mi=MIConfig(mi_rank=4))
     datamodule = _datamodule(recon_run["tiny_dirs"], recon_run["root"] / "cache")
     second, _ = _fit(resumed, datamodule, tmp_path, max_epochs=4, ckpt_path=last)
     assert second.current_epoch == 4
@@ -344,7 +348,9 @@ def test_best_checkpoint_weights_are_saved_not_the_last(recon_run, tmp_path):
     # mode="max" makes the worst (first) epoch the "best", so best and last surely differ.
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/recon_loss", mode="max")
     datamodule = _datamodule(recon_run["tiny_dirs"], recon_run["root"] / "cache")
-    module = AlignmentModule(lr=1e-2, mi_rank=4, keep_all_layers=True)
+    module = AlignmentModule(
+        training=TrainingConfig(lr=1e-2), mi=MIConfig(mi_rank=4), keep_all_layers=True
+    )
     _, recorder = _fit(
         module, datamodule, tmp_path, max_epochs=2, monitor=False, callbacks=[checkpoint]
     )
@@ -361,7 +367,10 @@ def test_best_checkpoint_weights_are_saved_not_the_last(recon_run, tmp_path):
 def test_translate_objective_lowers_translation_loss(recon_run, tmp_path):
     pairs_file = recon_run["root"] / PAIRS_FILE
     module = AlignmentModule(
-        objective="recon+translate", pairs_file=str(pairs_file), lr=1e-2, mi_rank=4
+        objective="recon+translate",
+        pairs_file=str(pairs_file),
+        training=TrainingConfig(lr=1e-2),
+        mi=MIConfig(mi_rank=4),
     )
     chosen = json.loads(pairs_file.read_text())["pairs"][0]
     assert module.translation_layers == [(chosen["expert_layer"], chosen["target_layer"])]
@@ -399,9 +408,9 @@ def test_pairs_that_do_not_fit_the_data_fail_before_training(recon_run, tmp_path
         (dict(objective="recon+translate"), "needs the translation pairs"),
         (dict(pairs=[[1, 2]], pairs_file="p.json"), "either pairs or pairs_file"),
         (dict(objective="recon+translate", pairs=[[1]]), "non-empty list"),
-        (dict(scheduler="linear"), "scheduler must be one of"),
-        (dict(window=(0.8, 0.2)), "window must satisfy"),
-        (dict(mi_estimator="mine"), "estimator must be one of"),
+        (dict(training={"scheduler": "linear"}), "scheduler must be one of"),
+        (dict(pairing={"window": (0.8, 0.2)}), "window must satisfy"),
+        (dict(mi={"estimator": "mine"}), "estimator must be one of"),
     ],
 )
 def test_bad_settings_fail_at_init(settings, message):
@@ -427,8 +436,8 @@ def translate_run(tiny_dirs, tmp_path_factory):
     datamodule = _datamodule(tiny_dirs, root / "cache", corpus=_corpus(root))
     module = AlignmentModule(
         objective="translate",
-        select="translatable",
-        mi_rank=4,
+        pairing=PairingConfig(select="translatable"),
+        mi=MIConfig(mi_rank=4),
         translate=TranslateConfig(lambdas=[1e-2, 1.0], heldout_rows=200),
     )
     trainer, _ = _fit(module, datamodule, root, max_epochs=1, monitor=False)
@@ -497,7 +506,7 @@ def test_translatable_pairing_and_artifacts(translate_run):
 
 def test_translate_and_translatable_need_a_corpus(tiny_dirs, tmp_path):
     datamodule = _datamodule(tiny_dirs, tmp_path / "cache")
-    for settings in (dict(objective="translate"), dict(select="translatable")):
+    for settings in (dict(objective="translate"), dict(pairing={"select": "translatable"})):
         with pytest.raises(ValueError, match="needs paired token states"):
             _fit(AlignmentModule(**settings), datamodule, tmp_path, monitor=False)
 
@@ -514,8 +523,8 @@ def test_translate_refined_by_gradient_on_token_batches(translate_run, tiny_dirs
     module = AlignmentModule(
         objective="translate",
         refine=True,
-        lr=1e-4,
-        mi_rank=4,
+        training=TrainingConfig(lr=1e-4),
+        mi=MIConfig(mi_rank=4),
         translate=TranslateConfig(lambdas=[1e-2, 1.0], heldout_rows=200),
     )
     trainer, _ = _fit(module, datamodule, tmp_path, max_epochs=1, monitor=False)
@@ -549,7 +558,7 @@ def test_translate_without_the_matrix_maps_unpaired_layers_by_depth(translate_ru
     module = AlignmentModule(
         objective="translate",
         pairs=[pair],
-        mi_rank=4,
+        mi=MIConfig(mi_rank=4),
         translate=TranslateConfig(lambdas=[1e-2], heldout_rows=200, matrix=False),
     )
     _fit(module, datamodule, tmp_path, max_epochs=1, monitor=False)
@@ -565,6 +574,8 @@ def test_translate_without_the_matrix_maps_unpaired_layers_by_depth(translate_ru
             assert abs(target_depth - depth[k]) <= 0.5 / meta["target_num_layers"] + 1e-9
     with pytest.raises(ValueError, match="translate.matrix"):
         bad = AlignmentModule(
-            select="translatable", translate=TranslateConfig(matrix=False), mi_rank=4
+            pairing=PairingConfig(select="translatable"),
+            translate=TranslateConfig(matrix=False),
+            mi=MIConfig(mi_rank=4),
         )
         _fit(bad, datamodule, tmp_path / "bad", max_epochs=1, monitor=False)

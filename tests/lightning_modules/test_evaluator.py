@@ -12,6 +12,7 @@ import yaml
 
 from datamodules.task_examples import TaskExamplesDataModule
 from expertsteer.artifacts import METRICS_FILE, STEERING_FILE
+from expertsteer.evaluation.choice import ChoiceConfig
 from expertsteer.evaluation.controls import (
     comparison_count,
     conclusion,
@@ -20,14 +21,15 @@ from expertsteer.evaluation.controls import (
     null_summary,
     offset_predictions,
 )
+from expertsteer.evaluation.evaluate import ScoringConfig
 from expertsteer.evaluation.report import NULL_FIGURE, REPORT_FILE
 from expertsteer.evaluation.stats import empirical_p, paired_bootstrap_ci, paired_bootstrap_p
 from expertsteer.method.extractors import random_direction, random_unit_vectors
 from expertsteer.method.vectors import SteeringVectors, load_steering, save_steering
 from expertsteer.models.zoo import weights_identity
 from lightning_modules.evaluator import SteeringEvaluator, choose_setting
-from lightning_modules.rfm import RFMModule
 from lightning_modules.steer import SteeringModule
+from lightning_modules.vectors import VectorsModule
 from tests.tiny_data import prepared, tiny_datamodule
 
 
@@ -42,7 +44,7 @@ def paired(tiny_dirs, tmp_path_factory):
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_random_method_is_not_flipped_to_agree_with_the_labels(paired, tmp_path, seed):
-    module = RFMModule(method="random", source="target", pairs=[[0, 1]], seed=seed)
+    module = VectorsModule(method="random", source="target", pairs=[[0, 1]], seed=seed)
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=1,
@@ -280,14 +282,13 @@ def _evaluate(tiny_dirs, tmp_path, labels, name="tiny_reviews", share_forwards=T
             "target_mean_diff": _method(run_dir, "target_mean_diff", target, name, 12),
         },
         run_dir=str(run_dir),
-        batch_size=8,
-        null_k=NULL_K,
+        scoring=ScoringConfig(
+            batch_size=8, null_k=NULL_K, share_forwards=share_forwards, config_batch=3
+        ),
         null_seed=5,
-        share_forwards=share_forwards,
-        config_batch=3,
     )
     data = TaskExamplesDataModule(task=str(task), steer_size=4, dev_size=10, test_size=10)
-    evaluator = SteeringEvaluator(alphas=ALPHAS, num_samples=0, n_boot=200)
+    evaluator = SteeringEvaluator(ChoiceConfig(alphas=ALPHAS, num_samples=0, n_boot=200))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -403,7 +404,7 @@ def test_reserved_names_and_bad_null_settings_are_refused():
     with pytest.raises(ValueError, match="reserved"):
         SteeringModule(methods={"null/0": "x.safetensors"})
     with pytest.raises(ValueError, match="null_k"):
-        SteeringModule(methods={"a": "x.safetensors"}, null_k=-1)
+        SteeringModule(methods={"a": "x.safetensors"}, scoring={"null_k": -1})
     with pytest.raises(ValueError, match="null_reference"):
         SteeringModule(methods={"a": "x.safetensors"}, null_reference="b")
 

@@ -84,7 +84,7 @@ def _task(tmp_path) -> str:
     return str(path)
 
 
-def _steering_module(tiny_dirs, tmp_path, **overrides) -> SteeringModule:
+def _steering_module(tiny_dirs, tmp_path, **scoring) -> SteeringModule:
     target = str(tiny_dirs["target"])
     metadata = {
         "method": "mean_diff",
@@ -96,14 +96,13 @@ def _steering_module(tiny_dirs, tmp_path, **overrides) -> SteeringModule:
     vector = random_unit_vectors(1, 48, 3)[0].float()
     vectors = SteeringVectors({1: vector}, {1: 10.0}, metadata=metadata)
     save_steering(tmp_path / "run" / STEERING_FILE, vectors)
-    settings = dict(
+    return SteeringModule(
         target=target,
         expert=str(tiny_dirs["expert"]),
         methods={"expertsteer": STEERING_FILE},
         run_dir=str(tmp_path / "run"),
-        batch_size=4,
+        scoring={"batch_size": 4, **scoring},
     )
-    return SteeringModule(**{**settings, **overrides})
 
 
 def _examples(tmp_path) -> TaskExamplesDataModule:
@@ -248,7 +247,7 @@ def test_auto_dtype_is_float32_off_cuda():
     with pytest.raises(ValueError, match="model_dtype must be one of"):
         PairedActivationDataModule(model_dtype="fp8")
     with pytest.raises(ValueError, match="model_dtype must be one of"):
-        SteeringModule(methods={"a": "x.safetensors"}, model_dtype="half")
+        SteeringModule(methods={"a": "x.safetensors"}, scoring={"model_dtype": "half"})
 
 
 def test_scoring_out_of_memory_names_the_batch_size(tiny_dirs, tmp_path, monkeypatch):

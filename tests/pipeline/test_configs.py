@@ -69,7 +69,7 @@ def _tiny(tiny_dirs, run, cache, **data):
 def test_stage_configs_run_end_to_end_on_tiny_models(tiny_dirs, tmp_path):
     run, cache = tmp_path / "run", tmp_path / "cache"
     align = ["fit", "--config", str(CONFIGS / "align.yaml"), *_tiny(tiny_dirs, run, cache)]
-    main([*align, "--trainer.max_epochs=3", "--model.init_args.window=[0.0, 1.0]"])
+    main([*align, "--trainer.max_epochs=3", "--model.init_args.pairing.window=[0.0, 1.0]"])
     for name in (ALIGNMENT_FILE, PAIRS_FILE, MI_HEATMAP_FILE):
         assert (run / name).is_file(), name
     recon_translate = ["fit", "--config", str(CONFIGS / "align_recon_translate.yaml")]
@@ -87,7 +87,7 @@ def test_stage_configs_run_end_to_end_on_tiny_models(tiny_dirs, tmp_path):
         [
             *translate,
             f"--model.init_args.pairs_file={run / PAIRS_FILE}",
-            "--model.init_args.window=[0.0, 1.0]",
+            "--model.init_args.pairing.window=[0.0, 1.0]",
             "--data.init_args.corpus.tasks=[multiarith]",
             "--data.init_args.corpus.size=30",
             f"--data.init_args.data_root={DATA_ROOT}",
@@ -99,7 +99,7 @@ def test_stage_configs_run_end_to_end_on_tiny_models(tiny_dirs, tmp_path):
     rfm += [
         f"--model.init_args.alignment_file={run / ALIGNMENT_FILE}",
         f"--model.init_args.pairs_file={run / PAIRS_FILE}",
-        "--model.init_args.iterations=2",
+        "--model.init_args.rfm.iterations=2",
         "--trainer.max_epochs=3",
     ]
     main(rfm)
@@ -111,7 +111,7 @@ def test_stage_configs_run_end_to_end_on_tiny_models(tiny_dirs, tmp_path):
         f"--model.init_args.target={tiny_dirs['target']}",
         f"--model.init_args.expert={tiny_dirs['expert']}",
         f"--model.init_args.run_dir={run}",
-        "--model.init_args.max_new_tokens=4",
+        "--model.init_args.scoring.max_new_tokens=4",
         "--data.init_args.steer_size=24",
         "--data.init_args.dev_size=12",
         "--data.init_args.test_size=4",

@@ -164,11 +164,11 @@ def test_evaluation_gets_the_null_and_a_signed_grid_by_default(tiny_dirs, tmp_pa
     del config["evaluation"]["alphas"]
     experiment = load_experiment(_write(tmp_path, config))
     evaluate = stage_configs(experiment, "arithmetic")["evaluate"][1]
-    alphas = evaluate["trainer"]["callbacks"][0]["init_args"]["alphas"]
+    alphas = evaluate["trainer"]["callbacks"][0]["init_args"]["choice"]["alphas"]
     assert min(alphas) < 0 < max(alphas) and 0 not in alphas
     assert sorted(alphas) == sorted(-a for a in alphas)  # both signs of every strength
     model = evaluate["model"]["init_args"]
-    assert model["null_k"] == 6 and model["null_seed"] == experiment.seed + 1
+    assert model["scoring"]["null_k"] == 6 and model["null_seed"] == experiment.seed + 1
 
 
 @pytest.mark.parametrize(
@@ -263,19 +263,20 @@ def test_bfloat16_capture_and_scoring_run_end_to_end_in_their_own_cache_entries(
     )
     stages = stage_configs(load_experiment(_write(tmp_path, config)), task)
     assert stages["align"][1]["data"]["init_args"]["model_dtype"] == "bfloat16"
-    assert stages["evaluate"][1]["model"]["init_args"]["model_dtype"] == "bfloat16"
+    assert stages["evaluate"][1]["model"]["init_args"]["scoring"]["model_dtype"] == "bfloat16"
     main(["run", "--config", str(_write(tmp_path, config))])
     run = tmp_path / "runs" / "tiny" / "reviews_csv"
     metrics = json.loads((run / "metrics.json").read_text())
     for method in ("none", "target_mean_diff", "expertsteer_translate"):
         assert metrics["methods"][method]["test"]["n"] == 8
     assert len(metrics["null"]["gains"]) == 2
-    # The default (auto = float32 on the CPU) leaves the stage configs without the key.
+    # The default (auto = float32 on the CPU) leaves the data modules without the key and
+    # scores in auto.
     default = stage_configs(
         load_experiment(_write(tmp_path, _tiny_experiment(tiny_dirs, tmp_path))), "arithmetic"
     )
     assert "model_dtype" not in default["align"][1]["data"]["init_args"]
-    assert "model_dtype" not in default["evaluate"][1]["model"]["init_args"]
+    assert default["evaluate"][1]["model"]["init_args"]["scoring"]["model_dtype"] == "auto"
 
 
 def test_damaged_outputs_rerun_and_stale_results_are_never_current(

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from expertsteer.method.align import TrainingConfig
+from expertsteer.method.pair import MIConfig
 from lightning_modules.alignment import AlignmentModule
 from tests.slow.ddp import cpu_trainer
 from tests.tiny_data import tiny_datamodule
@@ -28,7 +30,9 @@ def main() -> None:
         # Same global batch (16) and so the same number of optimiser steps as one process.
         batch_size=16 // int(devices),
     )
-    module = AlignmentModule(lr=1e-2, mi_rank=4, output_dir=out)
+    module = AlignmentModule(
+        training=TrainingConfig(lr=1e-2), mi=MIConfig(mi_rank=4), output_dir=out
+    )
     trainer = cpu_trainer(devices, max_epochs=60)
     trainer.fit(module, datamodule=data)
     dev = data.split_tensors("dev")["expert"].float()

@@ -1,4 +1,4 @@
-"""Fit an RFMModule under a Lightning Trainer with N CPU processes (gloo).
+"""Fit a VectorsModule (RFM) under a Lightning Trainer with N CPU processes (gloo).
 
 Usage: python ddp_rfm_script.py EXPERT_DIR TARGET_DIR CACHE_DIR DEVICES OUT_DIR
 Writes OUT_DIR/steering.safetensors (rank 0) and OUT_DIR/rank<k>.json: the vector every rank
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_modules.rfm import RFMModule
+from expertsteer.method.rfm import VectorsConfig
+from lightning_modules.vectors import VectorsModule
 from tests.slow.ddp import cpu_trainer
 from tests.tiny_data import tiny_datamodule
 
@@ -22,7 +23,9 @@ def main() -> None:
     data = tiny_datamodule(
         {"expert": expert, "target": target}, cache, steer_size=30, dev_size=15, batch_size=8
     )
-    module = RFMModule(source="target", pairs=[[0, 1], [0, 2]], iterations=3, output_dir=out)
+    module = VectorsModule(
+        source="target", pairs=[[0, 1], [0, 2]], rfm=VectorsConfig(iterations=3), output_dir=out
+    )
     trainer = cpu_trainer(devices, max_epochs=50)
     trainer.fit(module, datamodule=data)
     steering = module.steering_vectors()

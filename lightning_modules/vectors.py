@@ -1,5 +1,6 @@
-"""Steering-vector fitting as a Lightning stage: a Recursive Feature Machine advanced one
-iteration per epoch, or a baseline extractor in one epoch.
+"""Steering-vector fitting as a Lightning stage (`VectorsModule`): a Recursive Feature Machine
+advanced one iteration per epoch, or a baseline extractor (`mean_diff`, `pca_diff`,
+`logistic`, `random`) in one epoch.
 
 Epoch t (t = 0..T): at its start every pair's RFM updates its metric by the AGOP of iteration
 t-1 (t > 0) and solves the kernel ridge regression; validation then scores every bandwidth by
@@ -17,9 +18,11 @@ refuses a module with nothing to train, content.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
+from typing import Literal, get_args
 
 import lightning as L
 import torch
@@ -39,40 +42,34 @@ from expertsteer.method.align import AffineAutoencoders, load_alignment
 from expertsteer.method.extractors import EXTRACTORS, extract
 from expertsteer.method.pair import read_pairs_file
 from expertsteer.method.rfm import (
-    RFMConfig,
     RFMFitter,
+    VectorsConfig,
     auroc,
     top_directions,
     tune_hyperparameters,
 )
 from expertsteer.method.vectors import SteeringVectors, orient, save_steering
+from expertsteer.settings import check_choice, settings_of
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("expert", "target")
-SPACES = ("encoded", "raw")
-FIT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+Extractor = Literal[tuple(EXTRACTORS)]
+"""The extractors of `expertsteer.method.extractors.EXTRACTORS`."""
+Source = Literal["expert", "target"]
 
 
-class RFMModule(L.LightningModule):
-    """Fits steering vectors for target layers from expert (or target) hidden states."""
+class VectorsModule(L.LightningModule):
+    """Fits steering vectors for target layers from expert (or target) hidden states, by RFM
+    or by a baseline extractor."""
 
     def __init__(
         self,
-        method: str = "rfm",
-        source: str = "expert",
-        space: str = "encoded",
+        method: Extractor = "rfm",
+        source: Source = "expert",
         alignment_file: str | None = None,
         pairs_file: str | None = None,
         pairs: list[list[int]] | None = None,
-        iterations: int = 8,
-        ridge: float = 1e-3,
-        bandwidth_scales: list[float] | None = None,
-        num_directions: int = 4,
-        center: bool = True,
-        tune_steps: int = 0,
-        tune_lr: float = 0.05,
-        fit_dtype: str = "float64",
+        rfm: VectorsConfig = VectorsConfig(),  # noqa: B008 (frozen: one shared default)
         seed: int = 0,
         output_dir: str | None = None,
     ) -> None:
@@ -82,42 +79,22 @@ class RFMModule(L.LightningModule):
                 `random`).
             source: Whose states the extractor reads: `expert` (ExpertSteer) or `target`
                 (target-self baselines).
-            space: For the expert: `encoded` (fit on f_i(h^E), the default) or `raw` (fit on
-                h^E, then map the direction by the encoder's linear part).
             alignment_file: `alignment.safetensors` of the run (required for the expert).
             pairs_file: `pairs.json` of the run: the [expert layer, target layer] pairs.
             pairs: Explicit [[expert layer, target layer], ...] instead of `pairs_file`.
-            iterations: RFM iterations T (the fit runs T + 1 epochs: M_0 = I, then T AGOPs).
-            ridge: KRR regulariser lambda.
-            bandwidth_scales: Bandwidth grid as multiples of the median pairwise distance.
-            num_directions: Leading eigenvectors saved per layer.
-            center: Subtract the training mean before the RFM fit.
-            tune_steps: Adam steps tuning the log bandwidths and log ridge on the validation
-                loss before iteration 0 (0: keep the grid as given).
-            tune_lr: Learning rate of that tuning.
-            fit_dtype: Precision of the kernel algebra: float64 or float32.
+            rfm: Settings of the fit (`VectorsConfig`): the RFM's (iterations T: the fit runs
+                T + 1 epochs, M_0 = I then T AGOPs), the expert's space and the precision.
             seed: Seed of the `random` baseline.
             output_dir: Run directory for `steering.safetensors` (default: the trainer's
                 `default_root_dir`).
         """
         super().__init__()
+        self.config = settings_of(VectorsConfig, rfm)
+        # A plain dict in the hyperparameters keeps checkpoints loadable with weights_only.
+        rfm = dataclasses.asdict(self.config)
         self.save_hyperparameters()
-        scales = bandwidth_scales or list(RFMConfig().bandwidth_scales)
-        self.config = RFMConfig(
-            iterations=iterations,
-            ridge=ridge,
-            bandwidth_scales=tuple(scales),
-            num_directions=num_directions,
-            center=center,
-        )
-        if method not in EXTRACTORS:
-            raise ValueError(f"method must be one of {sorted(EXTRACTORS)}, got '{method}'")
-        if source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got '{source}'")
-        if space not in SPACES:
-            raise ValueError(f"space must be one of {SPACES}, got '{space}'")
-        if fit_dtype not in FIT_DTYPES:
-            raise ValueError(f"fit_dtype must be one of {sorted(FIT_DTYPES)}, got '{fit_dtype}'")
+        check_choice("method", method, get_args(Extractor))
+        check_choice("source", source, get_args(Source))
         if (pairs_file is None) == (pairs is None):
             raise ValueError("give exactly one of `pairs_file` (pairs.json) or `pairs`")
         if pairs is not None and (not pairs or any(len(pair) != 2 for pair in pairs)):
@@ -127,11 +104,12 @@ class RFMModule(L.LightningModule):
                 f"source 'expert' needs `alignment_file` ({ALIGNMENT_FILE} of the alignment "
                 "stage) to bring expert directions into the target's space"
             )
-        if tune_steps < 0:
-            raise ValueError(f"tune_steps must be >= 0, got {tune_steps}")
         self.automatic_optimization = False
-        self.log_bandwidth_scales = nn.Parameter(torch.tensor(scales, dtype=torch.float64).log())
-        self.log_ridge = nn.Parameter(torch.tensor(math.log(ridge), dtype=torch.float64))
+        scales = torch.tensor(self.config.bandwidth_scales, dtype=torch.float64)
+        self.log_bandwidth_scales = nn.Parameter(scales.log())
+        self.log_ridge = nn.Parameter(
+            torch.tensor(math.log(self.config.ridge), dtype=torch.float64)
+        )
         self.aligner: AffineAutoencoders | None = None
         self.alignment_meta: dict | None = None
         self.layer_pairs: list[tuple[int, int]] = []
@@ -178,20 +156,20 @@ class RFMModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         expert_key, target_key = datamodule.keys()
         tensors = datamodule.split_tensors(split)
-        dtype = FIT_DTYPES[self.hparams.fit_dtype]
+        dtype = getattr(torch, self.config.fit_dtype)
         i, j = pair
         if self.hparams.source == "target":
             x = tensors["target"][:, target_key.layers.index(j)].to(dtype)
         else:
             x = tensors["expert"][:, expert_key.layers.index(i)].to(dtype)
-            if self.hparams.space == "encoded":
+            if self.config.space == "encoded":
                 with torch.no_grad():
                     x = self.aligner.to(dtype).encode(self._encoder_index(i), x)
         return x.detach(), tensors["label"].long()
 
     def _to_target(self, pair: tuple[int, int], directions: torch.Tensor) -> torch.Tensor:
         """Directions [k, d] of the extractor's space as unit rows in the target's space."""
-        if self.hparams.source == "expert" and self.hparams.space == "raw":
+        if self.hparams.source == "expert" and self.config.space == "raw":
             index = self._encoder_index(pair[0])
             with torch.no_grad():
                 directions = self.aligner.to(directions.dtype).encode_direction(index, directions)
@@ -200,7 +178,7 @@ class RFMModule(L.LightningModule):
     # -- Lightning hooks -----------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        needed = self.hparams.iterations + 1 if self.hparams.method == "rfm" else 1
+        needed = self.config.iterations + 1 if self.hparams.method == "rfm" else 1
         max_epochs = self.trainer.max_epochs
         # fast_dev_run checks the plumbing with one epoch (iteration 0, the identity metric).
         if not self.trainer.fast_dev_run and max_epochs is not None and 0 <= max_epochs < needed:
@@ -228,15 +206,11 @@ class RFMModule(L.LightningModule):
                 for (x, y), (x_val, y_val) in data
             ]
             return
-        if hp.tune_steps:
+        if self.config.tune_steps:
             self._tune(data)
         scales = tuple(float(s) for s in self.log_bandwidth_scales.detach().exp())
-        config = RFMConfig(
-            iterations=hp.iterations,
-            ridge=float(self.log_ridge.detach().exp()),
-            bandwidth_scales=scales,
-            num_directions=hp.num_directions,
-            center=hp.center,
+        config = dataclasses.replace(
+            self.config, ridge=float(self.log_ridge.detach().exp()), bandwidth_scales=scales
         )
         self.fitters = [RFMFitter(x, y, xv, yv, config) for (x, y), (xv, yv) in data]
 
@@ -244,14 +218,13 @@ class RFMModule(L.LightningModule):
         """Tune the log bandwidth factors and log ridge (`tune_hyperparameters`: Adam on the
         summed validation MSE of every grid point and pair at M = I; identical on every rank:
         same data, same steps)."""
-        hp = self.hparams
         log_scales, log_ridge = tune_hyperparameters(
             [(x, y, x_val, y_val) for (x, y), (x_val, y_val) in data],
             self.log_bandwidth_scales,
             self.log_ridge,
-            steps=hp.tune_steps,
-            lr=hp.tune_lr,
-            center=hp.center,
+            steps=self.config.tune_steps,
+            lr=self.config.tune_lr,
+            center=self.config.center,
         )
         with torch.no_grad():
             self.log_bandwidth_scales.copy_(log_scales)
@@ -282,7 +255,7 @@ class RFMModule(L.LightningModule):
                     x_val, y_val = self._features("dev", pair)
                     score = auroc(x_val @ direction, y_val)
                     self.log(f"val/direction_auroc/pair{index}", score, sync_dist=True)
-        done = self.hparams.method != "rfm" or self.current_epoch >= self.hparams.iterations
+        done = self.hparams.method != "rfm" or self.current_epoch >= self.config.iterations
         if done:
             self.trainer.should_stop = True
 
@@ -353,7 +326,7 @@ class RFMModule(L.LightningModule):
         metadata = {
             "method": self.hparams.method,
             "source": self.hparams.source,
-            "space": self.hparams.space if self.hparams.source == "expert" else "target",
+            "space": self.config.space if self.hparams.source == "expert" else "target",
             **model_identity(expert_key, target_key),
             "pairs": [list(pair) for pair in self.layer_pairs],
             "positions": "all",
@@ -366,10 +339,10 @@ class RFMModule(L.LightningModule):
                 sha256_file(self.hparams.alignment_file) if self.aligner is not None else None
             ),
             "rfm": {
-                "iterations": self.hparams.iterations,
+                "iterations": self.config.iterations,
                 "ridge": float(self.log_ridge.detach().exp()),
                 "bandwidth_scales": [float(s) for s in self.log_bandwidth_scales.detach().exp()],
-                "fit_dtype": self.hparams.fit_dtype,
+                "fit_dtype": self.config.fit_dtype,
             },
             "fits": fits,
         }
@@ -441,7 +414,7 @@ class RFMModule(L.LightningModule):
         if self.hparams.method == "random":
             return rows
         x, y = self._features("steer", pair)
-        if self.hparams.source == "expert" and self.hparams.space == "raw":
+        if self.hparams.source == "expert" and self.config.space == "raw":
             with torch.no_grad():
                 x = self.aligner.to(x.dtype).encode(self._encoder_index(pair[0]), x)
         return orient(rows, x, y)

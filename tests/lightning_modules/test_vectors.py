@@ -1,4 +1,4 @@
-"""RFMModule under a real Lightning Trainer on tiny paired activations: one RFM iteration per
+"""VectorsModule under a real Lightning Trainer on tiny paired activations: one RFM iteration per
 epoch, the same vector as a direct `fit_rfm`, baselines, the steering artifact and its checks."""
 
 import lightning as L
@@ -9,9 +9,9 @@ from torchmetrics.functional.classification import binary_auroc
 
 from expertsteer.artifacts import STEERING_FILE, ArtifactError, load_artifact, save_artifact
 from expertsteer.method.align import AffineAutoencoders, save_alignment
-from expertsteer.method.rfm import RFMConfig, fit_rfm
+from expertsteer.method.rfm import RFMConfig, VectorsConfig, fit_rfm
 from expertsteer.method.vectors import load_steering
-from lightning_modules.rfm import RFMModule
+from lightning_modules.vectors import VectorsModule
 from tests.tiny_data import prepared, tiny_datamodule
 
 
@@ -66,7 +66,7 @@ def _xy(data, split, side, layer_index):
 
 
 def test_target_self_rfm_runs_one_iteration_per_epoch_and_matches_fit_rfm(data, tmp_path):
-    module = RFMModule(source="target", pairs=[[0, 1]], iterations=3)
+    module = VectorsModule(source="target", pairs=[[0, 1]], rfm=VectorsConfig(iterations=3))
     trainer = _fit(module, data, tmp_path)
     assert trainer.current_epoch == 4, "T + 1 epochs, then the module stops itself"
     x, y = _xy(data, "steer", "target", 1)
@@ -84,7 +84,11 @@ def test_target_self_rfm_runs_one_iteration_per_epoch_and_matches_fit_rfm(data, 
 
 
 def test_logged_auroc_equals_fitter_history_for_every_bandwidth(data, tmp_path):
-    module = RFMModule(source="target", pairs=[[0, 2]], iterations=2, bandwidth_scales=[1.0, 4.0])
+    module = VectorsModule(
+        source="target",
+        pairs=[[0, 2]],
+        rfm=VectorsConfig(iterations=2, bandwidth_scales=[1.0, 4.0]),
+    )
     _fit(module, data, tmp_path)
     x, y = _xy(data, "steer", "target", 2)
     xv, yv = _xy(data, "dev", "target", 2)
@@ -102,7 +106,9 @@ def test_expert_encoded_and_raw_spaces_map_into_the_target_width(data, alignment
     aligner = aligner.double()
     x, y = _xy(data, "steer", "expert", 2)
     xv, yv = _xy(data, "dev", "expert", 2)
-    encoded = RFMModule(alignment_file=str(path), pairs=[[2, 1]], iterations=2)
+    encoded = VectorsModule(
+        alignment_file=str(path), pairs=[[2, 1]], rfm=VectorsConfig(iterations=2)
+    )
     _fit(encoded, data, tmp_path / "enc")
     vector = load_steering(tmp_path / "enc" / STEERING_FILE).vectors[1].double()
     with torch.no_grad():
@@ -110,7 +116,11 @@ def test_expert_encoded_and_raw_spaces_map_into_the_target_width(data, alignment
     assert vector.shape == (48,)
     assert abs(float(vector @ reference.direction)) > 1 - 1e-5
 
-    raw = RFMModule(alignment_file=str(path), pairs=[[2, 1]], iterations=2, space="raw")
+    raw = VectorsModule(
+        alignment_file=str(path),
+        pairs=[[2, 1]],
+        rfm=VectorsConfig(iterations=2, space="raw"),
+    )
     _fit(raw, data, tmp_path / "raw")
     steering = load_steering(tmp_path / "raw" / STEERING_FILE)
     with torch.no_grad():
@@ -126,7 +136,7 @@ def test_expert_encoded_and_raw_spaces_map_into_the_target_width(data, alignment
 
 def test_expert_vectors_carry_transfer_diagnostics(data, alignment, tmp_path):
     path, _ = alignment
-    module = RFMModule(method="mean_diff", alignment_file=str(path), pairs=[[2, 1]])
+    module = VectorsModule(method="mean_diff", alignment_file=str(path), pairs=[[2, 1]])
     _fit(module, data, tmp_path)
     steering = load_steering(tmp_path / STEERING_FILE)
     (entry,) = steering.metadata["transfer"]
@@ -142,14 +152,14 @@ def test_expert_vectors_carry_transfer_diagnostics(data, alignment, tmp_path):
         float(binary_auroc((xv @ native).float(), yv)), abs=1e-6
     )
     assert set(entry["verdict"]) == {"cos_above_null", "auroc_near_native", "auroc_above_random"}
-    target_only = RFMModule(method="mean_diff", source="target", pairs=[[2, 1]])
+    target_only = VectorsModule(method="mean_diff", source="target", pairs=[[2, 1]])
     _fit(target_only, data, tmp_path / "target")
     assert "transfer" not in load_steering(tmp_path / "target" / STEERING_FILE).metadata
 
 
 @pytest.mark.parametrize("method", ["mean_diff", "pca_diff", "logistic", "random"])
 def test_baselines_fit_in_one_epoch_behind_the_same_interface(data, tmp_path, method):
-    module = RFMModule(method=method, source="target", pairs=[[0, 1]])
+    module = VectorsModule(method=method, source="target", pairs=[[0, 1]])
     trainer = _fit(module, data, tmp_path)
     assert trainer.current_epoch == 1
     steering = load_steering(tmp_path / STEERING_FILE)
@@ -162,7 +172,11 @@ def test_baselines_fit_in_one_epoch_behind_the_same_interface(data, tmp_path, me
 
 
 def test_tuning_by_gradient_moves_the_hyperparameters(data, tmp_path):
-    module = RFMModule(source="target", pairs=[[0, 1]], iterations=1, tune_steps=5, tune_lr=0.1)
+    module = VectorsModule(
+        source="target",
+        pairs=[[0, 1]],
+        rfm=VectorsConfig(iterations=1, tune_steps=5, tune_lr=0.1),
+    )
     before = module.log_bandwidth_scales.detach().clone()
     _fit(module, data, tmp_path)
     after = module.log_bandwidth_scales.detach()
@@ -173,15 +187,16 @@ def test_tuning_by_gradient_moves_the_hyperparameters(data, tmp_path):
 
 def test_configuration_errors_are_named_before_any_work(data, alignment, tmp_path):
     with pytest.raises(ValueError, match="alignment_file"):
-        RFMModule(pairs=[[0, 1]])
+        VectorsModule(pairs=[[0, 1]])
     with pytest.raises(ValueError, match="exactly one of"):
-        RFMModule(source="target")
+        VectorsModule(source="target")
     with pytest.raises(ValueError, match="method must be one of"):
-        RFMModule(method="svm", source="target", pairs=[[0, 1]])
+        VectorsModule(method="svm", source="target", pairs=[[0, 1]])
     with pytest.raises(ValueError, match="not among the captured"):
-        _fit(RFMModule(source="target", pairs=[[0, 7]]), data, tmp_path)
+        _fit(VectorsModule(source="target", pairs=[[0, 7]]), data, tmp_path)
     with pytest.raises(ValueError, match="max_epochs=2 is too small"):
-        _fit(RFMModule(source="target", pairs=[[0, 1]], iterations=3), data, tmp_path, 2)
+        three = VectorsModule(source="target", pairs=[[0, 1]], rfm=VectorsConfig(iterations=3))
+        _fit(three, data, tmp_path, 2)
 
 
 def test_alignment_of_another_model_is_refused(data, alignment, tmp_path):
@@ -190,14 +205,17 @@ def test_alignment_of_another_model_is_refused(data, alignment, tmp_path):
     metadata = {k: v for k, v in metadata.items() if k not in ("kind", "version")}
     other = tmp_path / "other.safetensors"
     save_artifact(other, "alignment", tensors, {**metadata, "expert_model_id": "someone-else"})
-    module = RFMModule(alignment_file=str(other), pairs=[[2, 1]], iterations=1)
+    module = VectorsModule(
+        alignment_file=str(other), pairs=[[2, 1]], rfm=VectorsConfig(iterations=1)
+    )
     with pytest.raises(ArtifactError, match="expert_model_id='someone-else'"):
         _fit(module, data, tmp_path)
     assert not (tmp_path / STEERING_FILE).exists()
 
 
 def test_steering_artifact_checks_models_and_layers(data, tmp_path):
-    _fit(RFMModule(source="target", pairs=[[0, 1]], iterations=1), data, tmp_path)
+    one = VectorsModule(source="target", pairs=[[0, 1]], rfm=VectorsConfig(iterations=1))
+    _fit(one, data, tmp_path)
     path = tmp_path / STEERING_FILE
     target = data.keys()[1]
     steering = load_steering(path, expect={"target_model_id": target.model_id}, num_layers=3)
