@@ -32,6 +32,7 @@ dropped by example id when results are gathered.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,80 @@ def _class_metrics(
         "macro_f1_ci": [f1_low, f1_high],
         "predicted_share": {str(k): count / len(preds) for k, count in enumerate(counts)},
     }
+
+
+class _Figures:
+    """The gathered records, with what every figure of the summary shares: the sorted dev and
+    test ids, the unsteered target's test results and the bootstrap settings."""
+
+    def __init__(self, records: dict[Key, dict], task_type: str, n_boot: int, seed: int) -> None:
+        self.records = records
+        self.boot = {"n_boot": n_boot, "seed": seed}
+        none_items = records[("test", NONE, 0.0, ())]
+        self.test_ids = sorted(none_items)
+        self.dev_ids = sorted(records[("dev", NONE, 0.0, ())])
+        self.none_test = _correct(none_items, self.test_ids)
+        self.gold = [none_items[item_id]["gold"] for item_id in self.test_ids]
+        self.classes = _num_classes(task_type, none_items)
+
+    def correct(
+        self, split: str, name: str, alpha: float = 0.0, layers: tuple[int, ...] = ()
+    ) -> torch.Tensor:
+        """1.0 / 0.0 per item of `split` (in id order) of one scored configuration."""
+        ids = self.test_ids if split == "test" else self.dev_ids
+        return _correct(self.records[(split, name, alpha, layers)], ids)
+
+    def test_predictions(
+        self, name: str, alpha: float = 0.0, layers: tuple[int, ...] = ()
+    ) -> list[Any]:
+        return _predictions(self.records[("test", name, alpha, layers)], self.test_ids)
+
+    def summary(self, correct: torch.Tensor) -> dict[str, float]:
+        mean, low, high = bootstrap_ci(correct, **self.boot)
+        return {"accuracy": mean, "low": low, "high": high, "n": len(correct)}
+
+    def paired(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+        mean, low, high = paired_bootstrap_ci(a, b, **self.boot)
+        return {"difference": mean, "low": low, "high": high}
+
+    def p_value(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """Two-sided paired-bootstrap p-value of `a` against `b`."""
+        return paired_bootstrap_p(a, b, **self.boot)
+
+    def class_metrics(self, predictions: list[Any]) -> dict[str, Any]:
+        return _class_metrics(predictions, self.gold, self.classes, **self.boot)
+
+    def dev_curves(self, method: str) -> dict[str, dict[str, float]]:
+        """Dev accuracy of `method` per target-layer set and alpha, as the grid scored it."""
+        curves: dict[str, dict[str, float]] = {}
+        for (split, name, alpha, layers), items in self.records.items():
+            if split == "dev" and name == method:
+                accuracy = float(_correct(items, self.dev_ids).mean())
+                curves.setdefault(layers_key(layers), {})[f"{alpha:g}"] = accuracy
+        return curves
+
+    def per_item(self, correct: dict[str, torch.Tensor]) -> dict[str, dict[str, bool]]:
+        """Name -> test item id -> correct, of each entry's test results."""
+        return {
+            name: {i: bool(value) for i, value in zip(self.test_ids, vector.tolist(), strict=True)}
+            for name, vector in correct.items()
+        }
+
+
+def _baseline_entries(figures: _Figures) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Entries of the unsteered target (`none`) and, where it was scored, the `expert`; and
+    their per-item test results."""
+    methods: dict[str, Any] = {}
+    correct: dict[str, torch.Tensor] = {}
+    scored_expert = ("test", EXPERT, 0.0, ()) in figures.records
+    for name in [NONE] + ([EXPERT] if scored_expert else []):
+        correct[name] = figures.correct("test", name)
+        methods[name] = {
+            "test": figures.summary(correct[name]),
+            "dev": figures.summary(figures.correct("dev", name)),
+            **figures.class_metrics(figures.test_predictions(name)),
+        }
+    return methods, correct
 
 
 def choose_setting(
@@ -311,101 +386,46 @@ class SteeringEvaluator(Callback):
         trainer.strategy.barrier()
 
     def _summarise(self, pl_module: SteeringModule, records: dict[Key, dict]) -> dict[str, Any]:
-        boot = {"n_boot": self.choice.n_boot, "seed": self.seed}
-        test_ids = sorted(records[("test", NONE, 0.0, ())])
-        dev_ids = sorted(records[("dev", NONE, 0.0, ())])
-        none_items = records[("test", NONE, 0.0, ())]
-        none_test = _correct(none_items, test_ids)
-        gold = [none_items[item_id]["gold"] for item_id in test_ids]
-        classes = _num_classes(pl_module.task_type, none_items)
-
-        def class_metrics(predictions: list[Any]) -> dict[str, Any]:
-            return _class_metrics(predictions, gold, classes, **boot)
-
-        def summary(correct: torch.Tensor) -> dict[str, float]:
-            mean, low, high = bootstrap_ci(correct, **boot)
-            return {"accuracy": mean, "low": low, "high": high, "n": len(correct)}
-
-        def paired(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-            mean, low, high = paired_bootstrap_ci(a, b, **boot)
-            return {"difference": mean, "low": low, "high": high}
-
-        def test_items(name: str) -> dict[str, dict]:
-            layers, alpha = self.chosen[name]
-            return records[("test", name, alpha, layers)]
-
-        methods: dict[str, Any] = {}
-        correct: dict[str, torch.Tensor] = {}
-        baselines = [NONE] + ([EXPERT] if ("test", EXPERT, 0.0, ()) in records else [])
-        for name in baselines:
-            correct[name] = _correct(records[("test", name, 0.0, ())], test_ids)
-            methods[name] = {
-                "test": summary(correct[name]),
-                "dev": summary(_correct(records[("dev", name, 0.0, ())], dev_ids)),
-                **class_metrics(_predictions(records[("test", name, 0.0, ())], test_ids)),
-            }
-        bias = self._none_bias(records, dev_ids, test_ids)
+        """`metrics.json`: the run's settings, the baselines and controls, the null, every
+        steered method at its dev choice, the headroom, transfer and the conclusion."""
+        figures = _Figures(records, pl_module.task_type, self.choice.n_boot, self.seed)
+        methods, correct = _baseline_entries(figures)
+        bias = self._none_bias(figures)
         if bias is not None:
-            offsets, dev_correct, test_correct, test_predictions = bias
-            correct[NONE_BIAS] = test_correct
-            methods[NONE_BIAS] = {
-                "offsets": offsets,
-                "budget": len(self.alphas),
-                "test": summary(test_correct),
-                "dev": summary(dev_correct),
-                "vs_none": paired(test_correct, none_test),
-                "p_vs_none": paired_bootstrap_p(test_correct, none_test, **boot),
-                **class_metrics(test_predictions),
-            }
-        null = self._null(pl_module, records, test_ids, none_test)
+            methods[NONE_BIAS], correct[NONE_BIAS] = self._none_bias_entry(figures, *bias)
+        null = self._null(pl_module, figures)
         expert_acc = methods.get(EXPERT, {}).get("test", {}).get("accuracy")
         for method in pl_module.hparams.methods:
-            layers, alpha = self.chosen[method]
-            steered = _correct(test_items(method), test_ids)
-            correct[method] = steered
-            steering = pl_module.steering[method]
-            curves: dict[str, dict[str, float]] = {}
-            for (split, name, a, ls), items in records.items():
-                if split == "dev" and name == method:
-                    accuracy = float(_correct(items, dev_ids).mean())
-                    curves.setdefault(layers_key(ls), {})[f"{a:g}"] = accuracy
-            entry: dict[str, Any] = {
-                "alpha": alpha,
-                "layers": list(layers),
-                "test": summary(steered),
-                "dev": {"accuracy": curves[layers_key(layers)][f"{alpha:g}"]},
-                "vs_none": paired(steered, none_test),
-                "p_vs_none": paired_bootstrap_p(steered, none_test, **boot),
-                "vs_none_bias": None,
-                "p_vs_none_bias": None,
-                "p_vs_null": (
-                    None if null is None else empirical_p(_gain(steered, none_test), null["gains"])
-                ),
-                **class_metrics(_predictions(test_items(method), test_ids)),
-            }
-            if NONE_BIAS in correct:
-                entry["vs_none_bias"] = paired(steered, correct[NONE_BIAS])
-                entry["p_vs_none_bias"] = paired_bootstrap_p(steered, correct[NONE_BIAS], **boot)
-            methods[method] = entry | {
-                "gap_closed": (
-                    None
-                    if expert_acc is None
-                    else gap_closed(float(steered.mean()), float(none_test.mean()), expert_acc)
-                ),
-                "dev_curve": curves,
-                "artifact": str(pl_module.method_path(method)),
-                "extractor": steering.metadata.get("method"),
-                "source": steering.metadata.get("source"),
-                "space": steering.metadata.get("space"),
-                "alignment_objective": steering.metadata.get("alignment_objective"),
-                "pairs": steering.metadata.get("pairs"),
-                "fits": steering.metadata.get("fits"),
-            }
-        headroom = None
-        if EXPERT in methods:
-            headroom = paired(correct[EXPERT], none_test)
-        hp = pl_module.hparams
+            methods[method], correct[method] = self._method_entry(
+                pl_module, figures, method, null, correct.get(NONE_BIAS), expert_acc
+            )
         metrics: dict[str, Any] = {
+            **self._run_settings(pl_module),
+            "n_dev": len(figures.dev_ids),
+            "n_test": len(figures.test_ids),
+            "dropped_rows": _dropped_rows(pl_module),
+            # The expert's paired gain over the unsteered target: the room steering has.
+            "headroom": (
+                figures.paired(correct[EXPERT], figures.none_test) if EXPERT in correct else None
+            ),
+            "none_bias": (
+                {"applicable": True, "budget": len(self.alphas)}
+                if bias is not None
+                else {"applicable": False, "reason": NO_OPTION_SCORES}
+            ),
+            "null": null,
+            "methods": methods,
+            "transfer": transfer_summary(
+                {m: pl_module.steering[m].metadata for m in pl_module.hparams.methods}
+            ),
+            "test_items": figures.per_item(correct),
+        }
+        return metrics | _verdict(metrics, pl_module.hparams.methods)
+
+    def _run_settings(self, pl_module: SteeringModule) -> dict[str, Any]:
+        """What was scored and how: task, scoring mode, models and the dev grid."""
+        hp = pl_module.hparams
+        return {
             "kind": "metrics",
             "task": pl_module.task_name,
             "task_type": pl_module.task_type,
@@ -417,43 +437,78 @@ class SteeringEvaluator(Callback):
             "expert": hp.expert,
             "alphas": self.alphas,
             "layer_choice": self.choice.layer_choice,
-            "n_dev": len(dev_ids),
-            "n_test": len(test_ids),
-            "dropped_rows": _dropped_rows(pl_module),
-            "headroom": headroom,
-            "none_bias": (
-                {"applicable": True, "budget": len(self.alphas)}
-                if bias is not None
-                else {"applicable": False, "reason": NO_OPTION_SCORES}
+        }
+
+    def _none_bias_entry(
+        self,
+        figures: _Figures,
+        offsets: list[float],
+        dev_correct: torch.Tensor,
+        test_correct: torch.Tensor,
+        test_predictions: list[int],
+    ) -> tuple[dict[str, Any], torch.Tensor]:
+        """The `none+bias` control's entry (its offsets, figures and paired comparison with
+        `none`) and its per-item test results."""
+        entry = {
+            "offsets": offsets,
+            "budget": len(self.alphas),
+            "test": figures.summary(test_correct),
+            "dev": figures.summary(dev_correct),
+            "vs_none": figures.paired(test_correct, figures.none_test),
+            "p_vs_none": figures.p_value(test_correct, figures.none_test),
+            **figures.class_metrics(test_predictions),
+        }
+        return entry, test_correct
+
+    def _method_entry(
+        self,
+        pl_module: SteeringModule,
+        figures: _Figures,
+        method: str,
+        null: dict[str, Any] | None,
+        bias_test: torch.Tensor | None,
+        expert_acc: float | None,
+    ) -> tuple[dict[str, Any], torch.Tensor]:
+        """A steered method at its dev choice: test figures, paired comparisons with `none`,
+        `none+bias` (`bias_test`, where it applies) and the null, the share of the expert's
+        gap it closes, its dev curves and its vectors' provenance; and its per-item test
+        results."""
+        layers, alpha = self.chosen[method]
+        none_test = figures.none_test
+        steered = figures.correct("test", method, alpha, layers)
+        curves = figures.dev_curves(method)
+        entry = {
+            "alpha": alpha,
+            "layers": list(layers),
+            "test": figures.summary(steered),
+            "dev": {"accuracy": curves[layers_key(layers)][f"{alpha:g}"]},
+            "vs_none": figures.paired(steered, none_test),
+            "p_vs_none": figures.p_value(steered, none_test),
+            "vs_none_bias": None if bias_test is None else figures.paired(steered, bias_test),
+            "p_vs_none_bias": None if bias_test is None else figures.p_value(steered, bias_test),
+            "p_vs_null": (
+                None if null is None else empirical_p(_gain(steered, none_test), null["gains"])
             ),
-            "null": null,
-            "methods": methods,
-            "transfer": transfer_summary(
-                {m: pl_module.steering[m].metadata for m in pl_module.hparams.methods}
+            **figures.class_metrics(figures.test_predictions(method, alpha, layers)),
+            "gap_closed": (
+                None
+                if expert_acc is None
+                else gap_closed(float(steered.mean()), float(none_test.mean()), expert_acc)
             ),
-            "test_items": {
-                name: {i: bool(value) for i, value in zip(test_ids, vector.tolist(), strict=True)}
-                for name, vector in correct.items()
-            },
+            "dev_curve": curves,
+            **_provenance(pl_module, method),
         }
-        metrics["comparisons"] = {
-            "count": comparison_count(metrics),
-            "level": LEVEL,
-            "tests": P_VALUES,
-        }
-        metrics["conclusion"] = {
-            "helps": [m for m in hp.methods if helps(metrics, m)],
-            "text": conclusion(metrics),
-        }
-        return metrics
+        return entry, steered
 
     def _none_bias(
-        self, records: dict[Key, dict], dev_ids: list[str], test_ids: list[str]
+        self, figures: _Figures
     ) -> tuple[list[float], torch.Tensor, torch.Tensor, list[int]] | None:
         """`none+bias`: offsets fitted on the unsteered target's dev scores (as many candidate
         settings as the alpha grid has alphas), applied to its test scores. None in
         generation-scored modes, which have no option scores to offset."""
-        dev, test = records[("dev", NONE, 0.0, ())], records[("test", NONE, 0.0, ())]
+        dev_ids, test_ids = figures.dev_ids, figures.test_ids
+        dev = figures.records[("dev", NONE, 0.0, ())]
+        test = figures.records[("test", NONE, 0.0, ())]
         if "scores" not in dev[dev_ids[0]]:
             return None
         dev_scores, dev_gold = _score_matrix(dev, dev_ids)
@@ -472,13 +527,7 @@ class SteeringEvaluator(Callback):
             test_predictions.tolist(),
         )
 
-    def _null(
-        self,
-        pl_module: SteeringModule,
-        records: dict[Key, dict],
-        test_ids: list[str],
-        none_test: torch.Tensor,
-    ) -> dict[str, Any] | None:
+    def _null(self, pl_module: SteeringModule, figures: _Figures) -> dict[str, Any] | None:
         """The random null: each draw's test gain over `none` at its dev choice.
 
         `gains` has one entry per draw. The signed alpha grid holds both signs of every
@@ -490,8 +539,8 @@ class SteeringEvaluator(Callback):
         gains, alphas, layer_sets = [], [], []
         for name in pl_module.null_names:
             layers, alpha = self.chosen[name]
-            steered = _correct(records[("test", name, alpha, layers)], test_ids)
-            gains.append(_gain(steered, none_test))
+            steered = figures.correct("test", name, alpha, layers)
+            gains.append(_gain(steered, figures.none_test))
             alphas.append(alpha)
             layer_sets.append(list(layers))
         return {
@@ -532,6 +581,32 @@ def _dropped_rows(pl_module: L.LightningModule) -> dict[str, int]:
     datamodule = pl_module.trainer.datamodule
     task = getattr(datamodule, "task", None)
     return dict(getattr(task, "dropped", None) or {})
+
+
+def _verdict(metrics: dict[str, Any], methods: Iterable[str]) -> dict[str, Any]:
+    """The hypothesis tests behind the conclusion, and the conclusion: which steered methods
+    beat every control."""
+    return {
+        "comparisons": {"count": comparison_count(metrics), "level": LEVEL, "tests": P_VALUES},
+        "conclusion": {
+            "helps": [m for m in methods if helps(metrics, m)],
+            "text": conclusion(metrics),
+        },
+    }
+
+
+def _provenance(pl_module: SteeringModule, method: str) -> dict[str, Any]:
+    """Where a method's vectors come from: its artifact and how it was made."""
+    metadata = pl_module.steering[method].metadata
+    return {
+        "artifact": str(pl_module.method_path(method)),
+        "extractor": metadata.get("method"),
+        "source": metadata.get("source"),
+        "space": metadata.get("space"),
+        "alignment_objective": metadata.get("alignment_objective"),
+        "pairs": metadata.get("pairs"),
+        "fits": metadata.get("fits"),
+    }
 
 
 def _gold_text(example: Example) -> str:
