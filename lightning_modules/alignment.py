@@ -75,18 +75,28 @@ from expertsteer.method.align import (
     TrainingConfig,
     explained_variance,
     explained_variance_from_sums,
+    fit_translation,
+    layer_moments,
     save_alignment,
 )
 from expertsteer.method.pair import (
     MIConfig,
     PairingConfig,
     mi_matrix,
+    pair_indices,
     pairs_payload,
     read_pairs_file,
+    same_depth,
     select_pairs,
     window_mask,
 )
-from expertsteer.method.translate import TranslateConfig, fit_pair, r2_matrix, r2_score
+from expertsteer.method.translate import (
+    TranslateConfig,
+    r2_matrix,
+    r2_score,
+    target_moments,
+    token_rows,
+)
 from expertsteer.settings import check_choice, settings_of
 
 log = logging.getLogger(__name__)
@@ -95,6 +105,8 @@ CHECKPOINT_KEY = "expertsteer_alignment"
 """Checkpoint entry holding the auto-encoder shapes and run metadata (the parameters are built
 from the data, so a checkpoint must say how to rebuild them before its state dict loads)."""
 ENCODE_CHUNK = 1024
+MATRIX_STD_FLOOR = 1e-6
+"""Absolute floor of the standard deviations that standardise the R^2 matrix's expert states."""
 
 
 class LayerExplainedVariance(Metric):
@@ -126,15 +138,6 @@ class LayerExplainedVariance(Metric):
         return explained_variance_from_sums(
             self.squared_error, self.total, self.total_sq, float(self.count)
         )
-
-
-def _layer_moments(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer, per-feature mean and std [L, d] (float32) of states [n, L, d]."""
-    mean = torch.stack([states[:, k].double().mean(0) for k in range(states.shape[1])])
-    std = torch.stack(
-        [states[:, k].double().std(0, correction=0) for k in range(states.shape[1])]
-    ).clamp_min(1e-6)
-    return mean.float(), std.float()
 
 
 class AlignmentModule(L.LightningModule):
@@ -190,11 +193,34 @@ class AlignmentModule(L.LightningModule):
         pairing, translate = asdict(self.pairing_config), asdict(self.translate_config)
         self.save_hyperparameters()
         check_choice("objective", objective, OBJECTIVES)
+        self.translation_layers, self.pairs_identity = self._configured_pairs(
+            objective, pairs, pairs_file
+        )
+        if refine and objective != "translate":
+            raise ValueError("refine applies to objective 'translate' only")
+        self.automatic_optimization = objective != "translate" or refine
+        self.autoencoders: AffineAutoencoders | None = None
+        self.val_explained_variance: LayerExplainedVariance | None = None
+        self.run_metadata: dict[str, Any] = {}
+        self.translation_pairs: list[tuple[int, int]] = []
+        self.mi: torch.Tensor | None = None
+        self.mi_shuffled: torch.Tensor | None = None
+        self.r2: torch.Tensor | None = None
+        self.layer_fits: dict[int, dict[str, Any]] = {}
+        self.tokens: dict[str, torch.Tensor] | None = None
+        self.selected_pairs: list[tuple[int, int]] = []
+
+    @staticmethod
+    def _configured_pairs(
+        objective: str, pairs: list[list[int]] | None, pairs_file: str | None
+    ) -> tuple[list[tuple[int, int]], dict[str, Any]]:
+        """The translation pairs (real layer numbers; none for `recon`) of `pairs` or
+        `pairs_file`, and the model identity the pairs file records."""
         if pairs is not None and pairs_file is not None:
             raise ValueError("give either pairs or pairs_file, not both")
-        self.pairs_identity: dict[str, Any] = {}
+        identity: dict[str, Any] = {}
         if pairs_file is not None:
-            pairs, self.pairs_identity = read_pairs_file(pairs_file)
+            pairs, identity = read_pairs_file(pairs_file)
         if pairs is not None and (
             not pairs
             or any(len(pair) != 2 or not all(isinstance(x, int) for x in pair) for pair in pairs)
@@ -210,24 +236,9 @@ class AlignmentModule(L.LightningModule):
             )
         if objective == "recon" and pairs is not None:
             log.warning("objective 'recon' ignores the translation pairs %s", pairs)
-        self.translation_layers: list[tuple[int, int]] = (
-            [(int(i), int(j)) for i, j in pairs]
-            if objective != "recon" and pairs is not None
-            else []
-        )
-        if refine and objective != "translate":
-            raise ValueError("refine applies to objective 'translate' only")
-        self.automatic_optimization = objective != "translate" or refine
-        self.autoencoders: AffineAutoencoders | None = None
-        self.val_explained_variance: LayerExplainedVariance | None = None
-        self.run_metadata: dict[str, Any] = {}
-        self.translation_pairs: list[tuple[int, int]] = []
-        self.mi: torch.Tensor | None = None
-        self.mi_shuffled: torch.Tensor | None = None
-        self.r2: torch.Tensor | None = None
-        self.layer_fits: dict[int, dict[str, Any]] = {}
-        self.tokens: dict[str, torch.Tensor] | None = None
-        self.selected_pairs: list[tuple[int, int]] = []
+        if objective == "recon" or pairs is None:
+            return [], identity
+        return [(int(i), int(j)) for i, j in pairs], identity
 
     # -- building ----------------------------------------------------------------------------
 
@@ -270,32 +281,16 @@ class AlignmentModule(L.LightningModule):
                     f"{self.run_metadata.get(name)!r}; use the matching data module / checkpoint"
                 )
 
-    def _pair_indices(self, metadata: dict[str, Any]) -> list[tuple[int, int]]:
-        """Translation pairs as indices into the captured layers (negative numbers count from
-        the last block); each layer must have been captured."""
-        indices = []
-        for i, j in self.translation_layers:
-            for side, layer in (("expert", i), ("target", j)):
-                depth = metadata[f"{side}_num_layers"]
-                captured = metadata[f"{side}_layers"]
-                if not -depth <= layer < depth or layer % depth not in captured:
-                    raise ValueError(
-                        f"translation pair [{i}, {j}]: {side} layer {layer} was not captured "
-                        f"(captured: {captured}); add it to the data module's {side}_layers"
-                    )
-            indices.append(
-                (
-                    metadata["expert_layers"].index(i % metadata["expert_num_layers"]),
-                    metadata["target_layers"].index(j % metadata["target_num_layers"]),
-                )
-            )
-        experts = [i for i, _ in indices]
-        if len(set(experts)) != len(experts):
-            raise ValueError(
-                f"translation pairs {self.translation_layers} use an expert layer twice; each "
-                "encoder is translated into one target layer"
-            )
-        return indices
+    def _layers(self) -> dict[str, Any]:
+        """The captured layers and the models' depths, as `expertsteer.method.pair` takes
+        them."""
+        meta = self.run_metadata
+        return {
+            "expert_layers": meta["expert_layers"],
+            "target_layers": meta["target_layers"],
+            "num_expert_layers": meta["expert_num_layers"],
+            "num_target_layers": meta["target_num_layers"],
+        }
 
     def configure_model(self) -> None:
         """Build the auto-encoders from the data module and fit their standardisation.
@@ -312,29 +307,14 @@ class AlignmentModule(L.LightningModule):
             return
         steer = datamodule.split_tensors("steer")
         expert_states, target_states = steer["expert"].float(), steer["target"].float()
-        for name, value in self.pairs_identity.items():
-            if value != metadata[name]:
-                raise ValueError(
-                    f"pairs_file {self.hparams.pairs_file} was made with {name}={value!r}, "
-                    f"but the data module has {metadata[name]!r}; use the pairs of this model pair"
-                )
+        self._check_pairs_file(metadata)
         self.run_metadata = metadata
-        self.translation_pairs = self._pair_indices(metadata)
+        self.translation_pairs = pair_indices(self.translation_layers, **self._layers())
         corpus = getattr(datamodule, "corpus", None)
-        if corpus is None and (
-            self.hparams.objective == "translate" or self.pairing_config.select == "translatable"
-        ):
-            raise ValueError(
-                f"objective '{self.hparams.objective}' with select "
-                f"'{self.pairing_config.select}' needs paired token states: set the data "
-                "module's `corpus` option (e.g. `corpus: {}` for the defaults)"
-            )
-        # Fail on depth windows that hold no captured layer now, not after an epoch.
-        shape = (len(metadata["expert_layers"]), len(metadata["target_layers"]))
-        self._select(torch.zeros(shape), torch.zeros(shape))
+        self._check_settings(has_corpus=corpus is not None)
         self._build(len(metadata["expert_layers"]), metadata["expert_dim"], metadata["target_dim"])
         if corpus is not None:
-            self.tokens = self._token_rows(datamodule.token_pairs())
+            self.tokens = token_rows(datamodule.token_pairs(), self.translate_config)
             if self.translate_config.matrix:
                 self.r2 = self._r2_matrix()
             elif self.pairing_config.select == "translatable":
@@ -353,35 +333,31 @@ class AlignmentModule(L.LightningModule):
             expert_states.shape[0],
         )
 
-    # -- token-level corpus ------------------------------------------------------------------
+    def _check_pairs_file(self, metadata: dict[str, Any]) -> None:
+        """The pairs file must have been made for the data module's models."""
+        for name, value in self.pairs_identity.items():
+            if value != metadata[name]:
+                raise ValueError(
+                    f"pairs_file {self.hparams.pairs_file} was made with {name}={value!r}, "
+                    f"but the data module has {metadata[name]!r}; use the pairs of this model pair"
+                )
 
-    def _token_rows(self, pairs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The corpus split by held-out text, and seeded draws of rows for the R^2 matrix and
-        the held-out MI (identical on every rank: same data, same seed)."""
-        config = self.translate_config
-        generator = torch.Generator().manual_seed(config.seed)
-        fit = torch.nonzero(~pairs["heldout"]).flatten()
-        heldout = torch.nonzero(pairs["heldout"]).flatten()
-        if len(fit) < 2 or len(heldout) < 4:
+    def _check_settings(self, has_corpus: bool) -> None:
+        """Fail now, not after an epoch: settings that need a token corpus, and depth windows
+        that hold no captured layer."""
+        if not has_corpus and (
+            self.hparams.objective == "translate" or self.pairing_config.select == "translatable"
+        ):
             raise ValueError(
-                f"the token corpus has {len(fit)} fit and {len(heldout)} held-out positions; "
-                "it needs at least 2 and 4 (raise corpus.size)"
+                f"objective '{self.hparams.objective}' with select "
+                f"'{self.pairing_config.select}' needs paired token states: set the data "
+                "module's `corpus` option (e.g. `corpus: {}` for the defaults)"
             )
+        meta = self.run_metadata
+        shape = (len(meta["expert_layers"]), len(meta["target_layers"]))
+        self._select(torch.zeros(shape), torch.zeros(shape))
 
-        def draw(rows: torch.Tensor, count: int) -> torch.Tensor:
-            order = torch.randperm(len(rows), generator=generator)[:count]
-            return rows[order.sort().values]
-
-        return {
-            "expert": pairs["expert"],
-            "target": pairs["target"],
-            "fit": fit,
-            "heldout": heldout,
-            "matrix_fit": draw(fit, config.matrix_rows),
-            "matrix_heldout": draw(heldout, config.heldout_rows),
-            "steer_heldout": heldout[pairs["source"][heldout] == 1],
-            "positions": torch.tensor(int(pairs["positions"])),
-        }
+    # -- token-level corpus ------------------------------------------------------------------
 
     def _window_columns(self) -> torch.Tensor:
         """Which captured target layers lie in the pairing window (bool [L_T])."""
@@ -397,13 +373,14 @@ class AlignmentModule(L.LightningModule):
     def _r2_matrix(self) -> torch.Tensor:
         """Held-out R^2 [L_E, L_T] of a ridge map per pair (target layers of the window)."""
         tokens, config = self.tokens, self.translate_config
-        x = tokens["expert"]
-        mean, std = _layer_moments(x[tokens["matrix_fit"]])
+        fit, heldout = tokens["matrix_fit"], tokens["matrix_heldout"]
+        mean, std = layer_moments(tokens["expert"][fit], MATRIX_STD_FLOOR, relative=False)
+        mean, std = mean.float(), std.float()
         result = r2_matrix(
-            (x[tokens["matrix_fit"]].float() - mean) / std,
-            tokens["target"][tokens["matrix_fit"]],
-            (x[tokens["matrix_heldout"]].float() - mean) / std,
-            tokens["target"][tokens["matrix_heldout"]],
+            (tokens["expert"][fit].float() - mean) / std,
+            tokens["target"][fit],
+            (tokens["expert"][heldout].float() - mean) / std,
+            tokens["target"][heldout],
             config.lambdas,
             columns=self._window_columns(),
             seed=config.seed,
@@ -416,38 +393,21 @@ class AlignmentModule(L.LightningModule):
         )
         return result.r2
 
-    def _same_depth(self, i: int) -> int:
-        """Index of the captured target layer closest in relative depth to expert layer i."""
-        meta = self.run_metadata
-        depth = (meta["expert_layers"][i] + 0.5) / meta["expert_num_layers"]
-        target = [(layer + 0.5) / meta["target_num_layers"] for layer in meta["target_layers"]]
-        return min(range(len(target)), key=lambda j: abs(target[j] - depth))
-
     @torch.no_grad()
     def _fit_translation(self) -> None:
         """Closed-form encoders and decoders for every expert layer (objective `translate`)."""
         tokens, meta = self.tokens, self.run_metadata
-        x_fit, x_ho = tokens["expert"][tokens["fit"]], tokens["expert"][tokens["heldout"]]
-        self.autoencoders.fit_standardisation(x_fit)
-        chosen = dict(self.translation_pairs)
-        for i in range(self.autoencoders.num_layers):
-            j = chosen.get(i)
-            if j is None and self.r2 is not None:
-                j = int(self.r2[i].nan_to_num(-math.inf).argmax())
-            elif j is None:
-                j = self._same_depth(i)
-            y_fit = tokens["target"][tokens["fit"], j]
-            self.autoencoders.fit_target_standardisation(i, y_fit.float())
-            result = fit_pair(
-                self.autoencoders.standardise_layer(i, x_fit[:, i].float()),
-                self.autoencoders.standardise_target(i, y_fit.float()),
-                self.autoencoders.standardise_layer(i, x_ho[:, i].float()),
-                self.autoencoders.standardise_target(
-                    i, tokens["target"][tokens["heldout"], j].float()
-                ),
-                self.translate_config,
-            )
-            self.autoencoders.set_linear_maps(i, result.encoder, result.decoder)
+        targets = [self._translation_target(i) for i in range(self.autoencoders.num_layers)]
+        results = fit_translation(
+            self.autoencoders,
+            tokens["expert"],
+            tokens["target"],
+            tokens["fit"],
+            tokens["heldout"],
+            targets,
+            self.translate_config,
+        )
+        for i, (j, result) in enumerate(zip(targets, results, strict=True)):
             self.layer_fits[i] = {
                 "expert_layer": meta["expert_layers"][i],
                 "target_layer": meta["target_layers"][j],
@@ -463,6 +423,22 @@ class AlignmentModule(L.LightningModule):
             len(tokens["heldout"]),
         )
 
+    def _translation_target(self, i: int) -> int:
+        """Target layer index of expert layer i's map: its configured pair's, else the best
+        held-out R^2, else (no R^2 matrix) the layer at the same relative depth."""
+        chosen = dict(self.translation_pairs)
+        if i in chosen:
+            return chosen[i]
+        if self.r2 is not None:
+            return int(self.r2[i].nan_to_num(-math.inf).argmax())
+        meta = self.run_metadata
+        return same_depth(
+            meta["expert_layers"][i],
+            meta["expert_num_layers"],
+            meta["target_layers"],
+            meta["target_num_layers"],
+        )
+
     @torch.no_grad()
     def map_r2(self, i: int, j: int) -> dict[str, float]:
         """How well encoder i predicts target layer j: R^2 on held-out token positions, the
@@ -471,13 +447,14 @@ class AlignmentModule(L.LightningModule):
         the translation term sees it (fit rows' mean, one scalar scale)."""
         datamodule = self._datamodule()
         dev = datamodule.split_tensors("dev")
-        aligner = self.autoencoders
+        aligner, tokens = self.autoencoders, self.tokens
+        mean, scale = target_moments(
+            datamodule.split_tensors("steer")["target"][:, j]
+            if tokens is None
+            else tokens["target"][tokens["fit"], j]
+        )
         out: dict[str, float] = {}
-        if self.tokens is not None:
-            tokens = self.tokens
-            y_fit = tokens["target"][tokens["fit"], j].double()
-            mean = y_fit.mean(0)
-            scale = (y_fit - mean).pow(2).mean().sqrt()
+        if tokens is not None:
 
             def r2(rows: torch.Tensor, shuffle: bool = False) -> float | None:
                 if len(rows) < 2:
@@ -497,10 +474,6 @@ class AlignmentModule(L.LightningModule):
                 out["shuffled_r2"] = r2(tokens["heldout"], shuffle=True)
             out["steer_items_r2"] = r2(tokens["steer_heldout"])
             out["positions"] = len(tokens["fit"])
-        else:
-            y_fit = datamodule.split_tensors("steer")["target"][:, j].double()
-            mean = y_fit.mean(0)
-            scale = (y_fit - mean).pow(2).mean().sqrt()
         code = aligner.encode(i, dev["expert"][:, i].to(self.dtype)).double()
         out["dev_items_r2"] = r2_score(code, (dev["target"][:, j].double() - mean) / scale)
         return out
@@ -670,16 +643,7 @@ class AlignmentModule(L.LightningModule):
         return self.mi, self.selected_pairs
 
     def _select(self, mi: torch.Tensor, r2: torch.Tensor | None) -> list[tuple[int, int]]:
-        meta = self.run_metadata
-        return select_pairs(
-            mi,
-            self.pairing_config,
-            expert_layers=meta["expert_layers"],
-            target_layers=meta["target_layers"],
-            num_expert_layers=meta["expert_num_layers"],
-            num_target_layers=meta["target_num_layers"],
-            r2=r2,
-        )
+        return select_pairs(mi, self.pairing_config, **self._layers(), r2=r2)
 
     def _real(self, pair: tuple[int, int]) -> tuple[int, int]:
         return (
@@ -715,9 +679,19 @@ class AlignmentModule(L.LightningModule):
         self.trainer.strategy.barrier("alignment_artifacts")
 
     def write_artifacts(self, directory: Path, kept: dict[str, Any]) -> None:
-        """Alignment weights, MI matrix, pairs and heatmap of the current weights."""
+        """Alignment weights, MI matrix, pairs and heatmaps of the current weights."""
         meta = self.run_metadata
         identity = {name: meta[name] for name in (*IDENTITY_FIELDS, "data_fingerprint")}
+        self._save_alignment(directory / ALIGNMENT_FILE, identity, kept)
+        self._save_mi(directory / MI_FILE, identity)
+        self._save_pairs(directory / PAIRS_FILE, identity)
+        self._save_heatmaps(directory)
+        log.info("alignment artifacts written to %s (%s weights)", directory, kept["weights"])
+
+    def _save_alignment(self, path: Path, identity: dict[str, Any], kept: dict[str, Any]) -> None:
+        """The auto-encoders of the expert layers the pairs use (every layer with
+        `keep_all_layers`), with their dev explained variance and each pair's map figures."""
+        meta = self.run_metadata
         dev = self._datamodule().split_tensors("dev")
         autoencoders = copy.deepcopy(self.autoencoders).float().cpu()
         variance = explained_variance(autoencoders, dev["expert"].float())
@@ -737,7 +711,7 @@ class AlignmentModule(L.LightningModule):
             for pair in mapped
         ]
         save_alignment(
-            directory / ALIGNMENT_FILE,
+            path,
             autoencoders,
             {
                 **identity,
@@ -753,9 +727,13 @@ class AlignmentModule(L.LightningModule):
                 **kept,
             },
         )
+
+    def _save_mi(self, path: Path, identity: dict[str, Any]) -> None:
+        """The MI matrix, its shuffled-pairs floor and the R^2 matrix (those computed)."""
+        meta = self.run_metadata
         matrices = {"mi": self.mi, "mi_shuffled": self.mi_shuffled, "r2": self.r2}
         save_artifact(
-            directory / MI_FILE,
+            path,
             "mi",
             {
                 **{name: value for name, value in matrices.items() if value is not None},
@@ -772,6 +750,10 @@ class AlignmentModule(L.LightningModule):
                 "objective": self.hparams.objective,
             },
         )
+
+    def _save_pairs(self, path: Path, identity: dict[str, Any]) -> None:
+        """The selected pairs with their MI, shuffled MI and R^2 (`pairs.json`)."""
+        meta = self.run_metadata
         payload = pairs_payload(
             self.mi,
             self.selected_pairs,
@@ -781,7 +763,12 @@ class AlignmentModule(L.LightningModule):
             meta["target_layers"],
             extra={"mi_shuffled": self.mi_shuffled, "translatability_r2": self.r2},
         )
-        save_json(directory / PAIRS_FILE, {**payload, **identity, "kind": "pairs"})
+        save_json(path, {**payload, **identity, "kind": "pairs"})
+
+    def _save_heatmaps(self, directory: Path) -> None:
+        """The MI heatmap and, when the R^2 matrix was computed, the R^2 heatmap, with the
+        selected pairs marked."""
+        meta = self.run_metadata
         names = (Path(meta["expert_model_id"]).name, Path(meta["target_model_id"]).name)
         layers = {"expert_layers": meta["expert_layers"], "target_layers": meta["target_layers"]}
         mi_heatmap(self.mi, self.selected_pairs, directory / MI_HEATMAP_FILE, *names, **layers)
@@ -795,4 +782,3 @@ class AlignmentModule(L.LightningModule):
                 label="held-out R^2",
                 title="Ridge-map R^2",
             )
-        log.info("alignment artifacts written to %s (%s weights)", directory, kept["weights"])

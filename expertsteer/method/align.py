@@ -32,6 +32,7 @@ from torch import nn
 
 from expertsteer.artifacts import ArtifactError, load_artifact, save_artifact
 from expertsteer.data.activations import MODEL_FIELDS
+from expertsteer.method.translate import PairFit, TranslateConfig, fit_pair, target_moments
 from expertsteer.settings import check_choices, check_number
 
 ALIGNMENT_KIND = "alignment"
@@ -49,6 +50,29 @@ numbers of the translation term, empty for `recon`)."""
 STD_FLOOR = 1e-6
 """Standard deviations below this fraction of the layer's mean deviation are raised to it, so a
 constant feature standardises to 0 instead of dividing by zero."""
+
+
+def layer_moments(
+    states: torch.Tensor, floor: float, relative: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer, per-feature mean and std [L, d] (float64) of states [n, L, d], one layer at
+    a time (a large token corpus is never copied whole in float64).
+
+    Standard deviations below `floor` are raised to it, or with `relative` below `floor`
+    times the layer's mean std, so a constant feature standardises to 0 instead of dividing
+    by zero.
+    """
+    means, stds = [], []
+    for layer in range(states.shape[1]):
+        x = states[:, layer].double()
+        std = x.std(0, correction=0)
+        if relative:
+            std = torch.maximum(std, floor * std.mean().clamp_min(1e-12))
+        else:
+            std = std.clamp_min(floor)
+        means.append(x.mean(0))
+        stds.append(std)
+    return torch.stack(means), torch.stack(stds)
 
 
 @dataclass(frozen=True)
@@ -135,21 +159,17 @@ class AffineAutoencoders(nn.Module):
 
     @torch.no_grad()
     def fit_standardisation(self, expert_states: torch.Tensor) -> None:
-        """Per-layer, per-feature mean and std of expert states [n, L, d_E] (float64, one
-        layer at a time, so a large token corpus is never copied whole in float64)."""
+        """Per-layer, per-feature mean and std of expert states [n, L, d_E] (`layer_moments`,
+        floored at `STD_FLOOR` of each layer's mean std)."""
         self._check_expert(expert_states, "expert_states")
         if expert_states.shape[0] < 2:
             raise ValueError(
                 f"standardisation needs at least 2 examples, got {expert_states.shape[0]}; "
                 "use a larger steer split"
             )
-        for layer in range(self.num_layers):
-            states = expert_states[:, layer].double()
-            mean = states.mean(0)
-            std = states.std(0, correction=0)
-            floor = STD_FLOOR * std.mean().clamp_min(1e-12)
-            self.expert_mean[layer] = mean.to(self.expert_mean.dtype)
-            self.expert_std[layer] = torch.maximum(std, floor).to(self.expert_std.dtype)
+        mean, std = layer_moments(expert_states, STD_FLOOR, relative=True)
+        self.expert_mean.copy_(mean.to(self.expert_mean.dtype))
+        self.expert_std.copy_(std.to(self.expert_std.dtype))
 
     @torch.no_grad()
     def set_linear_maps(self, layer: int, encoder: torch.Tensor, decoder: torch.Tensor) -> None:
@@ -180,9 +200,7 @@ class AffineAutoencoders(nn.Module):
             raise ValueError(
                 f"target standardisation needs at least 2 examples, got {target_states.shape[0]}"
             )
-        states = target_states.double()
-        mean = states.mean(0)
-        scale = (states - mean).pow(2).mean().sqrt()
+        mean, scale = target_moments(target_states)
         if not torch.isfinite(scale) or scale <= 0:
             raise ValueError(
                 f"target states for expert layer index {layer_index} are constant or "
@@ -289,6 +307,50 @@ class AffineAutoencoders(nn.Module):
             raise ValueError(
                 f"{name} must be [n, {self.num_layers}, {self.expert_dim}], got {tuple(h.shape)}"
             )
+
+
+@torch.no_grad()
+def fit_translation(
+    autoencoders: AffineAutoencoders,
+    expert: torch.Tensor,
+    target: torch.Tensor,
+    fit: torch.Tensor,
+    heldout: torch.Tensor,
+    targets: list[int],
+    config: TranslateConfig,
+) -> list[PairFit]:
+    """Closed-form encoder and decoder (`expertsteer.method.translate.fit_pair`) of every
+    expert layer i into target layer index `targets[i]`, installed in `autoencoders`.
+
+    Args:
+        autoencoders: The auto-encoders to fit (standardisation and maps).
+        expert: Expert states [n, L_E, d_E].
+        target: Target states [n, L_T, d_T] of the same rows.
+        fit: Rows the standardisation and the maps are fitted on.
+        heldout: Rows that choose lambda and report R^2.
+        targets: Target layer index per expert layer.
+        config: Ridge settings.
+    """
+    if len(targets) != autoencoders.num_layers:
+        raise ValueError(
+            f"targets has {len(targets)} entries for {autoencoders.num_layers} expert layers"
+        )
+    x_fit, x_ho = expert[fit], expert[heldout]
+    autoencoders.fit_standardisation(x_fit)
+    results = []
+    for i, j in enumerate(targets):
+        y_fit = target[fit, j].float()
+        autoencoders.fit_target_standardisation(i, y_fit)
+        result = fit_pair(
+            autoencoders.standardise_layer(i, x_fit[:, i].float()),
+            autoencoders.standardise_target(i, y_fit),
+            autoencoders.standardise_layer(i, x_ho[:, i].float()),
+            autoencoders.standardise_target(i, target[heldout, j].float()),
+            config,
+        )
+        autoencoders.set_linear_maps(i, result.encoder, result.decoder)
+        results.append(result)
+    return results
 
 
 def explained_variance_sums(

@@ -383,6 +383,55 @@ def window_mask(
     return mask
 
 
+def pair_indices(
+    pairs: Sequence[tuple[int, int]],
+    *,
+    expert_layers: Sequence[int],
+    target_layers: Sequence[int],
+    num_expert_layers: int,
+    num_target_layers: int,
+) -> list[tuple[int, int]]:
+    """(expert, target) indices into the captured `expert_layers` / `target_layers` of pairs
+    given as real block numbers (negative numbers count from the last block); each layer must
+    have been captured, each expert layer used once (one translation target per encoder)."""
+    sides = {
+        "expert": (expert_layers, num_expert_layers),
+        "target": (target_layers, num_target_layers),
+    }
+    indices = []
+    for i, j in pairs:
+        for side, layer in (("expert", i), ("target", j)):
+            captured, depth = sides[side]
+            if not -depth <= layer < depth or layer % depth not in captured:
+                raise ValueError(
+                    f"translation pair [{i}, {j}]: {side} layer {layer} was not captured "
+                    f"(captured: {captured}); add it to the data module's {side}_layers"
+                )
+        indices.append(
+            (
+                list(expert_layers).index(i % num_expert_layers),
+                list(target_layers).index(j % num_target_layers),
+            )
+        )
+    experts = [i for i, _ in indices]
+    if len(set(experts)) != len(experts):
+        raise ValueError(
+            f"translation pairs {pairs} use an expert layer twice; each encoder is translated "
+            "into one target layer"
+        )
+    return indices
+
+
+def same_depth(
+    layer: int, num_layers: int, target_layers: Sequence[int], num_target_layers: int
+) -> int:
+    """Index into `target_layers` of the block closest in relative depth to block `layer` of
+    an expert with `num_layers` blocks (block centres, (j + 0.5) / L; ties to the lower)."""
+    depth = (layer + 0.5) / num_layers
+    target = [(block + 0.5) / num_target_layers for block in target_layers]
+    return min(range(len(target)), key=lambda j: abs(target[j] - depth))
+
+
 def select_pairs(
     mi: torch.Tensor,
     config: PairingConfig | None = None,

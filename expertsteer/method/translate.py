@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -66,6 +67,43 @@ class TranslateConfig:
         check_integer("translate.heldout_rows", self.heldout_rows, 4)
         check_integer("translate.seed", self.seed, 0)
         check_bool("translate.matrix", self.matrix)
+
+
+def target_moments(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [d_T] and one scalar scale (RMS deviation per feature) of target states [n, d_T],
+    in float64: the mean_j and scale_j of y = (h^T_j - mean_j) / scale_j."""
+    states = states.double()
+    mean = states.mean(0)
+    return mean, (states - mean).pow(2).mean().sqrt()
+
+
+def token_rows(pairs: dict[str, Any], config: TranslateConfig) -> dict[str, torch.Tensor]:
+    """A token corpus (`expertsteer.data.token_pairs`) split by held-out text, with seeded
+    draws of rows for the R^2 matrix and the held-out MI (the same on every rank: same data,
+    same seed)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    fit = torch.nonzero(~pairs["heldout"]).flatten()
+    heldout = torch.nonzero(pairs["heldout"]).flatten()
+    if len(fit) < 2 or len(heldout) < 4:
+        raise ValueError(
+            f"the token corpus has {len(fit)} fit and {len(heldout)} held-out positions; "
+            "it needs at least 2 and 4 (raise corpus.size)"
+        )
+
+    def draw(rows: torch.Tensor, count: int) -> torch.Tensor:
+        order = torch.randperm(len(rows), generator=generator)[:count]
+        return rows[order.sort().values]
+
+    return {
+        "expert": pairs["expert"],
+        "target": pairs["target"],
+        "fit": fit,
+        "heldout": heldout,
+        "matrix_fit": draw(fit, config.matrix_rows),
+        "matrix_heldout": draw(heldout, config.heldout_rows),
+        "steer_heldout": heldout[pairs["source"][heldout] == 1],
+        "positions": torch.tensor(int(pairs["positions"])),
+    }
 
 
 def r2_score(prediction: torch.Tensor, target: torch.Tensor) -> float:
