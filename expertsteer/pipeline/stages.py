@@ -127,91 +127,126 @@ def method_dir(run_dir: Path, method: str) -> Path:
     return run_dir if method == MAIN_METHOD else run_dir / "methods" / method
 
 
-def stage_configs(experiment: Experiment, task: str) -> dict[str, tuple[str, dict, list[str]]]:
+Stage = tuple[str, dict, list[str]]
+"""(LightningCLI subcommand, config, upstream stages) of one stage."""
+
+
+def stage_configs(experiment: Experiment, task: str) -> dict[str, Stage]:
     """Stage name -> (LightningCLI subcommand, config, upstream stages), in run order."""
     run_dir = experiment.run_dir(task)
-    a = experiment.alignment
-    stages: dict[str, tuple[str, dict, list[str]]] = {}
-    objectives = sorted(
+    stages: dict[str, Stage] = {}
+    for objective in _alignment_objectives(experiment):
+        stages[ALIGNMENT_STAGES[objective]] = _alignment_stage(experiment, task, run_dir, objective)
+    for method in experiment.methods:
+        stages[f"vectors_{method}"] = _vectors_stage(experiment, task, run_dir, method)
+    stages["evaluate"] = _evaluation_stage(experiment, task, run_dir)
+    return stages
+
+
+def _alignment_objectives(experiment: Experiment) -> list[str]:
+    """The alignment objectives the methods need, `recon` always, in `ALIGNMENT_STAGES` order."""
+    return sorted(
         {METHODS[m].alignment for m in experiment.methods if METHODS[m].alignment} | {"recon"},
         key=list(ALIGNMENT_STAGES).index,
     )
-    for objective in objectives:
-        name = ALIGNMENT_STAGES[objective]
-        trainer = {"max_epochs": a.max_epochs}
-        if objective == "translate":
-            trainer = {"max_epochs": 1, "enable_checkpointing": False}  # closed form
-        else:
-            trainer["callbacks"] = [
-                {
-                    "class_path": "lightning.pytorch.callbacks.EarlyStopping",
-                    "init_args": {"monitor": "val/recon_loss", "patience": a.patience},
+
+
+def _alignment_trainer(experiment: Experiment, run_dir: Path, objective: str) -> dict:
+    """Trainer settings of an alignment stage: trained objectives stop early on the validation
+    reconstruction loss and keep their best checkpoint; `translate` is one closed-form epoch."""
+    if objective == "translate":
+        return {"max_epochs": 1, "enable_checkpointing": False}  # closed form
+    a = experiment.alignment
+    return {
+        "max_epochs": a.max_epochs,
+        "callbacks": [
+            {
+                "class_path": "lightning.pytorch.callbacks.EarlyStopping",
+                "init_args": {"monitor": "val/recon_loss", "patience": a.patience},
+            },
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {
+                    "monitor": "val/recon_loss",
+                    "save_top_k": 1,
+                    "dirpath": str(run_dir / "checkpoints" / ALIGNMENT_STAGES[objective]),
                 },
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {
-                        "monitor": "val/recon_loss",
-                        "save_top_k": 1,
-                        "dirpath": str(run_dir / "checkpoints" / name),
-                    },
-                },
-            ]
-        model = {
-            "objective": objective,
-            "output_dir": str(alignment_dir(run_dir, objective)),
-            "training": _init_args(a, TrainingConfig),
-            "mi": _init_args(a.mi(), MIConfig),
-            "pairing": _init_args(a, PairingConfig),
-            "translate": _init_args(a.translate, TranslateConfig),
-        }
-        if objective != "recon":
-            # The pairs are the align stage's; this stage's own selection is informational, so
-            # it skips the translatability matrix the align stage already computed.
-            model["pairs_file"] = str(run_dir / PAIRS_FILE)
-            model["translate"]["matrix"] = False
-            if a.select == "translatable":
-                model["pairing"]["select"] = "lowest_mi"
-        config = {
-            "seed_everything": experiment.seed,
-            "trainer": _trainer(experiment, run_dir, name, **trainer),
-            "model": {"class_path": "AlignmentModule", "init_args": model},
-            "data": _activations(experiment, task, a.items, corpus=True),
-        }
-        stages[name] = ("fit", config, [] if objective == "recon" else ["align"])
+            },
+        ],
+    }
+
+
+def _alignment_stage(experiment: Experiment, task: str, run_dir: Path, objective: str) -> Stage:
+    """The `AlignmentModule` fit of one objective; every objective but `recon` reads the align
+    stage's pairs."""
+    a = experiment.alignment
+    name = ALIGNMENT_STAGES[objective]
+    model = {
+        "objective": objective,
+        "output_dir": str(alignment_dir(run_dir, objective)),
+        "training": _init_args(a, TrainingConfig),
+        "mi": _init_args(a.mi(), MIConfig),
+        "pairing": _init_args(a, PairingConfig),
+        "translate": _init_args(a.translate, TranslateConfig),
+    }
+    if objective != "recon":
+        # The pairs are the align stage's; this stage's own selection is informational, so
+        # it skips the translatability matrix the align stage already computed.
+        model["pairs_file"] = str(run_dir / PAIRS_FILE)
+        model["translate"]["matrix"] = False
+        if a.select == "translatable":
+            model["pairing"]["select"] = "lowest_mi"
+    trainer = _alignment_trainer(experiment, run_dir, objective)
+    config = {
+        "seed_everything": experiment.seed,
+        "trainer": _trainer(experiment, run_dir, name, **trainer),
+        "model": {"class_path": "AlignmentModule", "init_args": model},
+        "data": _activations(experiment, task, a.items, corpus=True),
+    }
+    return "fit", config, [] if objective == "recon" else ["align"]
+
+
+def _vectors_stage(experiment: Experiment, task: str, run_dir: Path, method: str) -> Stage:
+    """The `VectorsModule` fit of one method, on the align stage's pairs (and its alignment
+    objective's map, for an expert method)."""
     r = experiment.rfm
-    for method in experiment.methods:
-        spec = METHODS[method]
-        model = {
-            "method": spec.extractor,
-            "source": spec.source,
-            "pairs_file": str(run_dir / PAIRS_FILE),
-            "rfm": _init_args(r, VectorsConfig),
-            "seed": experiment.seed,
-            "output_dir": str(method_dir(run_dir, method)),
-        }
-        upstream = ["align"]
-        if spec.alignment:
-            model["alignment_file"] = str(alignment_dir(run_dir, spec.alignment) / ALIGNMENT_FILE)
-            upstream.append(ALIGNMENT_STAGES[spec.alignment])
-        epochs = r.iterations + 1 if spec.extractor == "rfm" else 1
-        config = {
-            "seed_everything": experiment.seed,
-            "trainer": _trainer(
-                experiment,
-                run_dir,
-                f"vectors_{method}",
-                max_epochs=epochs,
-                enable_checkpointing=False,
-            ),
-            "model": {"class_path": "VectorsModule", "init_args": model},
-            "data": _activations(experiment, task, "steering"),
-        }
-        stages[f"vectors_{method}"] = ("fit", config, sorted(set(upstream)))
+    spec = METHODS[method]
+    model = {
+        "method": spec.extractor,
+        "source": spec.source,
+        "pairs_file": str(run_dir / PAIRS_FILE),
+        "rfm": _init_args(r, VectorsConfig),
+        "seed": experiment.seed,
+        "output_dir": str(method_dir(run_dir, method)),
+    }
+    upstream = ["align"]
+    if spec.alignment:
+        model["alignment_file"] = str(alignment_dir(run_dir, spec.alignment) / ALIGNMENT_FILE)
+        upstream.append(ALIGNMENT_STAGES[spec.alignment])
+    epochs = r.iterations + 1 if spec.extractor == "rfm" else 1
+    config = {
+        "seed_everything": experiment.seed,
+        "trainer": _trainer(
+            experiment,
+            run_dir,
+            f"vectors_{method}",
+            max_epochs=epochs,
+            enable_checkpointing=False,
+        ),
+        "model": {"class_path": "VectorsModule", "init_args": model},
+        "data": _activations(experiment, task, "steering"),
+    }
+    return "fit", config, sorted(set(upstream))
+
+
+def _evaluation_stage(experiment: Experiment, task: str, run_dir: Path) -> Stage:
+    """The `validate` run of `SteeringModule` with the `SteeringEvaluator` callback, scoring
+    every method's vectors."""
     e = experiment.evaluation
     choice = _init_args(e, ChoiceConfig)
-    if a.select == "dev":
+    if experiment.alignment.select == "dev":
         choice["layer_choice"] = "dev"
-    evaluation = {
+    config = {
         "seed_everything": experiment.seed,
         "trainer": _trainer(
             experiment,
@@ -252,8 +287,7 @@ def stage_configs(experiment: Experiment, task: str) -> dict[str, tuple[str, dic
             },
         },
     }
-    stages["evaluate"] = ("validate", evaluation, [f"vectors_{m}" for m in experiment.methods])
-    return stages
+    return "validate", config, [f"vectors_{m}" for m in experiment.methods]
 
 
 def stage_outputs(experiment: Experiment, task: str, stage: str) -> list[Path]:
