@@ -211,6 +211,10 @@ def _report(args: argparse.Namespace) -> None:
     print(f"\nreport: {path}")
 
 
+Commands = argparse._SubParsersAction
+"""The `expertsteer` subcommand group each `_add_*` adds its command to."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expertsteer",
@@ -229,16 +233,32 @@ def build_parser() -> argparse.ArgumentParser:
         "the rest is in <run>/logs/run.log)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # `--help` lists the commands in this order.
+    _add_models(commands)
+    _add_prepare(commands)
+    _add_generate(commands)
+    _add_tasks(commands)
+    _add_smoke_test(commands)
+    _add_run(commands)
+    _add_report(commands)
+    _add_export_gguf(commands)
+    return parser
 
+
+def _add_models(commands: Commands) -> None:
     models = commands.add_parser("models", help="list the packaged models and their state")
     models.set_defaults(handler=_models)
 
+
+def _add_prepare(commands: Commands) -> None:
     prepare = commands.add_parser(
         "prepare", help="convert packaged models (or .gguf files) into the cache once"
     )
     prepare.add_argument("names", nargs="+", metavar="MODEL")
     prepare.set_defaults(handler=_prepare)
 
+
+def _add_generate(commands: Commands) -> None:
     generate = commands.add_parser(
         "generate",
         help="greedy answers from one model, or unsteered and steered answers of a run's target",
@@ -264,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.set_defaults(handler=_generate)
 
+
+def _add_tasks(commands: Commands) -> None:
     tasks = commands.add_parser(
         "tasks", help="list the built-in tasks, or check a task YAML (--check my_task.yaml)"
     )
@@ -273,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tasks.set_defaults(handler=_tasks)
 
+
+def _add_smoke_test(commands: Commands) -> None:
     smoke = commands.add_parser(
         "smoke-test", help="load the default expert and target, answer, and capture hidden states"
     )
@@ -280,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--target", default=DEFAULT_TARGET)
     smoke.set_defaults(handler=_smoke_test)
 
+
+def _add_run(commands: Commands) -> None:
     run = commands.add_parser(
         "run",
         help="run a whole experiment from one YAML (capture, alignment, pairing, vectors, "
@@ -293,12 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=_run)
 
+
+def _add_report(commands: Commands) -> None:
     report = commands.add_parser(
         "report", help="rebuild a run's report.md and figures from its metrics.json"
     )
     report.add_argument("run_dir", metavar="RUN_DIR")
     report.set_defaults(handler=_report)
 
+
+def _add_export_gguf(commands: Commands) -> None:
     export = commands.add_parser(
         "export-gguf", help="write a run's steering vectors as a llama.cpp control vector"
     )
@@ -312,7 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--model-hint", help="llama.cpp architecture of the target (e.g. llama)")
     export.set_defaults(handler=_export_gguf)
-    return parser
 
 
 def main(args: list[str] | None = None) -> None:
