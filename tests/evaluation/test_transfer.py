@@ -152,3 +152,14 @@ def test_transfer_summary_groups_methods_by_pair_and_alignment_and_the_report_sh
     assert len(rows) == 3
     assert rows[-1].endswith("| yes |") and rows[0].endswith("| no |")
     assert transfer_section({"transfer": []}) == []
+
+
+def test_dev_aurocs_do_not_depend_on_the_scale_of_the_states():
+    """Projections of real residual states run to hundreds; an AUROC that squashes scores
+    (a sigmoid saturates to ties in float32) would drift with the scale of the states."""
+    expert, target, y = _states(1000, related=True)
+    aligner = _translate(expert, target)
+    small = _diagnose(aligner, expert, target, y)
+    large = _diagnose(aligner, expert, 200.0 * target, y)
+    for name in ("auroc_mapped", "auroc_native", "auroc_random"):
+        assert large[name] == small[name], name
