@@ -395,55 +395,16 @@ def capture_token_pairs(
     ]
     rows_per_shard = [sum(len(pairs[k]) for k in span) for _, span in shards]
     todo = [(index, span) for index, span in shards if not _shard_path(directory, index).is_file()]
-
-    def longest(k: int) -> int:
-        return max(len(tokenized[side].input_ids[k]) for side in tokenized)
-
-    # Batches of similar length waste little on padding; rows return to text order.
-    orders = {index: sorted((k for k in span if pairs[k]), key=longest) for index, span in todo}
     groups = {
-        index: [
-            [order[n] for n in group]
-            for group in token_batches([longest(k) for k in order], batch_size, max_tokens)
-        ]
-        for index, order in orders.items()
+        index: _length_batches(tokenized, pairs, span, batch_size, max_tokens)
+        for index, span in todo
     }
     total_batches = sum(len(batches) for batches in groups.values())
     with tqdm(total=total_batches, desc="capture token pairs", unit="batch") as bar:
         for index, _ in todo:
-            parts: dict[str, list[torch.Tensor]] = {"expert": [], "target": []}
-            text_index: list[int] = []
-            for batch in groups[index]:
-                for side, column in (("expert", 0), ("target", 1)):
-                    if batch:
-                        parts[side].append(
-                            capture_positions(
-                                decoders[side],
-                                [tokenized[side].input_ids[k] for k in batch],
-                                [[pair[column] for pair in pairs[k]] for k in batch],
-                                keys[side].layers,
-                            )
-                        )
-                        if not torch.isfinite(parts[side][-1].to(dtype)).all():
-                            raise FloatingPointError(
-                                f"{side} states overflow storage dtype {storage_dtype}; "
-                                "use float32 storage"
-                            )
-                        parts[side][-1] = parts[side][-1].to(dtype)
-                text_index += [k for k in batch for _ in pairs[k]]
-                bar.update(1)
-            restore = torch.tensor(text_index, dtype=torch.long).argsort(stable=True)
-            text_index = sorted(text_index)
-            parts = {
-                side: [torch.cat(rows)[restore]] if rows else [] for side, rows in parts.items()
-            }
-            tensors = {
-                side: torch.cat(parts[side])
-                if parts[side]
-                else torch.zeros(0, len(keys[side].layers), decoders[side].hidden_size, dtype=dtype)
-                for side in ("expert", "target")
-            }
-            tensors["text"] = torch.tensor(text_index, dtype=torch.long)
+            tensors = _capture_shard(
+                decoders, keys, tokenized, pairs, groups[index], dtype, storage_dtype, bar
+            )
             with atomic_file(_shard_path(directory, index)) as tmp:
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     positions = sum(rows_per_shard)
@@ -452,30 +413,114 @@ def capture_token_pairs(
             "no token positions pair between the two tokenizers in any text; check that both "
             "chat templates keep the prompt text verbatim"
         )
-    unpaired = sum(1 for p in pairs if not p)
-    meta = {
-        "expert": {**vars(keys["expert"]), "hidden_size": decoders["expert"].hidden_size},
-        "target": {**vars(keys["target"]), "hidden_size": decoders["target"].hidden_size},
-        "texts": [text.id for text in texts],
-        "sources": [SOURCES["steer" if text.formatted else "corpus"] for text in texts],
-        "shard_rows": rows_per_shard,
-        "shard_sha256": [sha256_file(_shard_path(directory, index)) for index, _ in shards],
-        "positions": positions,
-        "texts_without_pairs": unpaired,
-        "tokens": {side: sum(len(ids) for ids in tokenized[side].input_ids) for side in tokenized},
-        "storage_dtype": storage_dtype,
-        "capture_seconds": round(time.perf_counter() - started, 2),
-    }
+    meta = _token_meta(
+        directory, decoders, keys, texts, tokenized, pairs, rows_per_shard, storage_dtype, started
+    )
     with atomic_file(directory / META) as tmp:
         tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
     log.info(
         "token pairs: %d positions from %d texts (%d without pairs) in %.1f s",
         positions,
         len(texts),
-        unpaired,
+        meta["texts_without_pairs"],
         meta["capture_seconds"],
     )
     return meta
+
+
+def _length_batches(
+    tokenized: dict[str, Tokenized],
+    pairs: list[list[tuple[int, int]]],
+    span: range,
+    batch_size: int,
+    max_tokens: int | None,
+) -> list[list[int]]:
+    """The texts of `span` that have pairs, in forwards of texts of similar length (the longer
+    side's tokens): batches of similar length waste little on padding."""
+
+    def longest(k: int) -> int:
+        return max(len(tokenized[side].input_ids[k]) for side in tokenized)
+
+    order = sorted((k for k in span if pairs[k]), key=longest)
+    return [
+        [order[n] for n in group]
+        for group in token_batches([longest(k) for k in order], batch_size, max_tokens)
+    ]
+
+
+def _capture_shard(
+    decoders: dict[str, CausalLM],
+    keys: dict[str, ModelKey],
+    tokenized: dict[str, Tokenized],
+    pairs: list[list[tuple[int, int]]],
+    batches: list[list[int]],
+    dtype: torch.dtype,
+    storage_dtype: str,
+    bar: tqdm,
+) -> dict[str, torch.Tensor]:
+    """One shard's `expert`, `target` and `text` rows, captured batch by batch (one tick of
+    `bar` each) and returned to text order."""
+    parts: dict[str, list[torch.Tensor]] = {"expert": [], "target": []}
+    text_index: list[int] = []
+    for batch in batches:
+        for side, column in (("expert", 0), ("target", 1)):
+            if batch:
+                parts[side].append(
+                    capture_positions(
+                        decoders[side],
+                        [tokenized[side].input_ids[k] for k in batch],
+                        [[pair[column] for pair in pairs[k]] for k in batch],
+                        keys[side].layers,
+                    )
+                )
+                if not torch.isfinite(parts[side][-1].to(dtype)).all():
+                    raise FloatingPointError(
+                        f"{side} states overflow storage dtype {storage_dtype}; use float32 storage"
+                    )
+                parts[side][-1] = parts[side][-1].to(dtype)
+        text_index += [k for k in batch for _ in pairs[k]]
+        bar.update(1)
+    restore = torch.tensor(text_index, dtype=torch.long).argsort(stable=True)
+    text_index = sorted(text_index)
+    parts = {side: [torch.cat(rows)[restore]] if rows else [] for side, rows in parts.items()}
+    tensors = {
+        side: torch.cat(parts[side])
+        if parts[side]
+        else torch.zeros(0, len(keys[side].layers), decoders[side].hidden_size, dtype=dtype)
+        for side in ("expert", "target")
+    }
+    tensors["text"] = torch.tensor(text_index, dtype=torch.long)
+    return tensors
+
+
+def _token_meta(
+    directory: Path,
+    decoders: dict[str, CausalLM],
+    keys: dict[str, ModelKey],
+    texts: list[PairText],
+    tokenized: dict[str, Tokenized],
+    pairs: list[list[tuple[int, int]]],
+    rows_per_shard: list[int],
+    storage_dtype: str,
+    started: float,
+) -> dict[str, Any]:
+    """`meta.json` of a complete capture: both models, every text and its source, the rows
+    and sha256 of every shard, and what the capture found and took."""
+    return {
+        "expert": {**vars(keys["expert"]), "hidden_size": decoders["expert"].hidden_size},
+        "target": {**vars(keys["target"]), "hidden_size": decoders["target"].hidden_size},
+        "texts": [text.id for text in texts],
+        "sources": [SOURCES["steer" if text.formatted else "corpus"] for text in texts],
+        "shard_rows": rows_per_shard,
+        "shard_sha256": [
+            sha256_file(_shard_path(directory, index)) for index in range(len(rows_per_shard))
+        ],
+        "positions": sum(rows_per_shard),
+        "texts_without_pairs": sum(1 for p in pairs if not p),
+        "tokens": {side: sum(len(ids) for ids in tokenized[side].input_ids) for side in tokenized},
+        "storage_dtype": storage_dtype,
+        "capture_seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 def read_token_meta(directory: Path) -> dict[str, Any] | None:
