@@ -439,6 +439,11 @@ class AlignmentModule(L.LightningModule):
             meta["target_num_layers"],
         )
 
+    def _encode_on_cpu(self, i: int, states: torch.Tensor) -> torch.Tensor:
+        """Codes (float64, CPU) of expert layer i's cached states [n, d_E], encoded where the
+        auto-encoders are (the rank's device once Lightning moved the module)."""
+        return self.autoencoders.encode(i, states.to(self.device, self.dtype)).double().cpu()
+
     @torch.no_grad()
     def map_r2(self, i: int, j: int) -> dict[str, float]:
         """How well encoder i predicts target layer j: R^2 on held-out token positions, the
@@ -447,7 +452,7 @@ class AlignmentModule(L.LightningModule):
         the translation term sees it (fit rows' mean, one scalar scale)."""
         datamodule = self._datamodule()
         dev = datamodule.split_tensors("dev")
-        aligner, tokens = self.autoencoders, self.tokens
+        tokens = self.tokens
         mean, scale = target_moments(
             datamodule.split_tensors("steer")["target"][:, j]
             if tokens is None
@@ -459,7 +464,7 @@ class AlignmentModule(L.LightningModule):
             def r2(rows: torch.Tensor, shuffle: bool = False) -> float | None:
                 if len(rows) < 2:
                     return None
-                code = aligner.encode(i, tokens["expert"][rows, i].to(self.dtype)).double()
+                code = self._encode_on_cpu(i, tokens["expert"][rows, i])
                 goal = (tokens["target"][rows, j].double() - mean) / scale
                 if shuffle:
                     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
@@ -474,7 +479,7 @@ class AlignmentModule(L.LightningModule):
                 out["shuffled_r2"] = r2(tokens["heldout"], shuffle=True)
             out["steer_items_r2"] = r2(tokens["steer_heldout"])
             out["positions"] = len(tokens["fit"])
-        code = aligner.encode(i, dev["expert"][:, i].to(self.dtype)).double()
+        code = self._encode_on_cpu(i, dev["expert"][:, i])
         out["dev_items_r2"] = r2_score(code, (dev["target"][:, j].double() - mean) / scale)
         return out
 

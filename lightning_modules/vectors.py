@@ -158,14 +158,16 @@ class VectorsModule(L.LightningModule):
         tensors = datamodule.split_tensors(split)
         dtype = getattr(torch, self.config.fit_dtype)
         i, j = pair
+        # The cached states live on the CPU; the fit runs where Lightning put the module (and
+        # the auto-encoders with it): the rank's device.
         if self.hparams.source == "target":
-            x = tensors["target"][:, target_key.layers.index(j)].to(dtype)
+            x = tensors["target"][:, target_key.layers.index(j)].to(self.device, dtype)
         else:
-            x = tensors["expert"][:, expert_key.layers.index(i)].to(dtype)
+            x = tensors["expert"][:, expert_key.layers.index(i)].to(self.device, dtype)
             if self.config.space == "encoded":
                 with torch.no_grad():
                     x = self.aligner.to(dtype).encode(self._encoder_index(i), x)
-        return x.detach(), tensors["label"].long()
+        return x.detach(), tensors["label"].to(self.device).long()
 
     def _to_target(self, pair: tuple[int, int], directions: torch.Tensor) -> torch.Tensor:
         """Directions [k, d] of the extractor's space as unit rows in the target's space."""
@@ -320,7 +322,7 @@ class VectorsModule(L.LightningModule):
             j = pair[1]
             if j in vectors:
                 raise ValueError(f"target layer {j} appears in more than one pair")
-            vectors[j], directions[j] = mapped[0].float(), mapped.float()
+            vectors[j], directions[j] = mapped[0].float().cpu(), mapped.float().cpu()
             states = dev["target"][:, target_key.layers.index(j)].float()
             norm_scale[j] = float(states.norm(dim=-1).mean())
         metadata = {
@@ -360,32 +362,18 @@ class VectorsModule(L.LightningModule):
         direction from the same extractor, the mapped-random null and random directions."""
         datamodule = self.trainer.datamodule
         _, target_key = datamodule.keys()
-        steer, dev = datamodule.split_tensors("steer"), datamodule.split_tensors("dev")
         i, j = pair
         index, column = self._encoder_index(i), target_key.layers.index(j)
+        (x, y), (x_dev, y_dev) = (self._target_states(split, column) for split in ("steer", "dev"))
         aligner = self.aligner.double()
-        native = native_direction(
-            self.hparams.method,
-            steer["target"][:, column],
-            steer["label"],
-            dev["target"][:, column],
-            dev["label"],
-            seed=self.hparams.seed,
-        )
+        native = native_direction(self.hparams.method, x, y, x_dev, y_dev, seed=self.hparams.seed)
         null = mapped_random_directions(
             lambda v: aligner.encode_direction(index, v),
             aligner.expert_std[index],
             seed=self.hparams.seed,
         )
         figures = direction_diagnostics(
-            mapped,
-            native,
-            null,
-            steer["target"][:, column],
-            steer["label"],
-            dev["target"][:, column],
-            dev["label"],
-            seed=self.hparams.seed,
+            mapped.to(self.device), native, null, x, y, x_dev, y_dev, seed=self.hparams.seed
         )
         maps = {
             (m["expert_layer"], m["target_layer"]): m
@@ -406,6 +394,12 @@ class VectorsModule(L.LightningModule):
         }
         log.info("transfer at pair %s: %s", pair, figures)
         return entry
+
+    def _target_states(self, split: str, column: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target states [n, d_T] at captured layer `column` and labels [n] of a split, on
+        the module's device."""
+        tensors = self.trainer.datamodule.split_tensors(split)
+        return tensors["target"][:, column].to(self.device), tensors["label"].to(self.device)
 
     def _orient(self, pair: tuple[int, int], rows: torch.Tensor) -> torch.Tensor:
         """Flip rows so that steer-split projections (in the target-space coordinates the

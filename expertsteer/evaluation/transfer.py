@@ -44,9 +44,11 @@ def mapped_random_directions(
     seed: int = 0,
 ) -> torch.Tensor:
     """Unit rows [count, d_T]: random directions of standardised expert space (u ~ N(0, I)),
-    in raw coordinates u * std, mapped by the encoder's linear part."""
+    in raw coordinates u * std, mapped by the encoder's linear part. Drawn on the CPU (the
+    same draws on every device), mapped where `expert_std` is."""
     generator = torch.Generator().manual_seed(seed)
     u = torch.randn(count, expert_std.shape[0], generator=generator, dtype=torch.float64)
+    u = u.to(expert_std.device)
     with torch.no_grad():
         mapped = encode_direction((u * expert_std.double()).to(expert_std.dtype))
     return _unit(mapped.double())
@@ -69,7 +71,7 @@ def direction_diagnostics(
     generator = torch.Generator().manual_seed(seed)
     random = _unit(
         torch.randn(RANDOM_DRAWS, native.shape[0], generator=generator, dtype=torch.float64)
-    )
+    ).to(native.device)
     random = orient(random, target_steer, y_steer)
     dev = target_dev.double()
     null_cos = (_unit(null.double()) @ native).abs()

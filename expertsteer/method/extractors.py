@@ -41,8 +41,8 @@ def logistic_probe(
     """Weight vector of an L2-regularised logistic regression on standardised states."""
     mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
     z = (x - mean) / std
-    weight = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
-    bias = torch.zeros((), dtype=x.dtype, requires_grad=True)
+    weight = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
+    bias = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
     targets = y.to(x.dtype)
 
@@ -72,8 +72,9 @@ def random_unit_vectors(count: int, dim: int, seed: int) -> torch.Tensor:
 
 
 def random_direction(x, y, x_val=None, y_val=None, seed=0) -> torch.Tensor:
-    """A seeded random unit vector (a control; not oriented by the labels)."""
-    return random_unit_vectors(1, x.shape[1], seed)[0].to(x.dtype)
+    """A seeded random unit vector (a control; not oriented by the labels), drawn on the CPU
+    (the same vector on every device) and put where x is."""
+    return random_unit_vectors(1, x.shape[1], seed)[0].to(x.device, x.dtype)
 
 
 def rfm_direction(x, y, x_val, y_val, seed=0, config: RFMConfig | None = None) -> torch.Tensor:

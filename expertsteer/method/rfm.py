@@ -429,7 +429,7 @@ def tune_hyperparameters(
                     y,
                     x_val,
                     y_val,
-                    torch.eye(x.shape[1], dtype=x.dtype),
+                    torch.eye(x.shape[1], dtype=x.dtype, device=x.device),
                     (log_median + log_scale).to(x.dtype),
                     log_ridge.to(x.dtype),
                 )

@@ -163,3 +163,18 @@ def test_dev_aurocs_do_not_depend_on_the_scale_of_the_states():
     large = _diagnose(aligner, expert, 200.0 * target, y)
     for name in ("auroc_mapped", "auroc_native", "auroc_random"):
         assert large[name] == small[name], name
+
+
+def test_the_null_is_drawn_on_the_cpu_and_mapped_where_the_encoder_is():
+    """The same draws on every device, mapped on the encoder's (`meta` stands in for an
+    accelerator: it computes shapes only)."""
+    aligner = AffineAutoencoders(1, D_E, D_T).double()
+    on_cpu = mapped_random_directions(
+        lambda v: aligner.encode_direction(0, v), aligner.expert_std[0], count=7, seed=3
+    )
+    assert on_cpu.shape == (7, D_T) and torch.isfinite(on_cpu).all()
+    aligner.to("meta")
+    on_meta = mapped_random_directions(
+        lambda v: aligner.encode_direction(0, v), aligner.expert_std[0], count=7, seed=3
+    )
+    assert on_meta.device.type == "meta" and on_meta.shape == (7, D_T)

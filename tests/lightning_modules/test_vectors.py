@@ -157,6 +157,32 @@ def test_expert_vectors_carry_transfer_diagnostics(data, alignment, tmp_path):
     assert "transfer" not in load_steering(tmp_path / "target" / STEERING_FILE).metadata
 
 
+class _StandInTrainer:
+    """What the module reads of a trainer outside a run: the data module."""
+
+    def __init__(self, datamodule) -> None:
+        self.datamodule = datamodule
+
+
+@pytest.mark.parametrize("space", ["encoded", "raw"])
+def test_fit_inputs_and_mapped_directions_follow_the_modules_device(data, alignment, space):
+    """The cached states (CPU) go where Lightning put the module and its auto-encoders, the
+    rank's device; the `meta` device stands in for an accelerator (it computes shapes only)."""
+    module = VectorsModule(
+        alignment_file=str(alignment[0]), pairs=[[2, 1]], rfm=VectorsConfig(space=space)
+    )
+    module.trainer = _StandInTrainer(data)
+    module.preflight(data)
+    module.to("meta")
+    x, y = module._features("steer", (2, 1))
+    assert (x.device.type, y.device.type) == ("meta", "meta")
+    assert x.shape[1] == (48 if space == "encoded" else 64)
+    mapped = module._to_target((2, 1), torch.ones(1, x.shape[1], dtype=x.dtype, device="meta"))
+    assert mapped.device.type == "meta" and mapped.shape == (1, 48)
+    states, labels = module._target_states("dev", 1)
+    assert (states.device.type, labels.device.type) == ("meta", "meta")
+
+
 @pytest.mark.parametrize("method", ["mean_diff", "pca_diff", "logistic", "random"])
 def test_baselines_fit_in_one_epoch_behind_the_same_interface(data, tmp_path, method):
     module = VectorsModule(method=method, source="target", pairs=[[0, 1]])

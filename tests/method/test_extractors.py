@@ -41,3 +41,13 @@ def test_unknown_method_and_bad_labels_are_named():
         extract("rfm", x, y)
     with pytest.raises(RFMError, match="both 0 and 1"):
         extract("mean_diff", x, torch.zeros_like(y))
+
+
+def test_the_random_control_is_drawn_on_the_cpu_and_put_where_the_states_are():
+    """`meta` stands in for an accelerator; the draw itself does not depend on the device."""
+    x = torch.zeros(6, 5, dtype=torch.float32)
+    y = torch.tensor([0, 1, 0, 1, 0, 1])
+    on_cpu = EXTRACTORS["random"](x, y, seed=4)
+    on_meta = EXTRACTORS["random"](x.to("meta"), y.to("meta"), seed=4)
+    assert on_meta.device.type == "meta" and on_meta.shape == on_cpu.shape
+    assert on_meta.dtype == on_cpu.dtype == torch.float32
