@@ -8,7 +8,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import yaml
 
 from datamodules.task_examples import TaskExamplesDataModule
 from expertsteer.artifacts import METRICS_FILE, STEERING_FILE
@@ -25,12 +24,12 @@ from expertsteer.evaluation.evaluate import ScoringConfig
 from expertsteer.evaluation.report import NULL_FIGURE, REPORT_FILE
 from expertsteer.evaluation.stats import empirical_p, paired_bootstrap_ci, paired_bootstrap_p
 from expertsteer.method.extractors import random_direction, random_unit_vectors
-from expertsteer.method.vectors import SteeringVectors, load_steering, save_steering
-from expertsteer.models.zoo import weights_identity
+from expertsteer.method.vectors import load_steering
 from lightning_modules.evaluator import SteeringEvaluator, choose_setting
 from lightning_modules.steer import SteeringModule
 from lightning_modules.vectors import VectorsModule
 from tests.tiny_data import prepared, tiny_datamodule
+from tests.tiny_task import review_task, target_steering
 
 
 @pytest.fixture(scope="module")
@@ -234,46 +233,15 @@ NULL_K = 3
 ALPHAS = [-2.0, 2.0]
 
 
-def _task(tmp_path, name: str, labels: list[int]) -> Path:
-    words = ["dull", "grand", "slow", "witty", "bleak", "warm", "odd", "sharp"]
-    rows = [
-        {"text": f"{words[i % 8]} and {words[(3 * i + 1) % 8]} film {i}", "label": label}
-        for i, label in enumerate(labels)
-    ]
-    data = tmp_path / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    spec = {
-        "name": name,
-        "type": "classification",
-        "labels": ["bad", "good"],
-        "instruction": "Rate this review.",
-        "files": {"all": data.name},
-        "fields": {"question": "text", "answer": "label"},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
 def _method(run_dir: Path, name: str, target: str, task: str, seed: int) -> str:
     """A steering artifact for the tiny target's block 1 (48-d)."""
-    vector = random_unit_vectors(1, 48, seed)[0].float()
-    metadata = {
-        "method": "mean_diff",
-        "source": "target",
-        "target_model_id": target,
-        "target_weights_sha256": weights_identity(target),
-        "task": task,
-    }
-    path = run_dir / "methods" / name / STEERING_FILE
-    save_steering(path, SteeringVectors({1: vector}, {1: 40.0}, metadata=metadata))
-    return str(path)
+    return target_steering(run_dir / "methods" / name / STEERING_FILE, target, task, seed, 40.0)
 
 
 def _evaluate(tiny_dirs, tmp_path, labels, name="tiny_reviews", share_forwards=True):
     target = str(tiny_dirs["target"])
     run_dir = tmp_path / "run"
-    task = _task(tmp_path, name, labels)
+    task = review_task(tmp_path, name, labels)
     module = SteeringModule(
         target=target,
         expert=None,

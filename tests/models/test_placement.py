@@ -7,23 +7,19 @@ an accelerator to show that placement follows the trainer's root device, not a d
 
 from __future__ import annotations
 
-import json
-
 import lightning as L
 import pytest
 import torch
-import yaml
 
 from datamodules.paired_activations import PairedActivationDataModule
 from datamodules.task_examples import TaskExamplesDataModule
 from expertsteer.artifacts import STEERING_FILE
 from expertsteer.data.activations import fingerprint
-from expertsteer.method.extractors import random_unit_vectors
-from expertsteer.method.vectors import SteeringVectors, save_steering
 from expertsteer.models.batching import BatchMemoryError
-from expertsteer.models.zoo import resolve_dtype, weights_identity
+from expertsteer.models.zoo import resolve_dtype
 from lightning_modules.steer import SteeringModule
 from tests.tiny_data import tiny_datamodule
+from tests.tiny_task import review_task, target_steering
 
 META = torch.device("meta")
 
@@ -66,36 +62,9 @@ def _paired(tiny_dirs, tmp_path, **overrides) -> PairedActivationDataModule:
     return tiny_datamodule(tiny_dirs, tmp_path / "cache", **{**settings, **overrides})
 
 
-def _task(tmp_path) -> str:
-    rows = [
-        {"text": f"film {i} was {'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(12)
-    ]
-    (tmp_path / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = {
-        "name": "reviews",
-        "type": "classification",
-        "labels": ["bad", "good"],
-        "instruction": "Rate this review.",
-        "files": {"all": "reviews.jsonl"},
-        "fields": {"question": "text", "answer": "label"},
-    }
-    path = tmp_path / "reviews.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return str(path)
-
-
 def _steering_module(tiny_dirs, tmp_path, **scoring) -> SteeringModule:
     target = str(tiny_dirs["target"])
-    metadata = {
-        "method": "mean_diff",
-        "source": "target",
-        "target_model_id": target,
-        "target_weights_sha256": weights_identity(target),
-        "task": "reviews",
-    }
-    vector = random_unit_vectors(1, 48, 3)[0].float()
-    vectors = SteeringVectors({1: vector}, {1: 10.0}, metadata=metadata)
-    save_steering(tmp_path / "run" / STEERING_FILE, vectors)
+    target_steering(tmp_path / "run" / STEERING_FILE, target, "reviews", 3, 10.0)
     return SteeringModule(
         target=target,
         expert=str(tiny_dirs["expert"]),
@@ -107,7 +76,11 @@ def _steering_module(tiny_dirs, tmp_path, **scoring) -> SteeringModule:
 
 def _examples(tmp_path) -> TaskExamplesDataModule:
     return TaskExamplesDataModule(
-        task=_task(tmp_path), steer_size=2, dev_size=4, test_size=4, batch_size=4
+        task=str(review_task(tmp_path, "reviews", [i % 2 for i in range(12)])),
+        steer_size=2,
+        dev_size=4,
+        test_size=4,
+        batch_size=4,
     )
 
 
