@@ -211,9 +211,11 @@ class SteeringModule(L.LightningModule):
 
     def _out_of_memory(self, what: str) -> AbstractContextManager[None]:
         """Name the option to lower when scoring runs out of device memory."""
+        scoring = self.scoring
         advice = (
-            f"lower the evaluation's batch_size (now {self.scoring.batch_size}) or, for the "
-            f"steered grid, config_batch (now {self.scoring.config_batch})"
+            f"lower the evaluation's batch_size (now {scoring.batch_size}), set or lower its "
+            f"max_batch_tokens (now {scoring.max_batch_tokens}) or, for the steered grid, "
+            f"config_batch (now {scoring.config_batch})"
         )
         return naming_out_of_memory(f"{what} on {self.target_decoder.device}", advice)
 
@@ -267,6 +269,7 @@ class SteeringModule(L.LightningModule):
             "calibration": scoring.calibration,
             "max_new_tokens": scoring.max_new_tokens,
             "batch_size": scoring.batch_size,
+            "max_tokens": scoring.max_batch_tokens,
         }
 
     def score_grid(
@@ -303,7 +306,12 @@ class SteeringModule(L.LightningModule):
         decoder = self.expert_decoder if expert else self.target_decoder
         with self._out_of_memory("generation"):
             return generate_answers(
-                decoder, prompts, intervention, max_new_tokens, self.scoring.batch_size
+                decoder,
+                prompts,
+                intervention,
+                max_new_tokens,
+                self.scoring.batch_size,
+                self.scoring.max_batch_tokens,
             )
 
     # -- Lightning hooks -----------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from expertsteer.data.tasks import LETTERS
+from expertsteer.models.batching import check_budget, token_batches
 from expertsteer.models.causal_lm import CausalLM
 
 
@@ -23,18 +24,23 @@ def generate_answers(
     intervention: Any | None = None,
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    max_tokens: int | None = None,
 ) -> list[str]:
-    """Greedy completions of `prompts` (chat-formatted as the decoder does), steered if asked."""
+    """Greedy completions of `prompts` (chat-formatted as the decoder does), steered if asked,
+    `batch_size` prompts per call in order; with `max_tokens`, also at most that many padded
+    tokens per call (prompts x (longest prompt + `max_new_tokens`); a longer one goes alone)."""
     if not prompts:
         raise ValueError("no prompts to generate from")
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(
             f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}"
         )
+    check_budget("max_tokens", max_tokens)
     steering = None if intervention is None else importlib.import_module("expertsteer.method.steer")
+    lengths = [0] * len(prompts) if max_tokens is None else decoder.token_lengths(prompts)
     texts: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
+    for group in token_batches([n + max_new_tokens for n in lengths], batch_size, max_tokens):
+        chunk = [prompts[k] for k in group]
         if steering is None:
             texts.extend(decoder.generate(chunk, max_new_tokens=max_new_tokens))
         else:

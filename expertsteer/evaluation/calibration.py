@@ -164,6 +164,7 @@ def content_free_biases(
     width: int,
     share_prompt: bool,
     cache: dict | None = None,
+    max_tokens: int | None = None,
 ) -> torch.Tensor:
     """`[N, width]` content-free bias of each item, scored once per distinct template.
 
@@ -176,7 +177,9 @@ def content_free_biases(
         prompts = [p for cf_prompts, _ in missing for p in cf_prompts]
         options = [list(opts) for cf_prompts, opts in missing for _ in cf_prompts]
         log.info("content-free calibration: %d templates x %d inputs", len(missing), len(inputs))
-        scores = score_options(decoder, prompts, options, intervention, batch_size, share_prompt)
+        scores = score_options(
+            decoder, prompts, options, intervention, batch_size, share_prompt, max_tokens
+        )
         normalized = scores.normalized(normalize)
         for g, key in enumerate(missing):
             cache[key] = content_free_bias(normalized[g * len(inputs) : (g + 1) * len(inputs)])

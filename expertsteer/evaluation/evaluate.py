@@ -51,6 +51,7 @@ from expertsteer.evaluation.options import (
 )
 from expertsteer.evaluation.stats import bootstrap_ci, macro_f1
 from expertsteer.method.vectors import POSITIONS
+from expertsteer.models.batching import check_budget
 from expertsteer.models.causal_lm import CausalLM
 from expertsteer.models.zoo import AUTO_DTYPE, DTYPES
 from expertsteer.settings import check_bool, check_choices, check_integer
@@ -98,6 +99,10 @@ class ScoringConfig:
     """Generation budget (None: 128 for numeric answers, 16 otherwise)."""
     batch_size: int = 8
     """Prompts per forward / generate call."""
+    max_batch_tokens: int | None = None
+    """Token budget of one scoring forward or generate call (padded tokens: sequences x
+    longest, generated tokens and stacked `config_batch` configurations included); long
+    prompts make smaller batches. None: `batch_size` alone."""
     model_dtype: ModelDtype = "auto"
     """Dtype the target and the expert are scored in; every method and control is scored in
     the same dtype."""
@@ -123,6 +128,7 @@ class ScoringConfig:
         if self.max_new_tokens is not None:
             check_integer("max_new_tokens", self.max_new_tokens, 1)
         check_integer("batch_size", self.batch_size, 1)
+        check_budget("max_batch_tokens", self.max_batch_tokens)
         if self.chat_template is not None:
             check_bool("chat_template", self.chat_template)
         check_integer("null_k", self.null_k, 0)
@@ -385,6 +391,7 @@ def evaluate(
     content_free_inputs: Sequence[str] = CONTENT_FREE_INPUTS,
     share_prompt: bool = True,
     calibration_cache: dict | None = None,
+    max_tokens: int | None = None,
 ) -> EvalResult:
     """Score `decoder` (steered by `intervention`, if any) on `examples` of `task_type`.
 
@@ -394,7 +401,8 @@ def evaluate(
     numeric tasks and 16 otherwise. `content_free_inputs` replace the item's content (not its
     instruction, see `content_free_prompts`) in the calibration prompts. `calibration_cache`, a
     dict kept by the caller, reuses content-free biases across calls made with the same decoder,
-    intervention and settings (e.g. the batches of one evaluation).
+    intervention and settings (e.g. the batches of one evaluation). `max_tokens` caps the
+    padded tokens of one forward or generate call (`ScoringConfig.max_batch_tokens`).
     """
     mode, calibration, normalize = _settings(
         task_type, len(examples), mode, calibration, normalize, content_free_inputs
@@ -403,11 +411,13 @@ def evaluate(
     if mode == "generate":
         kind = "numeric" if task_type == "numeric" else "option"
         budget = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[kind]
-        texts = generate_answers(decoder, prompts, intervention, budget, batch_size)
+        texts = generate_answers(decoder, prompts, intervention, budget, batch_size, max_tokens)
         result = _generation_result(task_type, examples, ids, gold, texts)
     else:
         options = [option_completions(task_type, e, mode) for e in examples]
-        scores = score_options(decoder, prompts, options, intervention, batch_size, share_prompt)
+        scores = score_options(
+            decoder, prompts, options, intervention, batch_size, share_prompt, max_tokens
+        )
         raw = normalize_options(scores.normalized(normalize))
         bias = None
         if calibration == "content_free":
@@ -423,6 +433,7 @@ def evaluate(
                 raw.shape[1],
                 share_prompt,
                 calibration_cache,
+                max_tokens,
             )
         result = _option_result(task_type, mode, calibration, normalize, ids, gold, raw, bias)
     _log_result(decoder, result)
@@ -457,6 +468,7 @@ def evaluate_grid(
     calibration_caches: dict[Any, dict] | None = None,
     store: Any | None = None,
     config_batch: int = 1,
+    max_tokens: int | None = None,
 ) -> dict[Any, EvalResult]:
     """`evaluate` under each configuration of `interventions` (name -> intervention or None),
     one result per name, with the same numbers.
@@ -483,6 +495,7 @@ def evaluate_grid(
                 mode=mode,
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
+                max_tokens=max_tokens,
             )
             for name, intervention in interventions.items()
         }
@@ -493,6 +506,7 @@ def evaluate_grid(
         "share_prompt": share_prompt,
         "store": store,
         "config_batch": config_batch,
+        "max_tokens": max_tokens,
     }
     grid = score_options_grid(decoder, prompts, options, list(interventions.values()), **sharing)
     raws = {

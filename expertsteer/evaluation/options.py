@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from expertsteer.models.batching import check_budget, token_batches
 from expertsteer.models.causal_lm import CausalLM, left_pad_positions
 
 NORMALIZATIONS: tuple[str, ...] = ("sum", "mean")
@@ -180,13 +181,15 @@ def _batches(
     options: list[list[str]],
     batch_size: int,
     share_prompt: bool,
+    max_tokens: int | None = None,
 ) -> Iterator[tuple[list[_Row], dict[str, torch.Tensor], torch.Tensor, int]]:
     """Forward batches of the planned rows: rows, left-padded encoding, prompt lengths and the
-    number of last positions whose logits are needed."""
+    number of last positions whose logits are needed. At most `batch_size` rows each and, with
+    `max_tokens`, at most that many padded tokens (rows x longest row; a longer row goes alone)."""
     # Longest first, so each batch holds rows of similar length (little padding).
     rows = sorted(_plan_rows(decoder, prompts, options, share_prompt), key=lambda r: -r.length)
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
+    for group in token_batches([r.length for r in rows], batch_size, max_tokens):
+        batch = [rows[k] for k in group]
         encoding = decoder.encode([r.prompt for r in batch], [r.completion for r in batch])
         lengths = encoding["attention_mask"].sum(dim=1).tolist()
         if lengths != [r.length for r in batch]:
@@ -244,18 +247,21 @@ def score_options(
     intervention: Any | None = None,
     batch_size: int = 8,
     share_prompt: bool = True,
+    max_tokens: int | None = None,
 ) -> OptionScores:
     """Summed log-probability and token count of each option completion after its prompt.
 
     `options[i]` are the completions of `prompts[i]`; items may have different option counts
     (the result is padded with -inf / 0). All (item, option) pairs are flattened into batches
-    of `batch_size` sequences, one forward each, through `steering.steered_logits` when an
-    `intervention` is given (so steering applies while scoring).
+    of `batch_size` sequences (with `max_tokens`, also at most that many padded tokens), one
+    forward each, through `steering.steered_logits` when an `intervention` is given (so
+    steering applies while scoring).
     """
     _check_options(prompts, options, batch_size)
+    check_budget("max_tokens", max_tokens)
     scores = _empty_scores(prompts, options)
     for batch, encoding, prompt_lengths, keep in _batches(
-        decoder, prompts, options, batch_size, share_prompt
+        decoder, prompts, options, batch_size, share_prompt, max_tokens
     ):
         logits = _forward_logits(decoder, encoding, intervention, prompt_lengths, keep)
         _accumulate(batch, logits, keep, scores)
@@ -272,19 +278,24 @@ def score_options_grid(
     share_prompt: bool = True,
     store: Any | None = None,
     config_batch: int = 1,
+    max_tokens: int | None = None,
 ) -> list[OptionScores]:
     """`score_options` under each of `interventions` (None: unsteered), one result each, from
     shared forwards (`expertsteer.evaluation.branching.grid_log_probs`): per batch of rows, the
     blocks below each configuration's first steered block run once, and the prompts' common
     prefix is forwarded once per configuration and kept in `store` (a `branching.PrefixStore`;
-    None: no prefix sharing). `config_batch` configurations share one forward."""
+    None: no prefix sharing). `config_batch` configurations share one forward; `max_tokens`
+    bounds that forward's padded tokens, the stacked configurations included (rows x longest
+    row x `config_batch`; a longer row goes alone)."""
     _check_options(prompts, options, batch_size)
+    check_budget("max_tokens", max_tokens)
     if not interventions:
         raise ValueError("no interventions to score")
     branching = importlib.import_module("expertsteer.evaluation.branching")
     results = [_empty_scores(prompts, options) for _ in interventions]
+    row_tokens = None if max_tokens is None else max(1, max_tokens // config_batch)
     for batch, encoding, prompt_lengths, keep in _batches(
-        decoder, prompts, options, batch_size, share_prompt
+        decoder, prompts, options, batch_size, share_prompt, row_tokens
     ):
         mask = encoding["attention_mask"].bool()
         rows = [ids[real].tolist() for ids, real in zip(encoding["input_ids"], mask, strict=True)]

@@ -244,6 +244,10 @@ def _evaluation_stage(experiment: Experiment, task: str, run_dir: Path) -> Stage
     every method's vectors."""
     e = experiment.evaluation
     choice = _init_args(e, ChoiceConfig)
+    scoring = _init_args(e, ScoringConfig)
+    if scoring["max_batch_tokens"] is None:
+        # Written only when set, as the capture's budget: earlier runs keep their fingerprints.
+        del scoring["max_batch_tokens"]
     if experiment.alignment.select == "dev":
         choice["layer_choice"] = "dev"
     config = {
@@ -269,7 +273,7 @@ def _evaluation_stage(experiment: Experiment, task: str, run_dir: Path) -> Stage
                     for m in experiment.methods
                 },
                 "run_dir": str(run_dir),
-                "scoring": _init_args(e, ScoringConfig),
+                "scoring": scoring,
                 # A stream apart from the `random` method's (seeded with the experiment seed).
                 "null_seed": experiment.seed + 1,
             },

@@ -208,3 +208,33 @@ def test_a_new_prefix_is_common_to_every_row_and_known_ones_are_reused():
     assert store.choose_prefix([[5, 6, 7], [5, 6, 8]], limit=2) == (5, 6)
     assert store.prefixes == [(1, 2), (5, 6)]
     assert store.choose_prefix([[1, 2]], limit=1) == (1,)
+
+
+@pytest.mark.parametrize("config_batch", [1, 3])
+def test_a_token_budget_bounds_every_shared_forward_and_keeps_the_scores(
+    decoder, monkeypatch, config_batch
+):
+    """rows x longest row x stacked configurations <= the budget (or one row alone)."""
+    from expertsteer.evaluation import branching
+
+    interventions = _interventions(decoder, "all")
+    settings = dict(mode="text", calibration="none", batch_size=16, config_batch=config_batch)
+    reference = evaluate_grid(decoder, "choice", CHOICE, interventions, **settings)
+    calls = []
+    real = branching.grid_log_probs
+
+    def recording(decoder, rows, *args, **kwargs):
+        calls.append((len(rows), max(len(r) for r in rows)))
+        return real(decoder, rows, *args, **kwargs)
+
+    monkeypatch.setattr(branching, "grid_log_probs", recording)
+    budget = 2 * config_batch * 140  # rows of 115-133 tokens: two per forward
+    budgeted = evaluate_grid(
+        decoder, "choice", CHOICE, interventions, max_tokens=budget, **settings
+    )
+    for name, expected in reference.items():
+        _assert_same(expected, budgeted[name])
+    assert sum(rows for rows, _ in calls) == 12, "every (item, option) row scored once"
+    assert len(calls) > 1, "without the budget the 12 rows share one forward"
+    assert max(rows for rows, _ in calls) > 1, "rows still share forwards within the budget"
+    assert all(rows * length * config_batch <= budget or rows == 1 for rows, length in calls)

@@ -177,3 +177,28 @@ def test_evaluate_errors_are_named(chat_decoder):
         evaluate(chat_decoder, "choice", [Example("s", "Q?", ("only",), 0)])
     with pytest.raises(ValueError, match="has no gold answer"):
         evaluate(chat_decoder, "numeric", [Example("m", "Q?")])
+
+
+def test_a_token_budget_splits_generation_calls_and_keeps_the_answers(chat_decoder, monkeypatch):
+    from expertsteer.evaluation.answers import generate_answers
+
+    prompts = [
+        f"Count to {n}." if n % 2 else f"Name {n} animals that live in the sea." for n in range(6)
+    ]
+    expected = generate_answers(chat_decoder, prompts, max_new_tokens=4, batch_size=8)
+    lengths = dict(zip(prompts, chat_decoder.token_lengths(prompts), strict=True))
+    calls = []
+    real = chat_decoder.generate
+
+    def recording(chunk, max_new_tokens=32, **kwargs):
+        calls.append([lengths[p] for p in chunk])
+        return real(chunk, max_new_tokens=max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(chat_decoder, "generate", recording)
+    budget = 2 * (max(lengths.values()) + 4)
+    actual = generate_answers(
+        chat_decoder, prompts, max_new_tokens=4, batch_size=8, max_tokens=budget
+    )
+    assert actual == expected
+    assert sum(len(call) for call in calls) == len(prompts) and 1 < len(calls) < len(prompts)
+    assert all(len(call) * (max(call) + 4) <= budget for call in calls)

@@ -158,3 +158,41 @@ def test_real_steering_at_alpha_zero_equals_no_steering(chat_decoder):
         torch.testing.assert_close(letters, plain[:1], atol=TOL, rtol=0)
     words = option_logprobs(chat_decoder, PROMPTS[1:], OPTIONS[1:], intervention=late)
     assert (words - plain[1:])[:, :2].abs().max() > 1e-3  # later tokens of words do change
+
+
+def _recorded_forwards(monkeypatch) -> list[tuple[int, int]]:
+    """(rows, padded length) of every scoring forward from now on."""
+    from expertsteer.evaluation import options
+
+    shapes = []
+    real = options._forward_logits
+
+    def recording(decoder, encoding, *args, **kwargs):
+        shapes.append(tuple(encoding["input_ids"].shape))
+        return real(decoder, encoding, *args, **kwargs)
+
+    monkeypatch.setattr(options, "_forward_logits", recording)
+    return shapes
+
+
+@pytest.mark.parametrize("budget", [1, 100, 150])
+def test_a_token_budget_keeps_every_forward_within_it_and_the_scores(
+    chat_decoder, monkeypatch, budget
+):
+    expected = score_options(chat_decoder, PROMPTS, OPTIONS, batch_size=16, share_prompt=False)
+    shapes = _recorded_forwards(monkeypatch)
+    actual = score_options(
+        chat_decoder, PROMPTS, OPTIONS, batch_size=16, share_prompt=False, max_tokens=budget
+    )
+    torch.testing.assert_close(actual.total, expected.total, rtol=0, atol=TOL)
+    assert torch.equal(actual.n_tokens, expected.n_tokens)
+    assert sum(rows for rows, _ in shapes) == 8, "every (item, option) row scored once"
+    assert all(rows * length <= budget or rows == 1 for rows, length in shapes)
+    longest = max(length for _, length in shapes)
+    # 8 rows of 15-50 tokens: without a budget they share one forward (batch_size 16).
+    assert 1 < len(shapes) < 8 if budget >= 2 * longest else len(shapes) == 8
+
+
+def test_a_token_budget_must_be_a_positive_number_of_tokens(chat_decoder):
+    with pytest.raises(ValueError, match="max_tokens must be a positive number of tokens"):
+        score_options(chat_decoder, PROMPTS, OPTIONS, max_tokens=0)

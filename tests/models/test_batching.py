@@ -4,6 +4,7 @@ out-of-memory error names the option to lower."""
 
 import itertools
 import random
+import types
 
 import pytest
 import torch
@@ -182,3 +183,38 @@ def test_experiment_passes_the_capture_budget_to_every_capturing_stage():
     )
     with pytest.raises(ExperimentError, match="alignment.max_batch_tokens"):
         AlignmentSettings(max_batch_tokens=0)
+
+
+def test_experiment_passes_the_scoring_budget_to_the_evaluation_stage():
+    from expertsteer.evaluation.evaluate import ScoringConfig
+    from expertsteer.pipeline.experiment import EvalSettings, Experiment, ExperimentError
+    from expertsteer.pipeline.stages import stage_configs
+
+    def scoring(experiment):
+        _, config, _ = stage_configs(experiment, "arithmetic")["evaluate"]
+        return config["model"]["init_args"]["scoring"]
+
+    budgeted = Experiment(tasks=["arithmetic"], evaluation=EvalSettings(max_batch_tokens=4096))
+    assert scoring(budgeted)["max_batch_tokens"] == 4096
+    # Unset, it is not written: the stage's fingerprint stays that of earlier runs.
+    assert "max_batch_tokens" not in scoring(Experiment(tasks=["arithmetic"]))
+    with pytest.raises(ExperimentError, match="evaluation.max_batch_tokens"):
+        EvalSettings(max_batch_tokens=0)
+    with pytest.raises(ValueError, match="max_batch_tokens must be a positive number"):
+        ScoringConfig(max_batch_tokens=-5)
+
+
+def test_the_evaluation_names_its_token_budget_when_memory_runs_out(tiny_dirs, tmp_path):
+    from lightning_modules.steer import SteeringModule
+
+    module = SteeringModule(
+        target=str(tiny_dirs["target"]),
+        expert=None,
+        methods={"expertsteer": "steering.safetensors"},
+        run_dir=str(tmp_path),
+        scoring={"max_batch_tokens": 512},
+    )
+    module.target_decoder = types.SimpleNamespace(device=torch.device("cpu"))
+    budget_named = pytest.raises(BatchMemoryError, match=r"max_batch_tokens \(now 512\)")
+    with budget_named, module._out_of_memory("scoring"):
+        raise torch.OutOfMemoryError("CUDA out of memory")
