@@ -155,19 +155,17 @@ class VectorsModule(L.LightningModule):
         """(x [n, d], y [n]) of one pair on one split, in the space the extractor runs in."""
         datamodule = self.trainer.datamodule
         expert_key, target_key = datamodule.keys()
-        tensors = datamodule.split_tensors(split)
         dtype = getattr(torch, self.config.fit_dtype)
         i, j = pair
-        # The cached states live on the CPU; the fit runs where Lightning put the module (and
-        # the auto-encoders with it): the rank's device.
         if self.hparams.source == "target":
-            x = tensors["target"][:, target_key.layers.index(j)].to(self.device, dtype)
+            x, y = self._states(split, "target", target_key.layers.index(j))
         else:
-            x = tensors["expert"][:, expert_key.layers.index(i)].to(self.device, dtype)
-            if self.config.space == "encoded":
-                with torch.no_grad():
-                    x = self.aligner.to(dtype).encode(self._encoder_index(i), x)
-        return x.detach(), tensors["label"].to(self.device).long()
+            x, y = self._states(split, "expert", expert_key.layers.index(i))
+        x = x.to(dtype)
+        if self.hparams.source == "expert" and self.config.space == "encoded":
+            with torch.no_grad():
+                x = self.aligner.to(dtype).encode(self._encoder_index(i), x)
+        return x.detach(), y.long()
 
     def _to_target(self, pair: tuple[int, int], directions: torch.Tensor) -> torch.Tensor:
         """Directions [k, d] of the extractor's space as unit rows in the target's space."""
@@ -322,7 +320,7 @@ class VectorsModule(L.LightningModule):
             j = pair[1]
             if j in vectors:
                 raise ValueError(f"target layer {j} appears in more than one pair")
-            vectors[j], directions[j] = mapped[0].float().cpu(), mapped.float().cpu()
+            vectors[j], directions[j] = mapped[0].float(), mapped.float()
             states = dev["target"][:, target_key.layers.index(j)].float()
             norm_scale[j] = float(states.norm(dim=-1).mean())
         metadata = {
@@ -352,7 +350,13 @@ class VectorsModule(L.LightningModule):
             metadata["transfer"] = [
                 self.transfer_entry(pair, vectors[pair[1]]) for pair in self.layer_pairs
             ]
-        return SteeringVectors(vectors, norm_scale, directions, metadata)
+        # Fitted on the module's device; written from the CPU.
+        return SteeringVectors(
+            {j: v.cpu() for j, v in vectors.items()},
+            norm_scale,
+            {j: rows.cpu() for j, rows in directions.items()},
+            metadata,
+        )
 
     @torch.no_grad()
     def transfer_entry(self, pair: tuple[int, int], mapped: torch.Tensor) -> dict:
@@ -364,7 +368,8 @@ class VectorsModule(L.LightningModule):
         _, target_key = datamodule.keys()
         i, j = pair
         index, column = self._encoder_index(i), target_key.layers.index(j)
-        (x, y), (x_dev, y_dev) = (self._target_states(split, column) for split in ("steer", "dev"))
+        x, y = self._states("steer", "target", column)
+        x_dev, y_dev = self._states("dev", "target", column)
         aligner = self.aligner.double()
         native = native_direction(self.hparams.method, x, y, x_dev, y_dev, seed=self.hparams.seed)
         null = mapped_random_directions(
@@ -373,7 +378,7 @@ class VectorsModule(L.LightningModule):
             seed=self.hparams.seed,
         )
         figures = direction_diagnostics(
-            mapped.to(self.device), native, null, x, y, x_dev, y_dev, seed=self.hparams.seed
+            mapped, native, null, x, y, x_dev, y_dev, seed=self.hparams.seed
         )
         maps = {
             (m["expert_layer"], m["target_layer"]): m
@@ -395,11 +400,12 @@ class VectorsModule(L.LightningModule):
         log.info("transfer at pair %s: %s", pair, figures)
         return entry
 
-    def _target_states(self, split: str, column: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target states [n, d_T] at captured layer `column` and labels [n] of a split, on
-        the module's device."""
+    def _states(self, split: str, side: str, column: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """States [n, d] of `side` (expert or target) at captured layer `column` and labels [n]
+        of a split, moved from the cache (CPU) to where Lightning put the module and the
+        auto-encoders with it: the rank's device."""
         tensors = self.trainer.datamodule.split_tensors(split)
-        return tensors["target"][:, column].to(self.device), tensors["label"].to(self.device)
+        return tensors[side][:, column].to(self.device), tensors["label"].to(self.device)
 
     def _orient(self, pair: tuple[int, int], rows: torch.Tensor) -> torch.Tensor:
         """Flip rows so that steer-split projections (in the target-space coordinates the

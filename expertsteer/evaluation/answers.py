@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from expertsteer.data.tasks import LETTERS
-from expertsteer.models.batching import check_budget, token_batches
+from expertsteer.models.batching import token_batches
 from expertsteer.models.causal_lm import CausalLM
 
 
@@ -35,7 +35,6 @@ def generate_answers(
         raise ValueError(
             f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}"
         )
-    check_budget("max_tokens", max_tokens)
     steering = None if intervention is None else importlib.import_module("expertsteer.method.steer")
     lengths = [0] * len(prompts) if max_tokens is None else decoder.token_lengths(prompts)
     texts: list[str] = []

@@ -258,7 +258,6 @@ def score_options(
     steering applies while scoring).
     """
     _check_options(prompts, options, batch_size)
-    check_budget("max_tokens", max_tokens)
     scores = _empty_scores(prompts, options)
     for batch, encoding, prompt_lengths, keep in _batches(
         decoder, prompts, options, batch_size, share_prompt, max_tokens

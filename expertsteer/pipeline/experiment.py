@@ -45,6 +45,7 @@ from expertsteer.method.align import TrainingConfig
 from expertsteer.method.pair import Estimator, MIConfig, PairingConfig
 from expertsteer.method.rfm import VectorsConfig
 from expertsteer.method.translate import TranslateConfig
+from expertsteer.models.batching import check_budget
 from expertsteer.models.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
 from expertsteer.settings import check_bool, check_choices, check_integer
 
@@ -154,8 +155,7 @@ class AlignmentSettings(PairingConfig, TrainingConfig):
             check_integer("max_epochs", self.max_epochs, 1)
             check_integer("patience", self.patience, 0)
             check_integer("batch_size", self.batch_size, 1)
-            if self.max_batch_tokens is not None:
-                check_integer("max_batch_tokens", self.max_batch_tokens, 1)
+            check_budget("max_batch_tokens", self.max_batch_tokens)
             self.mi()
             if not isinstance(self.corpus, CorpusConfig | None):
                 raise ValueError(f"corpus must be a mapping or null, got {self.corpus!r}")

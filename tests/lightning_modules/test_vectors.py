@@ -179,7 +179,7 @@ def test_fit_inputs_and_mapped_directions_follow_the_modules_device(data, alignm
     assert x.shape[1] == (48 if space == "encoded" else 64)
     mapped = module._to_target((2, 1), torch.ones(1, x.shape[1], dtype=x.dtype, device="meta"))
     assert mapped.device.type == "meta" and mapped.shape == (1, 48)
-    states, labels = module._target_states("dev", 1)
+    states, labels = module._states("dev", "target", 1)
     assert (states.device.type, labels.device.type) == ("meta", "meta")
 
 
