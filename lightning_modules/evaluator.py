@@ -13,14 +13,17 @@ At the epoch end the test results are gathered and summarised (`metrics.json`):
 * every figure with a 95% bootstrap interval; macro-F1, habit rate and the predicted-class
   shares per method and control;
 * `none+bias`: the unsteered target with per-class log-odds offsets on its calibrated option
-  scores, fitted on dev with as many candidate settings as the alpha grid has alphas
+  scores, or one class for every item, fitted on dev with as many offset candidates as the
+  largest dev search of a steered method (alphas x layer sets) plus every constant predictor
   (`expertsteer.evaluation.controls.fit_offsets`) — a moved decision threshold, no forward pass;
   not applicable in generation-scored modes (numeric tasks), which have no option scores;
 * `null`: the test gain over `none` of every null draw at its dev choice, with its median and
   95th percentile;
 * per steered method: paired interval and two-sided paired-bootstrap p-value against `none`
-  and `none+bias`, the one-sided empirical p-value against the null, and the one-line
-  conclusion (`expertsteer.evaluation.controls.conclusion`).
+  and `none+bias`, the one-sided empirical p-value against the null; where answers are classes
+  the paired macro-F1 difference to `none` and whether the row is `collapsed`; and the one-line
+  conclusion (`expertsteer.evaluation.controls.conclusion`), which names the metrics it requires;
+* `environment`: versions, dtypes, threads, CPU and device (`expertsteer.environment`).
 
 `val/<task>/<method>/acc` is logged, and rank 0 writes `metrics.json`, `report.md` and the
 figures into the run directory.
@@ -43,17 +46,20 @@ from lightning.pytorch.callbacks import Callback
 from expertsteer.artifacts import METRICS_FILE, save_json
 from expertsteer.data.prompts import render_prompt
 from expertsteer.data.tasks import Example
+from expertsteer.environment import environment
 from expertsteer.evaluation.choice import ChoiceConfig
 from expertsteer.evaluation.controls import (
     LEVEL,
     NONE_BIAS,
+    ThresholdRule,
+    collapsed,
     comparison_count,
     conclusion,
     fit_offsets,
     helps,
     null_summary,
-    offset_predictions,
     smallest_null_p,
+    verdict_metrics,
 )
 from expertsteer.evaluation.evaluate import EvalResult
 from expertsteer.evaluation.report import layers_key, write_report
@@ -65,8 +71,10 @@ from expertsteer.evaluation.stats import (
     macro_f1_ci,
     paired_bootstrap_ci,
     paired_bootstrap_p,
+    paired_macro_f1,
 )
 from expertsteer.evaluation.transfer import transfer_summary
+from expertsteer.models.zoo import resolve_dtype
 from expertsteer.settings import settings_of
 from lightning_modules.steer import EXPERT, NONE, SteeringModule
 
@@ -76,8 +84,8 @@ NO_OPTION_SCORES = (
     "generation-scored task: no option scores to offset; the random null is the control"
 )
 P_VALUES = (
-    "vs none and none+bias: two-sided paired bootstrap over test items; vs the null: "
-    "one-sided empirical (1 + #{null gain >= gain}) / (1 + K)"
+    "vs none and none+bias (accuracy) and vs none (macro-F1): two-sided paired bootstrap over "
+    "test items; vs the null: one-sided empirical (1 + #{null gain >= gain}) / (1 + K)"
 )
 Key = tuple[str, str, float, tuple[int, ...]]
 """(split, method, alpha, target layers) of one scored configuration."""
@@ -211,6 +219,27 @@ class _Figures:
 
     def class_metrics(self, predictions: list[Any]) -> dict[str, Any]:
         return _class_metrics(predictions, self.gold, self.classes, **self.boot)
+
+    @property
+    def one_class(self) -> bool:
+        """Whether every test item has the same gold class (no gain can be judged)."""
+        return self.classes is not None and len(set(self.gold)) == 1
+
+    def balance(self, predictions: list[Any]) -> dict[str, Any]:
+        """Where answers are classes: the paired macro-F1 difference to `none` (with its
+        p-value) and whether the predictions collapsed onto one answer."""
+        if self.classes is None:
+            return {}
+        steered = torch.tensor([-1 if p is None else int(p) for p in predictions])
+        none = torch.tensor([-1 if p is None else int(p) for p in self.test_predictions(NONE)])
+        gold = torch.tensor([int(g) for g in self.gold])
+        difference, low, high, p = paired_macro_f1(steered, none, gold, self.classes, **self.boot)
+        habit = self.class_metrics(predictions)["habit_rate"]
+        return {
+            "vs_none_macro_f1": {"difference": difference, "low": low, "high": high},
+            "p_vs_none_macro_f1": p,
+            "collapsed": collapsed(habit, [int(g) for g in self.gold]),
+        }
 
     def dev_curves(self, method: str) -> dict[str, dict[str, float]]:
         """Dev accuracy of `method` per target-layer set and alpha, as the grid scored it."""
@@ -390,11 +419,18 @@ class SteeringEvaluator(Callback):
         steered method at its dev choice, the headroom, transfer and the conclusion."""
         figures = _Figures(records, pl_module.task_type, self.choice.n_boot, self.seed)
         methods, correct = _baseline_entries(figures)
-        bias = self._none_bias(figures)
+        budget = self._bias_budget(pl_module)
+        bias = self._none_bias(figures, budget)
         if bias is not None:
-            methods[NONE_BIAS], correct[NONE_BIAS] = self._none_bias_entry(figures, *bias)
+            methods[NONE_BIAS], correct[NONE_BIAS] = self._none_bias_entry(figures, budget, *bias)
         null = self._null(pl_module, figures)
         expert_acc = methods.get(EXPERT, {}).get("test", {}).get("accuracy")
+        if figures.one_class:
+            log.warning(
+                "every test item of %s has the same gold label: no gain can be judged",
+                pl_module.task_name,
+            )
+            expert_acc = None
         for method in pl_module.hparams.methods:
             methods[method], correct[method] = self._method_entry(
                 pl_module, figures, method, null, correct.get(NONE_BIAS), expert_acc
@@ -408,8 +444,15 @@ class SteeringEvaluator(Callback):
             "headroom": (
                 figures.paired(correct[EXPERT], figures.none_test) if EXPERT in correct else None
             ),
+            "one_class_test": figures.one_class,
             "none_bias": (
-                {"applicable": True, "budget": len(self.alphas)}
+                {
+                    "applicable": True,
+                    "budget": budget,
+                    "constant_classes": list(range(len(bias[0].offsets))),
+                    "candidates": bias[0].candidates,
+                    "chosen_constant": bias[0].constant,
+                }
                 if bias is not None
                 else {"applicable": False, "reason": NO_OPTION_SCORES}
             ),
@@ -419,8 +462,31 @@ class SteeringEvaluator(Callback):
                 {m: pl_module.steering[m].metadata for m in pl_module.hparams.methods}
             ),
             "test_items": figures.per_item(correct),
+            "environment": self._environment(pl_module),
         }
         return metrics | _verdict(metrics, pl_module.hparams.methods)
+
+    def _environment(self, pl_module: SteeringModule) -> dict[str, Any]:
+        """What the evaluation ran on, with the capture dtype its vectors record."""
+        captures = [
+            pl_module.steering[m].metadata.get("capture_dtype") for m in pl_module.hparams.methods
+        ]
+        return environment(
+            pl_module.device,
+            self.seed,
+            [c for c in captures if c],
+            resolve_dtype(pl_module.scoring.model_dtype, pl_module.device),
+        )
+
+    def _bias_budget(self, pl_module: SteeringModule) -> int:
+        """Offset candidates of `none+bias`: the largest dev search of any steered
+        configuration (alphas x candidate layer sets), so the threshold control never gets a
+        smaller search than a method."""
+        layer_sets = [
+            len(pl_module.layer_sets(name, self.choice.layer_choice))
+            for name in pl_module.steered_names
+        ]
+        return len(self.alphas) * max(layer_sets, default=1)
 
     def _run_settings(self, pl_module: SteeringModule) -> dict[str, Any]:
         """What was scored and how: task, scoring mode, models and the dev grid."""
@@ -442,16 +508,18 @@ class SteeringEvaluator(Callback):
     def _none_bias_entry(
         self,
         figures: _Figures,
-        offsets: list[float],
+        budget: int,
+        rule: ThresholdRule,
         dev_correct: torch.Tensor,
         test_correct: torch.Tensor,
         test_predictions: list[int],
     ) -> tuple[dict[str, Any], torch.Tensor]:
-        """The `none+bias` control's entry (its offsets, figures and paired comparison with
+        """The `none+bias` control's entry (its rule, figures and paired comparison with
         `none`) and its per-item test results."""
         entry = {
-            "offsets": offsets,
-            "budget": len(self.alphas),
+            "offsets": rule.offsets.tolist(),
+            "constant": rule.constant,
+            "budget": budget,
             "test": figures.summary(test_correct),
             "dev": figures.summary(dev_correct),
             "vs_none": figures.paired(test_correct, figures.none_test),
@@ -476,6 +544,7 @@ class SteeringEvaluator(Callback):
         layers, alpha = self.chosen[method]
         none_test = figures.none_test
         steered = figures.correct("test", method, alpha, layers)
+        predictions = figures.test_predictions(method, alpha, layers)
         curves = figures.dev_curves(method)
         entry = {
             "alpha": alpha,
@@ -489,7 +558,8 @@ class SteeringEvaluator(Callback):
             "p_vs_null": (
                 None if null is None else empirical_p(_gain(steered, none_test), null["gains"])
             ),
-            **figures.class_metrics(figures.test_predictions(method, alpha, layers)),
+            **figures.class_metrics(predictions),
+            **figures.balance(predictions),
             "gap_closed": (
                 None
                 if expert_acc is None
@@ -501,10 +571,10 @@ class SteeringEvaluator(Callback):
         return entry, steered
 
     def _none_bias(
-        self, figures: _Figures
-    ) -> tuple[list[float], torch.Tensor, torch.Tensor, list[int]] | None:
-        """`none+bias`: offsets fitted on the unsteered target's dev scores (as many candidate
-        settings as the alpha grid has alphas), applied to its test scores. None in
+        self, figures: _Figures, budget: int
+    ) -> tuple[ThresholdRule, torch.Tensor, torch.Tensor, list[int]] | None:
+        """`none+bias`: a rule fitted on the unsteered target's dev scores (`budget` offset
+        candidates and every constant predictor), applied to its test scores. None in
         generation-scored modes, which have no option scores to offset."""
         dev_ids, test_ids = figures.dev_ids, figures.test_ids
         dev = figures.records[("dev", NONE, 0.0, ())]
@@ -513,15 +583,17 @@ class SteeringEvaluator(Callback):
             return None
         dev_scores, dev_gold = _score_matrix(dev, dev_ids)
         test_scores, test_gold = _score_matrix(test, test_ids)
-        offsets = fit_offsets(dev_scores, dev_gold, budget=len(self.alphas))
-        width = test_scores.shape[1]
-        test_offsets = torch.zeros(width, dtype=torch.float64)
-        test_offsets[: min(width, len(offsets))] = offsets[:width]
-        dev_correct = offset_predictions(dev_scores, offsets) == dev_gold
-        test_predictions = offset_predictions(test_scores, test_offsets)
-        log.info("none+bias: offsets %s chosen on dev", [round(float(b), 4) for b in offsets])
+        rule = fit_offsets(dev_scores, dev_gold, budget=budget)
+        dev_correct = rule.predict(dev_scores) == dev_gold
+        test_predictions = rule.predict(test_scores)
+        log.info(
+            "none+bias: offsets %s%s chosen on dev among %d candidates",
+            [round(float(b), 4) for b in rule.offsets],
+            "" if rule.constant is None else f", then always class {rule.constant},",
+            rule.candidates,
+        )
         return (
-            offsets.tolist(),
+            rule,
             dev_correct.double(),
             (test_predictions == test_gold).double(),
             test_predictions.tolist(),
@@ -590,6 +662,7 @@ def _verdict(metrics: dict[str, Any], methods: Iterable[str]) -> dict[str, Any]:
         "comparisons": {"count": comparison_count(metrics), "level": LEVEL, "tests": P_VALUES},
         "conclusion": {
             "helps": [m for m in methods if helps(metrics, m)],
+            "metrics": verdict_metrics(metrics),
             "text": conclusion(metrics),
         },
     }

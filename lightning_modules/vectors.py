@@ -332,6 +332,9 @@ class VectorsModule(L.LightningModule):
             "positions": "all",
             "norm_scale": "mean L2 norm of the target block output on the dev split",
             "data_fingerprint": datamodule.cache_path().name,
+            # The precision the states were captured in (results depend on it; see
+            # `expertsteer.environment`).
+            "capture_dtype": datamodule.model_dtype(),
             # The task's name (a task YAML's `name`, not its path), as the evaluation sees it.
             "task": resolve_task(datamodule.hparams.task).name,
             "alignment_objective": (self.alignment_meta or {}).get("objective"),

@@ -1,21 +1,26 @@
 """The controls a steering claim is measured against, and the verdict they allow.
 
-* `none+bias` — the unsteered target with per-class log-odds offsets tuned on dev: what a moved
-  decision threshold alone achieves. `fit_offsets` searches offsets b (b_0 = 0) for
-  `argmax_k(calibrated[n, k] + b[k])` with the same number of dev evaluations as a steered
-  method's alpha grid (`budget`), no extra forward pass: the offsets act on the target's
-  calibrated option scores already computed for `none`.
+* `none+bias` — the unsteered target with a decision rule tuned on dev: per-class log-odds
+  offsets, or one class for every item. What a moved decision threshold alone achieves, up to
+  the extreme a collapsed method reaches. `fit_offsets` searches offsets b (b_0 = 0) for
+  `argmax_k(calibrated[n, k] + b[k])` with as many offset candidates as the largest dev search
+  of a steered method (`budget`), and every constant predictor besides; no extra forward pass:
+  the rule acts on the target's calibrated option scores already computed for `none`.
 * the random null — K label-free random unit vectors, each chosen on dev exactly like a method;
   `null_summary` describes their test gains over `none`.
 * `helps` / `conclusion` — a method helps only if it beats `none`, `none+bias` (where it
   applies) and the null, each at p < `LEVEL`, and its gain lies above the null's 95th
-  percentile: a gain inside the null's range is never called a gain.
+  percentile: a gain inside the null's range is never called a gain. Where answers are classes
+  (option-scored tasks) it must also hold on a balanced view: the method is not `collapsed`
+  (one answer for nearly every item while the gold labels are not that lopsided) and its
+  macro-F1 is not significantly below `none`'s. A one-class test set allows no verdict.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +32,10 @@ NONE_BIAS = "none+bias"
 EXPERT = "expert"
 CONTROLS = (NONE, NONE_BIAS, EXPERT)
 """Unsteered entries of `metrics["methods"]`; every other entry is a steered method."""
+COLLAPSE_HABIT = 0.95
+"""A steered row is collapsed when it gives one answer to at least this share of test items..."""
+COLLAPSE_MAJORITY = 0.9
+"""...while the gold labels' majority class holds less than this share of them."""
 
 
 # -- none+bias ----------------------------------------------------------------------------------
@@ -54,17 +63,44 @@ def _cuts(margins: torch.Tensor, count: int) -> list[float]:
     return list(dict.fromkeys(cuts))
 
 
-def fit_offsets(scores: torch.Tensor, gold: torch.Tensor, budget: int) -> torch.Tensor:
-    """Per-class log-odds offsets `[K]` (class 0 fixed at 0) with the best dev accuracy.
+@dataclass(frozen=True)
+class ThresholdRule:
+    """A `none+bias` decision rule on calibrated option scores: per-class offsets, or, with
+    `constant` set, that one class for every item. `candidates`: how many rules the dev
+    search scored (the incumbent "no offset" not counted)."""
 
-    One pass of coordinate search over classes 1..K-1, `budget // (K - 1)` (at least one)
-    candidates each, so the whole search scores at most `budget` settings (K = 2: `budget`
-    thresholds). Candidates for class k are data-driven cuts: with the other offsets fixed, item
-    n switches to k once b_k exceeds its margin max_{j != k}(s_nj + b_j) - s_nk, and the cuts
-    sit at evenly spaced quantiles of those margins (no labels enter the candidates; labels
-    only pick among them). The incumbent is "no offset" (`none` itself); a candidate replaces
-    it only if strictly better on dev, and among equals the smaller |offset| wins — the tie
-    rule of a method's alpha.
+    offsets: torch.Tensor
+    constant: int | None = None
+    candidates: int = 0
+
+    def predict(self, scores: torch.Tensor) -> torch.Tensor:
+        """`[N]` predicted class of each row of `scores [N, K]`."""
+        if self.constant is not None:
+            return torch.full((scores.shape[0],), self.constant, dtype=torch.long)
+        width = scores.shape[1]
+        offsets = torch.zeros(width, dtype=torch.float64)
+        offsets[: min(width, len(self.offsets))] = self.offsets[:width]
+        return offset_predictions(scores, offsets)
+
+
+def _rule_accuracy(scores: torch.Tensor, gold: torch.Tensor, rule: ThresholdRule) -> float:
+    return float((rule.predict(scores) == gold).double().mean())
+
+
+def fit_offsets(scores: torch.Tensor, gold: torch.Tensor, budget: int) -> ThresholdRule:
+    """The `none+bias` rule with the best dev accuracy: per-class log-odds offsets `[K]` (class
+    0 fixed at 0), or one class for every item.
+
+    Offsets: one pass of coordinate search over classes 1..K-1, `budget // (K - 1)` (at least
+    one) candidates each, so that search scores at most `budget` settings (K = 2: `budget`
+    thresholds). Candidates for class k are data-driven cuts: with the other offsets fixed,
+    item n switches to k once b_k exceeds its margin max_{j != k}(s_nj + b_j) - s_nk, and the
+    cuts sit at evenly spaced quantiles of those margins (no labels enter the candidates; labels
+    only pick among them). Then each of the K constant predictors ("always class k"), the
+    extreme a collapsed steered method reaches, which quantile cuts never do. The incumbent is
+    "no offset" (`none` itself); a candidate replaces it only if strictly better on dev, and
+    among equal offsets the smaller |offset| wins — the tie rule of a method's alpha; a
+    constant rule must beat every offset rule.
     """
     if scores.dim() != 2 or scores.shape[1] < 2 or scores.shape[0] != len(gold):
         raise ValueError(
@@ -78,6 +114,7 @@ def fit_offsets(scores: torch.Tensor, gold: torch.Tensor, budget: int) -> torch.
     offsets = torch.zeros(classes, dtype=torch.float64)
     best = _accuracy(scores, gold, offsets)
     per_class = max(1, budget // (classes - 1))
+    candidates = 0
     for k in range(1, classes):
         others = (scores + offsets).clone()
         others[:, k] = float("-inf")
@@ -85,10 +122,29 @@ def fit_offsets(scores: torch.Tensor, gold: torch.Tensor, budget: int) -> torch.
         for cut in _cuts(margins, per_class):
             trial = offsets.clone()
             trial[k] = cut
+            candidates += 1
             accuracy = _accuracy(scores, gold, trial)
             if accuracy > best or (accuracy == best and abs(cut) < abs(float(offsets[k]))):
                 offsets, best = trial, accuracy
-    return offsets
+    constant = None
+    for k in range(classes):
+        candidates += 1
+        accuracy = _rule_accuracy(scores, gold, ThresholdRule(offsets, constant=k))
+        if accuracy > best:
+            constant, best = k, accuracy
+    return ThresholdRule(offsets, constant, candidates)
+
+
+def collapsed(habit_rate: float, gold: Sequence[int]) -> bool:
+    """Whether one answer for `habit_rate` of the items is a collapse: at least
+    `COLLAPSE_HABIT` of them, while the gold majority class holds under `COLLAPSE_MAJORITY`."""
+    if not gold:
+        raise ValueError("no gold labels")
+    counts: dict[int, int] = {}
+    for label in gold:
+        counts[int(label)] = counts.get(int(label), 0) + 1
+    majority = max(counts.values()) / len(gold)
+    return habit_rate >= COLLAPSE_HABIT and majority < COLLAPSE_MAJORITY
 
 
 # -- the null -----------------------------------------------------------------------------------
@@ -125,9 +181,32 @@ def steered_methods(metrics: dict[str, Any]) -> list[str]:
     return [name for name in metrics["methods"] if name not in CONTROLS]
 
 
+def verdict_metrics(metrics: dict[str, Any]) -> list[str]:
+    """The figures a verdict requires: accuracy, and macro-F1 where answers are classes."""
+    return ["accuracy", "macro_f1"] if _has_classes(metrics) else ["accuracy"]
+
+
+def _has_classes(metrics: dict[str, Any]) -> bool:
+    return metrics["methods"][NONE].get("macro_f1") is not None
+
+
+def _balanced(entry: dict[str, Any]) -> bool:
+    """Not collapsed, and macro-F1 not significantly below `none`'s (where measured)."""
+    if entry.get("collapsed"):
+        return False
+    comparison, p = entry.get("vs_none_macro_f1"), entry.get("p_vs_none_macro_f1")
+    return not (
+        comparison is not None and p is not None and comparison["difference"] < 0 and p < LEVEL
+    )
+
+
 def helps(metrics: dict[str, Any], method: str) -> bool:
     """Whether `method` beats none, none+bias (where it applies) and the null, each at
-    p < LEVEL, with its gain above the null's 95th percentile."""
+    p < LEVEL, with its gain above the null's 95th percentile; where answers are classes, also
+    not collapsed and with macro-F1 not significantly below none's. Never on a one-class test
+    set."""
+    if metrics.get("one_class_test"):
+        return False
     entry = metrics["methods"][method]
     null = metrics.get("null")
     if null is None or not null.get("gains"):
@@ -136,23 +215,40 @@ def helps(metrics: dict[str, Any], method: str) -> bool:
     beats_null = entry.get("p_vs_null") is not None and entry["p_vs_null"] < LEVEL
     beats_null = beats_null and gain > null["p95"]
     beats_bias = NONE_BIAS not in metrics["methods"] or _significant_gain(entry, "none_bias")
-    return _significant_gain(entry, "none") and beats_bias and beats_null
+    return _significant_gain(entry, "none") and beats_bias and beats_null and _balanced(entry)
 
 
 def comparison_count(metrics: dict[str, Any]) -> int:
     """Hypothesis tests behind the conclusion: per steered method vs none, none+bias (where
-    it applies) and the null (where there is one)."""
+    it applies), the null (where there is one) and none's macro-F1 (where answers are
+    classes)."""
     per_method = 1 + (NONE_BIAS in metrics["methods"]) + bool((metrics.get("null") or {}).get("k"))
+    per_method += _has_classes(metrics)
     return per_method * len(steered_methods(metrics))
 
 
+def collapsed_methods(metrics: dict[str, Any]) -> list[str]:
+    return [m for m in steered_methods(metrics) if metrics["methods"][m].get("collapsed")]
+
+
 def conclusion(metrics: dict[str, Any]) -> str:
-    """One line: which steered methods beat none, none+bias and the null (p < LEVEL)."""
+    """One line: which steered methods beat none, none+bias and the null (p < LEVEL), on a
+    balanced view where answers are classes."""
     task = metrics["task"]
+    if metrics.get("one_class_test"):
+        return (
+            f"{task}: every test item has the same gold label, so no gain can be judged "
+            "(a constant answer would score 100%)."
+        )
     controls = (
         "none, none+bias and the random null"
         if NONE_BIAS in metrics["methods"]
         else ("none and the random null (none+bias does not apply: no option scores)")
+    )
+    balanced = (
+        ", without collapsing and with macro-F1 not significantly below none"
+        if _has_classes(metrics)
+        else ""
     )
     null = metrics.get("null") or {}
     k = int(null.get("k") or 0)
@@ -161,9 +257,13 @@ def conclusion(metrics: dict[str, Any]) -> str:
     winners = [m for m in steered_methods(metrics) if helps(metrics, m)]
     if winners:
         verb = "beats" if len(winners) == 1 else "beat"
-        return f"{task}: {', '.join(winners)} {verb} {controls} (p < {LEVEL:g} each)."
-    line = f"{task}: no steered method beats {controls} (p < {LEVEL:g} each)."
-    if smallest_null_p(k) >= LEVEL:
+        line = f"{task}: {', '.join(winners)} {verb} {controls} (p < {LEVEL:g} each){balanced}."
+    else:
+        line = f"{task}: no steered method beats {controls} (p < {LEVEL:g} each){balanced}."
+    fallen = collapsed_methods(metrics)
+    if fallen:
+        line += f" Collapsed (one answer for nearly every test item): {', '.join(fallen)}."
+    if not winners and smallest_null_p(k) >= LEVEL:
         line += (
             f" With K = {k} null draws the smallest attainable p vs the null is "
             f"{smallest_null_p(k):.2f}: this run cannot show a gain over noise "

@@ -13,13 +13,17 @@ import torch
 
 from expertsteer.artifacts import MI_HEATMAP_FILE, R2_HEATMAP_FILE
 from expertsteer.cache import atomic_file
+from expertsteer.environment import describe_environment
 from expertsteer.evaluation.controls import (
+    COLLAPSE_HABIT,
+    COLLAPSE_MAJORITY,
     CONTROLS,
     LEVEL,
     NONE_BIAS,
     comparison_count,
     conclusion,
     steered_methods,
+    verdict_metrics,
 )
 from expertsteer.evaluation.plots import accuracy_vs_alpha, auroc_curves, null_gains
 from expertsteer.evaluation.stats import paired_bootstrap_ci
@@ -83,6 +87,8 @@ def describe(method: str, entry: dict[str, Any]) -> str:
     if method == "none":
         return "target, unsteered"
     if method == NONE_BIAS:
+        if entry.get("constant") is not None:
+            return f"target, unsteered, always class {entry['constant']} (chosen on dev)"
         offsets = ", ".join(f"{b:+.2f}" for b in entry.get("offsets") or [])
         return f"target, unsteered, class offsets tuned on dev ({offsets})"
     if method == "expert":
@@ -96,17 +102,19 @@ def describe(method: str, entry: dict[str, Any]) -> str:
 
 def summary_table(metrics: dict[str, Any]) -> str:
     """Markdown table: every method's test accuracy with its interval, its comparisons with
-    the controls (paired difference in points [95% CI] and p-value), macro-F1, habit rate,
-    and its dev choice."""
+    the controls (paired difference in points [95% CI] and p-value), macro-F1 and its paired
+    difference to none, habit rate (**collapsed** rows marked), and its dev choice."""
     lines = [
         "| method | what | test acc % [95% CI] | vs none, points [95% paired CI] (p) | "
-        "vs none+bias (p) | p vs null | macro-F1 [95% CI] | habit [95% CI] | "
-        "gap closed (if the expert is sig. better) | alpha | layers | dev acc % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "vs none+bias (p) | p vs null | macro-F1 [95% CI] | macro-F1 vs none (p) | "
+        "habit [95% CI] | gap closed (if the expert is sig. better) | alpha | layers | "
+        "dev acc % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     headroom = metrics.get("headroom")
-    # A share of a gap the expert does not significantly have is noise divided by noise.
-    real_gap = headroom is not None and headroom["low"] > 0
+    # A share of a gap the expert does not significantly have is noise divided by noise; on a
+    # one-class test set there is no gain to share.
+    real_gap = headroom is not None and headroom["low"] > 0 and not metrics.get("one_class_test")
     for method, entry in metrics["methods"].items():
         steered = method not in BASELINES
         gap = entry.get("gap_closed") if real_gap else None
@@ -121,7 +129,9 @@ def summary_table(metrics: dict[str, Any]) -> str:
                     _versus(entry, "none_bias"),
                     _p(entry.get("p_vs_null")),
                     _share(entry.get("macro_f1"), entry.get("macro_f1_ci")),
-                    _share(entry.get("habit_rate"), entry.get("habit_rate_ci")),
+                    _f1_versus(entry),
+                    _share(entry.get("habit_rate"), entry.get("habit_rate_ci"))
+                    + (" **collapsed**" if entry.get("collapsed") else ""),
                     "—" if gap is None else f"{100 * gap:+.0f}%",
                     f"{entry['alpha']:g}" if steered else "—",
                     layers_key(entry["layers"]) if steered else "—",
@@ -131,6 +141,16 @@ def summary_table(metrics: dict[str, Any]) -> str:
             + " |"
         )
     return "\n".join(lines)
+
+
+def _f1_versus(entry: dict[str, Any]) -> str:
+    comparison = entry.get("vs_none_macro_f1")
+    if comparison is None:
+        return "—"
+    return (
+        f"{comparison['difference']:+.2f} [{comparison['low']:+.2f}, {comparison['high']:+.2f}] "
+        f"(p {_p(entry.get('p_vs_none_macro_f1'))})"
+    )
 
 
 def _figures(run_dir: Path, metrics: dict[str, Any]) -> dict[str, str]:
@@ -176,8 +196,10 @@ def controls_section(metrics: dict[str, Any]) -> list[str]:
         f"**Conclusion**: {conclusion(metrics)}",
         "",
         f"A method helps only if it beats `none`, `none+bias` and the random null, each at "
-        f"p < {LEVEL:g}, with a gain above the null's 95th percentile. {count} comparisons "
-        f"were made ({len(steered_methods(metrics))} steered methods x each control); p-values "
+        f"p < {LEVEL:g}, with a gain above the null's 95th percentile{_balanced_rule(metrics)}. "
+        f"Metrics the verdict requires: {', '.join(verdict_metrics(metrics))}. {count} "
+        f"comparisons were made ({len(steered_methods(metrics))} steered methods x each "
+        "check); p-values "
         f"are unadjusted (a Bonferroni level would be {LEVEL:g}/{max(count, 1)} = "
         f"{LEVEL / max(count, 1):.4f}). vs none and none+bias: two-sided paired bootstrap over "
         "test items; vs the null: one-sided empirical, (1 + #{null gain >= gain}) / (1 + K).",
@@ -186,11 +208,16 @@ def controls_section(metrics: dict[str, Any]) -> list[str]:
     bias = metrics.get("none_bias") or {}
     if NONE_BIAS in metrics["methods"]:
         entry = metrics["methods"][NONE_BIAS]
+        rule = (
+            f"always class {entry['constant']}"
+            if entry.get("constant") is not None
+            else f"per-class log-odds offsets {[round(b, 3) for b in entry['offsets']]}"
+        )
         lines.append(
-            f"* `none+bias` (a moved decision threshold): per-class log-odds offsets "
-            f"{[round(b, 3) for b in entry['offsets']]} chosen on dev among {entry['budget']} "
-            f"candidates (as many as the alpha grid has alphas); test "
-            f"{_interval(entry['test'])}, vs none {_versus(entry, 'none')}."
+            f"* `none+bias` (a moved decision threshold): {rule}, chosen on dev among "
+            f"{entry['budget']} offset candidates (the largest dev search of a steered method: "
+            f"alphas x layer sets) and every constant class; test {_interval(entry['test'])}, "
+            f"vs none {_versus(entry, 'none')}."
         )
     elif bias.get("applicable") is False:
         lines.append(f"* `none+bias`: not applicable ({bias.get('reason')}).")
@@ -207,6 +234,16 @@ def controls_section(metrics: dict[str, Any]) -> list[str]:
     else:
         lines.append("* Random null: none drawn (K = 0); no method can be called a gain.")
     return [*lines, ""]
+
+
+def _balanced_rule(metrics: dict[str, Any]) -> str:
+    if "macro_f1" not in verdict_metrics(metrics):
+        return ""
+    return (
+        f", it is not collapsed (habit >= {COLLAPSE_HABIT:g} while the gold majority class "
+        f"holds under {COLLAPSE_MAJORITY:g} of the items) and its macro-F1 is not "
+        f"significantly below none's (paired bootstrap, p < {LEVEL:g})"
+    )
 
 
 def _cell(text: str, limit: int = 160) -> str:
@@ -305,6 +342,14 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
         "(same items). Habit: share of test items given the most common answer.",
         "",
     ]
+    if metrics.get("environment"):
+        lines += [f"Environment: {describe_environment(metrics['environment'])}", ""]
+    if metrics.get("one_class_test"):
+        lines += [
+            "**Warning**: every test item has the same gold label; accuracy rewards a constant "
+            "answer, so no gain or share of the gap is computed.",
+            "",
+        ]
     dropped = {pool: count for pool, count in (metrics.get("dropped_rows") or {}).items() if count}
     if dropped:
         lines += [

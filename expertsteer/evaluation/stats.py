@@ -139,6 +139,37 @@ def macro_f1_ci(
     return macro_f1(preds, target, num_classes), low, high
 
 
+def paired_macro_f1(
+    preds_a: torch.Tensor,
+    preds_b: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float, float]:
+    """(macro-F1(a) - macro-F1(b), low, high, p) over the same items: both prediction vectors
+    are resampled at the SAME indices (macro-F1 is not a mean over items, so the difference is
+    recomputed per resample). p is two-sided, counted as in `paired_bootstrap_p`."""
+    _check_level(level, n_boot)
+    a = _as_predictions(preds_a, target, num_classes)
+    b = _as_predictions(preds_b, target, num_classes)
+    target = target.long()
+    samples = torch.cat(
+        [
+            _macro_f1_rows(a[idx], target[idx], num_classes)
+            - _macro_f1_rows(b[idx], target[idx], num_classes)
+            for idx in _resampled_indices(len(target), n_boot, seed)
+        ]
+    )
+    low, high = _interval(samples, level)
+    below = (1 + int((samples <= 0).sum())) / (1 + n_boot)
+    above = (1 + int((samples >= 0).sum())) / (1 + n_boot)
+    observed = _macro_f1_rows(a[None], target[None], num_classes)
+    difference = float(observed - _macro_f1_rows(b[None], target[None], num_classes))
+    return difference, low, high, min(1.0, 2 * min(below, above))
+
+
 def habit_rate_ci(
     codes: torch.Tensor, n_boot: int = 2000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float, float]:

@@ -83,8 +83,9 @@ def _two_class_scores(offset: float, n: int = 600, seed: int = 0):
 @pytest.mark.parametrize("offset", [-1.5, 0.8, 2.0])
 def test_none_bias_recovers_a_known_offset_on_dev(offset):
     scores, gold = _two_class_scores(offset)
-    offsets = fit_offsets(scores, gold, budget=9)
-    assert offsets[0] == 0.0
+    rule = fit_offsets(scores, gold, budget=9)
+    offsets = rule.offsets
+    assert offsets[0] == 0.0 and rule.constant is None
     # Nine quantile cuts: the one at half the items lies within sampling noise of the truth.
     assert abs(float(offsets[1]) - offset) < 0.25
     tuned = float((offset_predictions(scores, offsets) == gold).double().mean())
@@ -94,7 +95,7 @@ def test_none_bias_recovers_a_known_offset_on_dev(offset):
 
 def test_none_bias_keeps_no_offset_when_the_threshold_is_already_right():
     scores, gold = _two_class_scores(0.0)
-    offsets = fit_offsets(scores, gold, budget=8)
+    offsets = fit_offsets(scores, gold, budget=8).offsets
     accuracy = float((offset_predictions(scores, offsets) == gold).double().mean())
     assert accuracy >= float((scores.argmax(1) == gold).double().mean())
     assert abs(float(offsets[1])) < 0.3
@@ -108,7 +109,7 @@ def test_none_bias_per_class_coordinate_search_for_three_classes():
     logits += torch.randn(n, 3, generator=generator, dtype=torch.float64)
     hidden = torch.tensor([0.0, -1.0, -2.5], dtype=torch.float64)  # a habit for class 0
     scores = torch.log_softmax(logits + hidden, dim=1)
-    offsets = fit_offsets(scores, gold, budget=30)
+    offsets = fit_offsets(scores, gold, budget=30).offsets
     tuned = float((offset_predictions(scores, offsets) == gold).double().mean())
     untuned = float((scores.argmax(1) == gold).double().mean())
     assert tuned > untuned + 0.15
@@ -128,10 +129,12 @@ def test_none_bias_budget_bounds_the_candidates_and_errors_are_named():
 
     controls.offset_predictions = counting
     try:
-        controls.fit_offsets(scores, gold, budget=4)
+        rule = controls.fit_offsets(scores, gold, budget=4)
     finally:
         controls.offset_predictions = original
-    assert len(calls) <= 1 + 4  # the incumbent (no offset) + the budget
+    # The incumbent (no offset) + the budget of offsets; the two constant rules use no offsets.
+    assert len(calls) <= 1 + 4
+    assert rule.candidates <= 4 + 2
     with pytest.raises(ValueError, match="budget"):
         fit_offsets(scores, gold, budget=0)
     with pytest.raises(ValueError, match="one gold label per row"):
@@ -341,8 +344,17 @@ def test_metrics_carry_both_controls_and_every_method_figure(evaluated):
     assert list(methods)[:2] == ["none", "none+bias"]
     bias = methods["none+bias"]
     assert len(bias["offsets"]) == 2 and bias["offsets"][0] == 0.0
-    assert bias["budget"] == len(ALPHAS) and "p_vs_none" in bias
+    # One target layer per method: the largest dev search is the alpha grid.
+    assert bias["budget"] == len(ALPHAS) and "p_vs_none" in bias and "constant" in bias
     assert metrics["none_bias"]["applicable"] is True
+    assert metrics["none_bias"]["constant_classes"] == [0, 1]
+    assert metrics["none_bias"]["candidates"] <= len(ALPHAS) + 2
+    environment = metrics["environment"]
+    # tests/tiny_task.py writes its artifacts by hand, without a capture dtype.
+    assert environment["capture_dtype"] == ["unknown"] and environment["scoring_dtype"]
+    assert environment["threads"] >= 1 and environment["device"] == "cpu"
+    assert metrics["conclusion"]["metrics"] == ["accuracy", "macro_f1"]
+    assert metrics["one_class_test"] is False
     for name in ("none", "none+bias", "expertsteer", "target_mean_diff"):
         entry = methods[name]
         assert 0.0 <= entry["macro_f1"] <= 1.0 and 0.5 <= entry["habit_rate"] <= 1.0
@@ -352,6 +364,11 @@ def test_metrics_carry_both_controls_and_every_method_figure(evaluated):
         assert sum(entry["predicted_share"].values()) == pytest.approx(1.0)
     for name in ("expertsteer", "target_mean_diff"):
         entry = methods[name]
+        assert entry["collapsed"] in (True, False)
+        assert 0.0 < entry["p_vs_none_macro_f1"] <= 1.0
+        assert entry["vs_none_macro_f1"]["difference"] == pytest.approx(
+            entry["macro_f1"] - methods["none"]["macro_f1"]
+        )
         assert entry["alpha"] in ALPHAS
         for key in ("p_vs_none", "p_vs_none_bias", "p_vs_null"):
             assert 0.0 < entry[key] <= 1.0
@@ -359,10 +376,11 @@ def test_metrics_carry_both_controls_and_every_method_figure(evaluated):
         assert entry["p_vs_null"] == pytest.approx(empirical_p(gain, metrics["null"]["gains"]))
     assert not any(name.startswith("null/") for name in methods)
     assert set(metrics["test_items"]) == {"none", "none+bias", "expertsteer", "target_mean_diff"}
-    assert metrics["comparisons"]["count"] == 2 * 3
+    assert metrics["comparisons"]["count"] == 2 * 4
     assert metrics["conclusion"]["text"].startswith("tiny_reviews:")
     report = (run_dir / REPORT_FILE).read_text()
-    assert "**Conclusion**" in report and "6 comparisons" in report
+    assert "**Conclusion**" in report and "8 comparisons" in report
+    assert "Environment: torch" in report
     assert (run_dir / NULL_FIGURE).is_file() and NULL_FIGURE in report
 
 

@@ -106,6 +106,7 @@ def test_stage_configs_run_end_to_end_on_tiny_models(tiny_dirs, tmp_path):
     steering = load_steering(run / STEERING_FILE)
     assert steering.metadata["method"] == "rfm" and steering.width == 48
     assert len(steering.metadata["fits"][0]["val_auroc"]) == 3
+    assert steering.metadata["capture_dtype"] == "float32"  # recorded for the environment
     steer = ["validate", "--config", str(CONFIGS / "steer.yaml")]
     steer += [
         f"--model.init_args.target={tiny_dirs['target']}",
