@@ -107,6 +107,11 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
+        # Writers inside (e.g. safetensors' save_pretrained) may create 0600 files; the cache
+        # holds every file with the usual permissions (0666 minus umask).
+        for path in tmp.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                path.chmod(0o666 & ~_umask())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

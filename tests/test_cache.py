@@ -85,11 +85,17 @@ def test_cache_files_and_folders_are_group_readable_like_ordinary_ones(tmp_path)
     try:
         with atomic_dir(tmp_path / "entry") as tmp:
             (tmp / "x.bin").write_bytes(b"x")
+            # A writer that makes its file private (safetensors' save_pretrained does).
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "model.safetensors").write_bytes(b"w")
+            (tmp / "sub" / "model.safetensors").chmod(0o600)
         with atomic_file(tmp_path / "f.json") as tmp:
             tmp.write_text("{}")
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "entry").stat().st_mode) == 0o755
+    weights = tmp_path / "entry" / "sub" / "model.safetensors"
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
 
 

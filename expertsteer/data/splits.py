@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 
 from expertsteer.data.tasks import Example, Task, TaskError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("steer", "dev", "test")
 
@@ -27,32 +30,110 @@ class SplitSizes:
                 raise ValueError(f"split size '{name}' must be >= 1, got {getattr(self, name)}")
 
 
+def text_key(example: Example) -> tuple[str, str, tuple[str, ...]]:
+    """What makes two examples the same item: passage, question and options (not the id)."""
+    return example.context, example.question, example.choices
+
+
+@dataclass
+class Duplicates:
+    """Rows of a task that repeat another row's text."""
+
+    repeated: int
+    """Later copies of a text with the same gold answer (one copy is kept)."""
+    contradicting: list[str]
+    """Texts that occur with two or more gold answers (every copy is dropped: no gold)."""
+    contradicting_rows: int
+    """Rows holding those texts."""
+
+    @property
+    def dropped(self) -> int:
+        return self.repeated + self.contradicting_rows
+
+
+def find_duplicates(examples: list[Example]) -> Duplicates:
+    """Repeated and contradicting texts among `examples`."""
+    answers: dict[tuple, set] = {}
+    counts: dict[tuple, int] = {}
+    for example in examples:
+        key = text_key(example)
+        answers.setdefault(key, set()).add(example.answer)
+        counts[key] = counts.get(key, 0) + 1
+    conflicts = [key for key, seen in answers.items() if len(seen) > 1]
+    repeated = sum(n - 1 for key, n in counts.items() if len(answers[key]) == 1)
+    return Duplicates(
+        repeated,
+        [" / ".join(part for part in (key[0], key[1]) if part) for key in conflicts],
+        sum(counts[key] for key in conflicts),
+    )
+
+
+def _unique(examples: list[Example], conflicts: set[tuple]) -> list[Example]:
+    """`examples` in order with later copies of a text and contradicting texts left out."""
+    seen: set[tuple] = set()
+    kept = []
+    for example in examples:
+        key = text_key(example)
+        if key in seen or key in conflicts:
+            continue
+        seen.add(key)
+        kept.append(example)
+    return kept
+
+
+def _conflicting_keys(examples: list[Example]) -> set[tuple]:
+    answers: dict[tuple, set] = {}
+    for example in examples:
+        answers.setdefault(text_key(example), set()).add(example.answer)
+    return {key for key, seen in answers.items() if len(seen) > 1}
+
+
 def make_splits(task: Task, sizes: SplitSizes, seed: int = 0) -> dict[str, list[Example]]:
     """Split `task` into steer / dev / test.
 
     `test` is drawn from the task's `test` pool when it has one (its official evaluation rows)
-    and steer / dev from the other pools; a task with a single pool is shuffled and cut. Any
-    steer / dev example whose prompt text also occurs in test is dropped, so no test question
-    leaks into fitting or selection.
+    and steer / dev from the other pools; a task with a single pool is shuffled and cut. Rows
+    are deduplicated by text within the pool they come from, after each shuffle (so a task
+    without duplicates splits exactly as before): a repeated text is kept once, a text with two
+    gold answers not at all. Any steer / dev example whose prompt text also occurs in test is
+    dropped, so no test question leaks into fitting or selection, and no item sits in both
+    steer and dev. A split smaller than asked is logged (`split_shortfalls`); an empty one is an
+    error naming its cause.
     """
     rng = random.Random(seed)
     if "test" in task.pools and len(task.pools) > 1:
         test_pool = list(task.pools["test"])
         fit_pool = [e for name, pool in task.pools.items() if name != "test" for e in pool]
+        groups = [test_pool, fit_pool]
+        fit_conflicts = _conflicting_keys(fit_pool)
     else:
         everything = task.all_examples()
+        groups = [everything]
+        fit_conflicts = _conflicting_keys(everything)
+    _log_duplicates(task.name, groups)
+    test_conflicts = _conflicting_keys(groups[0])
+    if len(groups) == 1:
         rng.shuffle(everything)
+        everything = _unique(everything, fit_conflicts)
         test_pool, fit_pool = everything[: sizes.test], everything[sizes.test :]
     rng.shuffle(test_pool)
+    test_pool = _unique(test_pool, test_conflicts)
     test = test_pool[: sizes.test]
-    seen = {(e.context, e.question) for e in test}
-    fit_pool = [e for e in fit_pool if (e.context, e.question) not in seen]
+    seen = {text_key(e) for e in test}
+    fit_pool = [e for e in fit_pool if text_key(e) not in seen]
     rng.shuffle(fit_pool)
+    fit_pool = _unique(fit_pool, fit_conflicts)
     splits = {
         "steer": fit_pool[: sizes.steer],
         "dev": fit_pool[sizes.steer : sizes.steer + sizes.dev],
         "test": test,
     }
+    if not splits["dev"] and splits["steer"]:
+        raise TaskError(
+            f"task '{task.name}': split 'dev' is empty: steer asks {sizes.steer} examples and "
+            f"takes all {len(fit_pool)} left for steer+dev; lower splits.steer below "
+            f"{len(fit_pool)} (and dev with it) or add data"
+        )
     for name, examples in splits.items():
         if not examples:
             raise TaskError(
@@ -60,4 +141,32 @@ def make_splits(task: Task, sizes: SplitSizes, seed: int = 0) -> dict[str, list[
                 f"examples left for steer+dev, {len(test_pool)} for test); lower "
                 "the split sizes or add data"
             )
+    for line in split_shortfalls(task.name, splits, sizes):
+        log.warning(line)
     return splits
+
+
+def _log_duplicates(name: str, groups: list[list[Example]]) -> None:
+    """Log what deduplication leaves out of the pools splits are drawn from."""
+    found = [find_duplicates(group) for group in groups]
+    repeated = sum(d.repeated for d in found)
+    conflicting = sum(d.contradicting_rows for d in found)
+    if repeated or conflicting:
+        log.warning(
+            "task '%s': %d repeated rows and %d rows of %d texts with contradicting gold "
+            "answers left out of the splits",
+            name,
+            repeated,
+            conflicting,
+            sum(len(d.contradicting) for d in found),
+        )
+
+
+def split_shortfalls(name: str, splits: dict[str, list[Example]], sizes: SplitSizes) -> list[str]:
+    """One line per split that got fewer examples than asked."""
+    return [
+        f"task '{name}': split '{split}' has {len(splits[split])} of the {getattr(sizes, split)} "
+        "examples asked (the task has no more)"
+        for split in SPLITS
+        if len(splits[split]) < getattr(sizes, split)
+    ]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import os
 import re
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from expertsteer.cache import sha256_file
 from expertsteer.errors import ExpertSteerError
 
 log = logging.getLogger(__name__)
@@ -304,10 +307,35 @@ def data_source(spec: TaskSpec, data_root: str | Path | None = None) -> TaskSpec
     return spec.hub_fallback
 
 
+def data_identity(spec: TaskSpec, data_root: str | Path | None = None) -> str:
+    """What `spec` reads, by content: the sha256 of each local file (relative name and bytes;
+    a folder's files in sorted order), or the hub dataset it falls back to. The same data
+    under another spelling of its folder gives the same identity."""
+    root = resolve_data_root(data_root)
+    source = data_source(spec, root)
+    if source is not spec:
+        return json.dumps(source.hub, sort_keys=True)
+    digest = hashlib.sha256()
+    for path, name in zip(local_paths(spec, root), _file_names(spec), strict=True):
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            relative = name if file == path else f"{name}/{file.relative_to(path).as_posix()}"
+            digest.update(f"{relative}\0{sha256_file(file)}\0".encode())
+    return digest.hexdigest()
+
+
+def _file_names(spec: TaskSpec) -> list[str]:
+    return [name for names in spec.files.values() for name in names]
+
+
 def resolve_paths(spec: TaskSpec, names: list[str], data_root: Path) -> list[Path]:
     """Absolute, existing data files of `spec`; a missing one is named with the fix."""
     paths = [Path(name) if Path(name).is_absolute() else data_root / name for name in names]
     for name, path in zip(names, paths, strict=True):
+        if path.is_dir():
+            raise TaskError(
+                f"task '{spec.name}': data file {path} is a directory; name the data file in it"
+            )
         if not path.is_file():
             fix = (
                 "set data_root to the folder holding the benchmark files"
@@ -567,7 +595,12 @@ def spec_from_yaml(path: str | Path) -> TaskSpec:
 
     path = Path(path)
     try:
-        settings = yaml.safe_load(path.read_text())
+        settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise TaskError(
+            f"task file {path} is not UTF-8 text (byte {error.start}: {error.reason}); "
+            "re-save it as UTF-8"
+        ) from None
     except (OSError, yaml.YAMLError) as error:
         raise TaskError(f"cannot read task file {path}: {error}") from error
     if not isinstance(settings, dict):

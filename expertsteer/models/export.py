@@ -48,6 +48,7 @@ import torch
 from expertsteer.artifacts import STEERING_FILE
 from expertsteer.cache import atomic_file
 from expertsteer.errors import ExpertSteerError
+from expertsteer.evaluation.choice import check_alpha
 from expertsteer.method.vectors import SteeringVectors, load_steering
 from expertsteer.models.zoo import PACKAGED
 
@@ -73,9 +74,10 @@ def control_vectors(steering: SteeringVectors, alpha: float) -> dict[int, torch.
     llama.cpp's layer n is the 0-based target block n (see the module docstring); block 0 has
     no llama.cpp slot and raises.
     """
-    alpha = float(alpha)
-    if not math.isfinite(alpha):
-        raise ExportError(f"alpha must be a finite number, got {alpha}")
+    try:
+        alpha = check_alpha(alpha)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
     if min(steering.layers) <= 0:
         raise ExportError(
             f"the artifact steers target block(s) {[j for j in steering.layers if j <= 0]}; "

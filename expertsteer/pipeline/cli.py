@@ -6,12 +6,16 @@ import argparse
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from expertsteer.artifacts import METRICS_FILE, load_json
 from expertsteer.errors import ExpertSteerError
 from expertsteer.models.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
 from expertsteer.pipeline.console import configure_logging
 from expertsteer.pipeline.lightning_cli import LIGHTNING_COMMANDS, hide_library_bars, run_stage
+
+if TYPE_CHECKING:
+    from expertsteer.data.tasks import Task
 
 log = logging.getLogger("expertsteer")
 
@@ -114,6 +118,7 @@ def _check_task(path: str, data_root: str) -> None:
         print(f"\n--- {example.id}\n{render_prompt(task.type, example)}")
         if example.answer is not None:
             print(f"=> {answer_text(task.type, example, example.answer)}")
+    _check_duplicates(task)
     if task.type == "numeric":
         return
     counts = Counter(example.answer for example in examples)
@@ -122,6 +127,30 @@ def _check_task(path: str, data_root: str) -> None:
     for answer, count in sorted(counts.items()):
         name = names.get(answer, str(answer)) if task.type != "choice" else f"option {answer}"
         print(f"  {name:20} {count:6}  {count / len(examples):6.1%}")
+    if len(counts) == 1:
+        print(
+            "\nwarning: every example has the same gold answer; a constant answer scores 100%, "
+            "so no steering gain can be measured on this task (add examples of other classes)"
+        )
+
+
+def _check_duplicates(task: Task) -> None:
+    """Rows the splits will leave out as duplicates, per pool, with contradicting texts named."""
+    from expertsteer.data.splits import find_duplicates
+
+    for pool, examples in task.pools.items():
+        found = find_duplicates(examples)
+        if not found.dropped:
+            continue
+        print(
+            f"\npool '{pool}': {found.repeated} repeated rows (kept once) and "
+            f"{found.contradicting_rows} rows of {len(found.contradicting)} texts with "
+            "contradicting gold answers (left out) will not enter the splits"
+        )
+        for text in found.contradicting[:10]:
+            print(f"  contradicting: {text[:120]!r}")
+        if len(found.contradicting) > 10:
+            print(f"  ... and {len(found.contradicting) - 10} more")
 
 
 def _smoke_test(args: argparse.Namespace) -> None:
@@ -151,7 +180,7 @@ def _smoke_test(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     from expertsteer.evaluation.report import REPORT_FILE, summary_table
-    from expertsteer.pipeline.experiment import load_experiment
+    from expertsteer.pipeline.experiment import load_experiment, split_plan
     from expertsteer.pipeline.stages import plan, run_experiment, validate_stage_configs
 
     experiment = load_experiment(args.config)
@@ -163,6 +192,8 @@ def _run(args: argparse.Namespace) -> None:
     if args.dry_run:
         for task in experiment.tasks:
             validate_stage_configs(experiment, task)
+        for task in experiment.tasks:
+            print("\n".join(split_plan(experiment.for_task(task), task)))
         for task in experiment.tasks:
             for stage, command, path, _, reuse in plan(experiment, task):
                 state = "reuse" if reuse and not args.force else "run"
@@ -191,7 +222,7 @@ def _export_gguf(args: argparse.Namespace) -> None:
     source = method_dir(run, args.method) if run.is_dir() else run
     alpha = args.alpha
     if alpha is None and run.is_dir() and (run / METRICS_FILE).is_file():
-        entry = current_metrics(run)["methods"].get(args.method)
+        entry = current_metrics(run, alpha_option=True)["methods"].get(args.method)
         alpha = None if entry is None else entry["alpha"]
         if alpha is not None:
             log.info("alpha %g: chosen on dev for %s (metrics.json)", alpha, args.method)
@@ -209,6 +240,26 @@ def _report(args: argparse.Namespace) -> None:
     path = write_report(args.run_dir, metrics)
     print(summary_table(metrics))
     print(f"\nreport: {path}")
+
+
+def _alpha(text: str) -> float:
+    """An argparse type: a finite strength within the evaluation's bound."""
+    from expertsteer.evaluation.choice import check_alpha
+
+    try:
+        return check_alpha(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 Commands = argparse._SubParsersAction
@@ -271,10 +322,10 @@ def _add_generate(commands: Commands) -> None:
         "--method", default="expertsteer", help="with --steer: whose vectors (default expertsteer)"
     )
     generate.add_argument(
-        "--alpha", type=float, help="with --steer: strength (default: chosen on dev)"
+        "--alpha", type=_alpha, help="with --steer: strength (default: chosen on dev)"
     )
     generate.add_argument("--prompt", required=True, action="append", help="repeatable")
-    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--max-new-tokens", type=_positive_int, default=32)
     generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     generate.add_argument(
         "--chat-template",
@@ -338,7 +389,7 @@ def _add_export_gguf(commands: Commands) -> None:
         "--method", default="expertsteer", help="which method's vectors (default: expertsteer)"
     )
     export.add_argument(
-        "--alpha", type=float, help="strength folded into the vectors (default: chosen on dev)"
+        "--alpha", type=_alpha, help="strength folded into the vectors (default: chosen on dev)"
     )
     export.add_argument("--model-hint", help="llama.cpp architecture of the target (e.g. llama)")
     export.set_defaults(handler=_export_gguf)

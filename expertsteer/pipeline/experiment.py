@@ -307,12 +307,24 @@ def _settings_class(annotation: Any) -> tuple[type | None, bool]:
 def load_experiment(path: str | Path) -> Experiment:
     """Read and check an experiment YAML (unknown options, tasks, models, methods, layers)."""
     path = Path(path)
+    if path.is_dir():
+        raise ExperimentError(f"experiment config {path} is a directory; name the YAML file")
     if not path.is_file():
         raise ExperimentError(f"experiment config not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ExperimentError(
+            f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); re-save it as UTF-8"
+        ) from None
     except yaml.YAMLError as error:
         raise ExperimentError(f"{path} is not valid YAML: {error}") from error
+    if not values:
+        # An empty file would silently plan the whole default experiment.
+        raise ExperimentError(
+            f"{path} is empty: an experiment names at least its tasks (see "
+            "configs/experiments/default.yaml)"
+        )
     experiment = _build(Experiment, values, str(path))
     check(experiment)
     return experiment
@@ -362,6 +374,22 @@ def _check_data(settings: Experiment, task: str) -> None:
         names += settings.alignment.corpus.tasks
     for name in dict.fromkeys(names):
         data_source(resolve_task(name), settings.data_root)
+
+
+def split_plan(settings: Experiment, task: str) -> list[str]:
+    """What the task's splits really hold, before any work: sizes against those asked, rows
+    left out as duplicates, and each split the data cannot fill (an impossible split raises
+    the `TaskError` the run would)."""
+    from expertsteer.data.catalogue import resolve_task
+    from expertsteer.data.splits import SPLITS, SplitSizes, make_splits, split_shortfalls
+    from expertsteer.data.tasks import load_task
+
+    loaded = load_task(resolve_task(task), settings.data_root)
+    sizes = SplitSizes(settings.splits.steer, settings.splits.dev, settings.splits.test)
+    splits = make_splits(loaded, sizes, settings.seed)
+    held = ", ".join(f"{name} {len(splits[name])}/{getattr(sizes, name)}" for name in SPLITS)
+    lines = [f"{task}: splits (held/asked) {held}"]
+    return lines + [f"{task}: warning: {line}" for line in split_shortfalls(task, splits, sizes)]
 
 
 def _check_accelerator(trainer: dict[str, Any]) -> None:

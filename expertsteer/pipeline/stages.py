@@ -35,6 +35,7 @@ from expertsteer.data.token_pairs import CorpusConfig
 from expertsteer.errors import ExpertSteerError
 from expertsteer.evaluation.choice import ChoiceConfig
 from expertsteer.evaluation.evaluate import ScoringConfig
+from expertsteer.evaluation.report import ALPHA_FIGURE, AUROC_FIGURE, NULL_FIGURE, REPORT_FILE
 from expertsteer.method.align import TrainingConfig
 from expertsteer.method.pair import MIConfig, PairingConfig
 from expertsteer.method.rfm import VectorsConfig
@@ -352,6 +353,30 @@ def _save_stages(run_dir: Path, record: StageRecord) -> None:
     save_json(run_dir / STAGES_FILE, {"kind": "stages", **dataclasses.asdict(record)})
 
 
+def _data_identity(settings: Experiment, task: str) -> str:
+    """The content identity of every task the run reads (its own and the token corpus's)."""
+    from expertsteer.data.catalogue import resolve_task
+    from expertsteer.data.tasks import data_identity
+
+    names = [task] + (settings.alignment.corpus.tasks if settings.alignment.corpus else [])
+    return json.dumps(
+        {name: data_identity(resolve_task(name), settings.data_root) for name in names}
+    )
+
+
+def _by_content(config: Any, data: str) -> Any:
+    """`config` with every `data_root` replaced by `data`, the content identity of what is read
+    there: a stage's fingerprint follows the data, not the spelling of its folder's path."""
+    if isinstance(config, dict):
+        return {
+            key: data if key == "data_root" else _by_content(value, data)
+            for key, value in config.items()
+        }
+    if isinstance(config, list):
+        return [_by_content(value, data) for value in config]
+    return config
+
+
 def plan(experiment: Experiment, task: str) -> list[tuple[str, str, Path, str, bool]]:
     """(stage, subcommand, config path, fingerprint, reuse?) per stage, writing nothing. A
     stage is reused when its fingerprint matches, its outputs are byte for byte what it wrote
@@ -362,8 +387,9 @@ def plan(experiment: Experiment, task: str) -> list[tuple[str, str, Path, str, b
     fingerprints: dict[str, str] = {}
     rows = []
     stale: set[str] = set()
+    data = _data_identity(settings, task)
     for stage, (command, config, upstream) in stage_configs(settings, task).items():
-        text = yaml.safe_dump(config, sort_keys=False)
+        text = yaml.safe_dump(_by_content(config, data), sort_keys=False)
         fingerprints[stage] = _fingerprint(text, [fingerprints[u] for u in upstream])
         reuse = (
             record.fingerprints.get(stage) == fingerprints[stage]
@@ -377,7 +403,7 @@ def plan(experiment: Experiment, task: str) -> list[tuple[str, str, Path, str, b
     return rows
 
 
-RESULT_FILES = (METRICS_FILE, "report.md")
+RESULT_FILES = (METRICS_FILE, REPORT_FILE, ALPHA_FIGURE, AUROC_FIGURE, NULL_FIGURE)
 """What the evaluation writes for the vectors it scored: removed before any stage reruns, so
 that a failed or killed rerun never leaves results beside vectors they do not describe."""
 
@@ -472,9 +498,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         ) from error
 
 
-def current_metrics(run_dir: Path) -> dict:
+def current_metrics(run_dir: Path, alpha_option: bool = False) -> dict:
     """`metrics.json` of a run directory, only if it scored the vectors now there: the
-    evaluation finished after every vectors stage and no recorded output has changed since."""
+    evaluation finished after every vectors stage and no recorded output has changed since.
+    `alpha_option`: the caller takes `--alpha`, which the error then offers."""
     metrics_path = run_dir / METRICS_FILE
     if not (run_dir / STAGES_FILE).is_file():
         log.warning(
@@ -498,7 +525,8 @@ def current_metrics(run_dir: Path) -> dict:
         )
         raise ExperimentError(
             f"{metrics_path} does not belong to the vectors in {run_dir} ({why}); rerun "
-            "`expertsteer run` to evaluate them (or give the strength with --alpha)"
+            "`expertsteer run` to evaluate them"
+            + (" (or give the strength with --alpha)" if alpha_option else "")
         )
     return load_json(metrics_path, "metrics")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from expertsteer.artifacts import METRICS_FILE, STEERING_FILE
 from expertsteer.errors import ExpertSteerError
+from expertsteer.evaluation.choice import check_alpha
 from expertsteer.method.steer import Intervention, steered_generate
 from expertsteer.method.vectors import load_steering
 from expertsteer.models.causal_lm import CausalLM
@@ -55,6 +56,11 @@ class RunSteering:
     ) -> RunSteering:
         """The vectors of `method` in `run_dir`; `decoder` reuses a loaded target."""
         run = Path(run_dir)
+        if alpha is not None:
+            try:
+                alpha = check_alpha(alpha)
+            except ValueError as error:
+                raise ExpertSteerError(str(error)) from None
         if method not in METHODS:
             raise ExpertSteerError(f"unknown method '{method}'; choose from {list(METHODS)}")
         path = method_dir(run, method) / STEERING_FILE
@@ -93,7 +99,7 @@ def _dev_choice(run: Path, method: str, required: bool) -> dict | None:
     if not required and not (run / METRICS_FILE).is_file():
         return None
     try:
-        metrics = current_metrics(run)
+        metrics = current_metrics(run, alpha_option=True)
     except ExpertSteerError:
         if required:
             raise

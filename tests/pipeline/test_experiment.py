@@ -17,7 +17,7 @@ from expertsteer.artifacts import (
     PAIRS_FILE,
     STEERING_FILE,
 )
-from expertsteer.evaluation.report import REPORT_FILE
+from expertsteer.evaluation.report import ALPHA_FIGURE, NULL_FIGURE, REPORT_FILE
 from expertsteer.method.vectors import load_steering
 from expertsteer.models.export import read_control_vector
 from expertsteer.pipeline.cli import main
@@ -286,6 +286,7 @@ def test_damaged_outputs_rerun_and_stale_results_are_never_current(
     main(["run", "--config", str(path)])
     run = tmp_path / "runs" / "tiny" / "reviews_csv"
     old_metrics = (run / "metrics.json").read_bytes()
+    assert (run / ALPHA_FIGURE).is_file() and (run / NULL_FIGURE).is_file()
 
     # A truncated steering file is not "finished": its stage and the evaluation rerun.
     random_file = run / "methods" / "random" / STEERING_FILE
@@ -312,6 +313,7 @@ def test_damaged_outputs_rerun_and_stale_results_are_never_current(
     with pytest.raises(SystemExit, match="stage 'evaluate' of task"):
         main(["run", "--config", str(path)])
     assert not (run / "metrics.json").exists() and not (run / REPORT_FILE).exists()
+    assert not (run / ALPHA_FIGURE).exists() and not (run / NULL_FIGURE).exists()
 
     # Even a restored old metrics.json is not taken as current by export-gguf or report.
     (run / "metrics.json").write_bytes(old_metrics)
