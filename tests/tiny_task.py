@@ -14,6 +14,22 @@ from expertsteer.models.zoo import weights_identity
 WORDS = ["dull", "grand", "slow", "witty", "bleak", "warm", "odd", "sharp"]
 
 
+def text_task(directory: Path, rows: list[dict], name: str = "reviews") -> Path:
+    """A good/bad review task over `rows` ({"text", "y"} with label words), one pool `test`."""
+    (directory / f"{name}.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    spec = {
+        "name": name,
+        "type": "classification",
+        "files": {"test": f"{name}.jsonl"},
+        "fields": {"question": "text", "answer": "y"},
+        "answer_format": "text",
+        "labels": ["bad", "good"],
+    }
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
 def review_task(directory: Path, name: str, labels: list[int]) -> Path:
     """A two-label review task (`<name>.yaml` over `<name>.jsonl` in `directory`), one row per
     label."""

@@ -163,11 +163,9 @@ def paired_macro_f1(
         ]
     )
     low, high = _interval(samples, level)
-    below = (1 + int((samples <= 0).sum())) / (1 + n_boot)
-    above = (1 + int((samples >= 0).sum())) / (1 + n_boot)
     observed = _macro_f1_rows(a[None], target[None], num_classes)
     difference = float(observed - _macro_f1_rows(b[None], target[None], num_classes))
-    return difference, low, high, min(1.0, 2 * min(below, above))
+    return difference, low, high, _two_sided_p(samples)
 
 
 def habit_rate_ci(
@@ -243,8 +241,14 @@ def paired_bootstrap_p(
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     _, samples = _paired_differences(correct_a, correct_b, n_boot, seed)
-    below = (1 + int((samples <= 0).sum())) / (1 + n_boot)
-    above = (1 + int((samples >= 0).sum())) / (1 + n_boot)
+    return _two_sided_p(samples)
+
+
+def _two_sided_p(samples: torch.Tensor) -> float:
+    """2 min(P*(d <= 0), P*(d >= 0)) over bootstrap differences, each share (1 + count) /
+    (1 + n), capped at 1."""
+    below = (1 + int((samples <= 0).sum())) / (1 + len(samples))
+    above = (1 + int((samples >= 0).sum())) / (1 + len(samples))
     return min(1.0, 2 * min(below, above))
 
 

@@ -11,19 +11,14 @@ import yaml
 from expertsteer.data.catalogue import resolve_task
 from expertsteer.data.splits import SplitSizes, find_duplicates, make_splits, text_key
 from expertsteer.data.tasks import TaskError, load_task
+from tests.tiny_task import text_task
 
 
-def _task_file(tmp_path, rows, name="reviews"):
-    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
-    spec = {
-        "name": name,
-        "type": "classification",
-        "files": {"all": "r.jsonl"},
-        "fields": {"question": "text", "answer": "y"},
-        "answer_format": "text",
-        "labels": ["bad", "good"],
-    }
-    path = tmp_path / f"{name}.yaml"
+def _task_file(tmp_path, rows):
+    """The review task over `rows`, in one pool `all` (shuffled and cut)."""
+    path = text_task(tmp_path, rows)
+    spec = yaml.safe_load(path.read_text())
+    spec["files"] = {"all": spec["files"]["test"]}
     path.write_text(yaml.safe_dump(spec))
     return path
 
@@ -87,7 +82,7 @@ def test_splits_of_a_task_without_duplicates_are_unchanged_by_deduplication(tmp_
     if len(pools) == 2:
         (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in _rows(90)[60:]))
         spec = yaml.safe_load(path.read_text())
-        spec["files"] = {"train": "r.jsonl", "test": "t.jsonl"}
+        spec["files"] = {"train": "reviews.jsonl", "test": "t.jsonl"}
         path.write_text(yaml.safe_dump(spec))
     task = load_task(resolve_task(str(path)))
     sizes = SplitSizes(steer=20, dev=10, test=15)

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from expertsteer.pipeline.cli import main
+from tests.tiny_task import text_task
 
 
 def test_models_lists_every_packaged_model(capsys):
@@ -59,22 +60,8 @@ def test_console_filter_keeps_headers_and_warnings_and_drops_detail_and_tips():
 
 
 def test_tasks_check_shows_three_prompts_with_answers_and_the_label_balance(tmp_path, capsys):
-    import json
-
-    import yaml
-
     rows = [{"text": f"Review number {i}.", "y": ["bad", "good"][i % 3 == 0]} for i in range(9)]
-    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
-    spec = {
-        "name": "reviews",
-        "type": "classification",
-        "files": {"test": "r.jsonl"},
-        "fields": {"question": "text", "answer": "y"},
-        "answer_format": "text",
-        "labels": ["bad", "good"],
-    }
-    (tmp_path / "reviews.yaml").write_text(yaml.safe_dump(spec))
-    main(["tasks", "--check", str(tmp_path / "reviews.yaml")])
+    main(["tasks", "--check", str(text_task(tmp_path, rows))])
     out = capsys.readouterr().out
     assert "task 'reviews' (classification): 9 examples (test 9)" in out
     assert (

@@ -4,11 +4,9 @@ that are empty, not UTF-8 or a folder, a data file that is a folder, duplicated 
 files, splits the data cannot fill, and the same data under another spelling of its path."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from expertsteer.data.tasks import TaskError, TaskSpec, data_identity, load_task, spec_from_yaml
 from expertsteer.method.vectors import SteeringVectors, save_steering
@@ -17,6 +15,7 @@ from expertsteer.pipeline.cli import main
 from expertsteer.pipeline.experiment import ExperimentError, load_experiment
 from expertsteer.pipeline.stages import current_metrics, plan
 from tests.pipeline.test_experiment import _tiny_experiment, _write
+from tests.tiny_task import text_task
 
 
 @pytest.mark.parametrize(
@@ -83,24 +82,10 @@ def test_a_data_file_that_is_a_folder_is_not_called_missing(tmp_path):
         load_task(spec)
 
 
-def _reviews(tmp_path, rows) -> Path:
-    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
-    spec = {
-        "name": "reviews",
-        "type": "classification",
-        "files": {"test": "r.jsonl"},
-        "fields": {"question": "text", "answer": "y"},
-        "answer_format": "text",
-        "labels": ["bad", "good"],
-    }
-    (tmp_path / "reviews.yaml").write_text(yaml.safe_dump(spec))
-    return tmp_path / "reviews.yaml"
-
-
 def test_tasks_check_names_duplicates_and_contradictions(tmp_path, capsys):
     rows = [{"text": f"Review {i}.", "y": ["bad", "good"][i % 2]} for i in range(6)]
     rows += [rows[0], rows[1], {"text": "Review 2.", "y": "good"}]
-    main(["tasks", "--check", str(_reviews(tmp_path, rows))])
+    main(["tasks", "--check", str(text_task(tmp_path, rows))])
     out = capsys.readouterr().out
     assert "2 repeated rows (kept once)" in out and "1 texts with contradicting" in out
     assert "contradicting: 'Review 2.'" in out and "warning: every example" not in out
@@ -108,7 +93,7 @@ def test_tasks_check_names_duplicates_and_contradictions(tmp_path, capsys):
 
 def test_tasks_check_warns_about_a_one_class_task(tmp_path, capsys):
     rows = [{"text": f"Review {i}.", "y": "good"} for i in range(6)]
-    main(["tasks", "--check", str(_reviews(tmp_path, rows))])
+    main(["tasks", "--check", str(text_task(tmp_path, rows))])
     assert "warning: every example has the same gold answer" in capsys.readouterr().out
 
 
