@@ -342,6 +342,24 @@ def write_choice(
     return save_json(choice_path(path), payload)
 
 
+def record_choices(
+    paths: dict[str, str | Path],
+    chosen: dict[str, tuple[tuple[int, ...], float]],
+    positions: str,
+    **extra: Any,
+) -> list[Path]:
+    """The evaluation's dev choices, one `write_choice` per method: `paths` maps a method to
+    its steering artifact, `chosen` to its (layers, alpha); `extra` (e.g. the task) is
+    recorded with each."""
+    return [
+        write_choice(
+            paths[method], alpha, list(layers), positions, method=method, chosen_on="dev", **extra
+        )
+        for method, (layers, alpha) in chosen.items()
+        if method in paths
+    ]
+
+
 def read_choice(path: str | Path) -> dict[str, Any] | None:
     """The choice recorded beside the artifact at `path`, if any and if it still belongs to
     that file (a stale one is ignored with a warning)."""
