@@ -132,19 +132,26 @@ def steering_hooks(
             raise ValueError(
                 f"layer {layer} does not exist: the model has {len(blocks)} decoder blocks"
             )
-    state: dict[str, Any] = {"mask": None, "continues": False}
+    state: dict[str, Any] = {"mask": None, "cached": 0}
 
     def before_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         state["mask"] = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
-        state["continues"] = _cache_length(cache) > 0
+        # transformers 5 passes the KV cache as `cache`; earlier versions `past_key_values`.
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        state["cached"] = _cache_length(cache)
 
     def adder(added: torch.Tensor) -> Any:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
             hidden = block_hidden(output)
-            weights = token_weights(
-                state["mask"], hidden.shape[0], hidden.shape[1], state["continues"], positions
+            mask = state["mask"]
+            # A forward continues a sequence when keys / values are cached, or when its mask
+            # covers more columns than it forwards (the cached ones).
+            continues = state["cached"] > 0 or (
+                isinstance(mask, torch.Tensor)
+                and mask.ndim == 2
+                and mask.shape[1] > hidden.shape[1]
             )
+            weights = token_weights(mask, hidden.shape[0], hidden.shape[1], continues, positions)
             weights = weights.to(hidden.device, hidden.dtype).unsqueeze(-1)
             steered = hidden + weights * added.to(hidden.device, hidden.dtype)
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
