@@ -22,6 +22,7 @@ the validation texts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -581,7 +582,9 @@ def train_expert_vector(
         )
     split = split_texts(positive, negative, validation, validation_fraction, seed)
     config = dataclasses.replace(config or VectorsConfig(), space=space)
-    fit = VectorFit(method, "expert", config, mapping.aligner, mapping.expert_layers, seed)
+    # A copy: the fit casts its aligner to the fit precision in place.
+    aligner = copy.deepcopy(mapping.aligner)
+    fit = VectorFit(method, "expert", config, aligner, mapping.expert_layers, seed)
     pairs: list[tuple[int | None, int]] = list(mapping.pairs)
     expert_layers = sorted({i for i, _ in mapping.pairs})
     target_layers = sorted({j for _, j in mapping.pairs})

@@ -68,7 +68,7 @@ class RunSteering:
             )
         steering = load_steering(path)
         choice = steering.choice
-        if choice is None:
+        if choice is None and (run / METRICS_FILE).is_file():
             # A run evaluated before the vectors recorded their choice: read metrics.json.
             choice = _dev_choice(run, method, required=alpha is None)
         if alpha is None and choice is None:
