@@ -340,7 +340,7 @@ def train_vector(
     negative: Sequence[str],
     layers: Sequence[int] | None = None,
     method: str = "mean_diff",
-    position: str = "last",
+    position: str = "mean",
     validation: tuple[Sequence[str], Sequence[str]] | None = None,
     validation_fraction: float = 0.25,
     config: VectorsConfig | None = None,
@@ -357,7 +357,9 @@ def train_vector(
         layers: Decoder blocks to fit a vector for (negative counts from the end).
         method: `mean_diff` (CAA), `rfm` (the paper's Recursive Feature Machine),
             `pca_diff`, `logistic` or `random` (a control).
-        position: Pooling of each text's states: its `last` token or the `mean` over tokens.
+        position: Pooling of each text's states: the `mean` over its tokens (the default: a
+            concept lives in every word of a sentence) or its `last` token (the pipeline's
+            default, for prompt + answer items).
         validation: (positives, negatives) for the RFM's selection and s_j; default: a
             seeded `validation_fraction` of each class is held out.
         validation_fraction: Share of each class held out when `validation` is not given.
@@ -540,7 +542,7 @@ def train_expert_vector(
     mapping: Mapping,
     method: str = "rfm",
     space: str = "encoded",
-    position: str = "last",
+    position: str = "mean",
     validation: tuple[Sequence[str], Sequence[str]] | None = None,
     validation_fraction: float = 0.25,
     config: VectorsConfig | None = None,
@@ -559,7 +561,7 @@ def train_expert_vector(
         method: `rfm` (the paper), `mean_diff`, `pca_diff`, `logistic` or `random`.
         space: Fit on the `encoded` expert states (the paper) or on the `raw` ones, then map
             the direction by the encoder's linear part.
-        position: Pooling of each text's states: `last` token or `mean` over tokens.
+        position: Pooling of each text's states: `mean` over tokens (default) or `last` token.
         validation: (positives, negatives) for selection and s_j; default: a seeded
             `validation_fraction` of each class.
         validation_fraction: Share of each class held out when `validation` is not given.

@@ -92,6 +92,7 @@ def test_target_vectors_equal_the_stages(concept, tmp_path, method):
         negative,
         layers=[1],
         method=method,
+        position="last",  # the data module's default
         validation=_texts(data, "dev"),
         config=config,
     )
@@ -131,6 +132,7 @@ def test_expert_vectors_through_a_mapping_equal_the_stages(
         mapping,
         method=method,
         space=space,
+        position="last",  # the data module's default
         validation=_texts(data, "dev"),
         config=config,
     )
