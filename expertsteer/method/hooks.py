@@ -79,6 +79,14 @@ def find_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     return min(candidates, key=lambda c: (c[0], c[1]))[2]
 
 
+def _owner(model: torch.nn.Module, blocks: torch.nn.ModuleList) -> torch.nn.Module:
+    """The module whose child is the block list (the model itself when none is found)."""
+    for module in model.modules():
+        if any(child is blocks for child in module.children()):
+            return module
+    return model
+
+
 def token_weights(
     attention_mask: torch.Tensor | None,
     batch: int,
@@ -158,7 +166,9 @@ def steering_hooks(
 
         return hook
 
-    handles = [model.register_forward_pre_hook(before_forward, with_kwargs=True)]
+    # On the module holding the blocks (e.g. LlamaModel): it sees the attention mask and the
+    # cache whether the LM head's forward or the base model is called.
+    handles = [_owner(model, blocks).register_forward_pre_hook(before_forward, with_kwargs=True)]
     try:
         for layer, added in sorted(additions.items()):
             handles.append(blocks[layer].register_forward_hook(adder(added)))

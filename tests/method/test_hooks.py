@@ -219,3 +219,20 @@ def test_apply_checks_width_layers_and_alpha():
         steering.apply(decoder.hf_model, alpha=float("nan"))
     with pytest.raises(ValueError, match="positions"):
         steering.apply(decoder.hf_model, alpha=1.0, positions="middle")
+
+
+def test_calling_the_base_model_directly_is_steered_by_its_own_mask(decoder):
+    """The hooks read the mask where the blocks live, so `model.model(...)` (no LM head) is
+    steered like the full model: every real token moves, no pad does."""
+    steering = _vectors(decoder, [0])
+    encoding = decoder.encode(PROMPTS)
+    mask = encoding["attention_mask"].bool()
+    base = next(m for m in decoder.hf_model.modules() if decoder.hf_blocks() in m.children())
+    position_ids = left_pad_positions(encoding["attention_mask"])
+    with torch.inference_mode():
+        plain = base(**encoding, position_ids=position_ids).last_hidden_state
+        with steering.apply(decoder.hf_model, alpha=ALPHA, positions="prompt"):
+            steered = base(**encoding, position_ids=position_ids).last_hidden_state
+    moved = (steered - plain).abs().amax(-1)
+    assert (moved[mask] > 1e-3).all()
+    assert moved[~mask].max() == 0
