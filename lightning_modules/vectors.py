@@ -39,7 +39,9 @@ from expertsteer.evaluation.transfer import (
     transfer_verdict,
 )
 from expertsteer.method.align import AffineAutoencoders, load_alignment
-from expertsteer.method.extractors import EXTRACTORS, extract
+from expertsteer.method.extractors import EXTRACTORS
+from expertsteer.method.fitting import VectorFit, fit_record
+from expertsteer.method.fitting import norm_scale as measured_norm_scale
 from expertsteer.method.pair import read_pairs_file
 from expertsteer.method.rfm import (
     RFMFitter,
@@ -48,7 +50,7 @@ from expertsteer.method.rfm import (
     top_directions,
     tune_hyperparameters,
 )
-from expertsteer.method.vectors import SteeringVectors, orient, save_steering
+from expertsteer.method.vectors import SteeringVectors, save_steering
 from expertsteer.settings import check_choice, settings_of
 
 log = logging.getLogger(__name__)
@@ -147,33 +149,27 @@ class VectorsModule(L.LightningModule):
                     "with these pairs (or keep_all_layers: true)"
                 )
 
+    @property
+    def vector_fit(self) -> VectorFit:
+        """The fitting steps this stage shares with the Python API
+        (`expertsteer.method.fitting.VectorFit`), over the loaded alignment."""
+        hp = self.hparams
+        expert_layers = (self.alignment_meta or {}).get("expert_layers")
+        return VectorFit(hp.method, hp.source, self.config, self.aligner, expert_layers, hp.seed)
+
     def _encoder_index(self, expert_layer: int) -> int:
         """Index of `expert_layer`'s auto-encoder in the alignment artifact."""
         return list(self.alignment_meta["expert_layers"]).index(expert_layer)
 
     def _features(self, split: str, pair: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(x [n, d], y [n]) of one pair on one split, in the space the extractor runs in."""
-        datamodule = self.trainer.datamodule
-        expert_key, target_key = datamodule.keys()
-        dtype = getattr(torch, self.config.fit_dtype)
+        expert_key, target_key = self.trainer.datamodule.keys()
         i, j = pair
         if self.hparams.source == "target":
             x, y = self._states(split, "target", target_key.layers.index(j))
         else:
             x, y = self._states(split, "expert", expert_key.layers.index(i))
-        x = x.to(dtype)
-        if self.hparams.source == "expert" and self.config.space == "encoded":
-            with torch.no_grad():
-                x = self.aligner.to(dtype).encode(self._encoder_index(i), x)
-        return x.detach(), y.long()
-
-    def _to_target(self, pair: tuple[int, int], directions: torch.Tensor) -> torch.Tensor:
-        """Directions [k, d] of the extractor's space as unit rows in the target's space."""
-        if self.hparams.source == "expert" and self.config.space == "raw":
-            index = self._encoder_index(pair[0])
-            with torch.no_grad():
-                directions = self.aligner.to(directions.dtype).encode_direction(index, directions)
-        return directions / directions.norm(dim=-1, keepdim=True)
+        return self.vector_fit.features(pair, x), y.long()
 
     # -- Lightning hooks -----------------------------------------------------------------------
 
@@ -201,9 +197,9 @@ class VectorsModule(L.LightningModule):
         hp = self.hparams
         data = [(self._features("steer", p), self._features("dev", p)) for p in self.layer_pairs]
         if hp.method != "rfm":
+            fit = self.vector_fit
             self.directions = [
-                extract(hp.method, x, y, x_val, y_val, seed=hp.seed)
-                for (x, y), (x_val, y_val) in data
+                fit.directions(x, y, x_val, y_val)[0][0] for (x, y), (x_val, y_val) in data
             ]
             return
         if self.config.tune_steps:
@@ -298,35 +294,25 @@ class VectorsModule(L.LightningModule):
         expert_key, target_key = datamodule.keys()
         dev = datamodule.split_tensors("dev")
         vectors, directions, norm_scale, fits = {}, {}, {}, []
+        fit = self.vector_fit
         for index, pair in enumerate(self.layer_pairs):
             if self.hparams.method == "rfm":
                 result = self.fitters[index].result()
                 rows = result.directions
-                fits.append(
-                    {
-                        "expert_layer": pair[0],
-                        "target_layer": pair[1],
-                        "best_iteration": result.best_iteration,
-                        "bandwidth": result.bandwidth,
-                        "val_auroc": result.val_auroc,
-                        "grid_auroc": {f"{k:.6g}": v for k, v in result.grid_auroc.items()},
-                        "eigenvalues": [float(v) for v in result.eigenvalues],
-                    }
-                )
             else:
-                rows = self.directions[index][None, :]
-                fits.append({"expert_layer": pair[0], "target_layer": pair[1]})
-            mapped = self._orient(pair, self._to_target(pair, rows))
+                result, rows = None, self.directions[index][None, :]
+            fits.append(fit_record(pair, result))
+            x, y = self._features("steer", pair)
+            mapped = fit.target_rows(pair, rows, x, y)
             j = pair[1]
             if j in vectors:
                 raise ValueError(f"target layer {j} appears in more than one pair")
             vectors[j], directions[j] = mapped[0].float(), mapped.float()
-            states = dev["target"][:, target_key.layers.index(j)].float()
-            norm_scale[j] = float(states.norm(dim=-1).mean())
+            norm_scale[j] = measured_norm_scale(dev["target"][:, target_key.layers.index(j)])
         metadata = {
             "method": self.hparams.method,
             "source": self.hparams.source,
-            "space": self.config.space if self.hparams.source == "expert" else "target",
+            "space": fit.space,
             **model_identity(expert_key, target_key),
             "pairs": [list(pair) for pair in self.layer_pairs],
             "positions": "all",
@@ -409,15 +395,3 @@ class VectorsModule(L.LightningModule):
         auto-encoders with it: the rank's device."""
         tensors = self.trainer.datamodule.split_tensors(split)
         return tensors[side][:, column].to(self.device), tensors["label"].to(self.device)
-
-    def _orient(self, pair: tuple[int, int], rows: torch.Tensor) -> torch.Tensor:
-        """Flip rows so that steer-split projections (in the target-space coordinates the
-        vector lives in) are larger for label 1; a linear map can reverse the sign. `random`
-        is a label-free control and is never flipped (the evaluation tries both signs)."""
-        if self.hparams.method == "random":
-            return rows
-        x, y = self._features("steer", pair)
-        if self.hparams.source == "expert" and self.config.space == "raw":
-            with torch.no_grad():
-                x = self.aligner.to(x.dtype).encode(self._encoder_index(pair[0]), x)
-        return orient(rows, x, y)

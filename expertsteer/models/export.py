@@ -25,7 +25,9 @@ The file follows the format llama.cpp reads in `common_control_vector_load_one`
 
 (`--control-vector OUT.gguf` is the same at scale 1). `expertsteer export-gguf RUN_DIR` passes
 the alpha the evaluation chose on dev (the run's `metrics.json`); otherwise `alpha` is taken
-from the artifact's metadata when it records one, or must be given.
+from the artifact's recorded choice (`SteeringVectors.choice`: written beside the vectors by
+the evaluation, or embedded by the Python API), steering the chosen layers; otherwise it must
+be given.
 
 llama.cpp adds a control vector to every token, prompt and generated alike: only the `all`
 position mode of `expertsteer.method.steer` is representable. A steering run that used other
@@ -102,7 +104,8 @@ def export_gguf(
     """Write the steering artifact at `steering_path` as a llama.cpp control vector.
 
     `steering_path` is a `steering.safetensors` file or a run directory holding one. `alpha`
-    defaults to the artifact's metadata `alpha` (stored by the evaluation stage); `model_hint`
+    defaults to the artifact's recorded choice (`SteeringVectors.choice`), whose layers are
+    then the ones written; `model_hint`
     to the target's llama.cpp architecture, known from metadata `target_architecture`, a
     packaged target model, or a `.gguf` target file. `out_path` must end in `.gguf`; it is
     written beside itself and renamed, so an existing file is replaced only on success.
@@ -114,13 +117,23 @@ def export_gguf(
         raise ExportError(f"the output '{out_path}' is a directory; name a .gguf file")
     steering = load_steering(_steering_file(steering_path))
     metadata = steering.metadata
+    choice = steering.choice
     if alpha is None:
-        if metadata.get("alpha") is None:
+        if choice is None:
             raise ExportError(
-                f"{steering_path}: the artifact records no chosen alpha (metadata `alpha`, "
-                "stored by the evaluation stage); pass the steering strength with --alpha"
+                f"{steering_path}: the artifact records no chosen alpha (the evaluation stage "
+                "records it beside the vectors; older artifacts lack it); pass the steering "
+                "strength with --alpha"
             )
-        alpha = float(metadata["alpha"])
+        alpha = float(choice["alpha"])
+    if choice is not None and sorted(choice["layers"]) != steering.layers:
+        # The strength was chosen for these layers alone.
+        steering = SteeringVectors(
+            {j: steering.vectors[j] for j in choice["layers"]},
+            {j: steering.norm_scale[j] for j in choice["layers"]},
+            {},
+            metadata,
+        )
     vectors = control_vectors(steering, alpha)
     model_hint = model_hint or _model_hint(metadata)
     if not model_hint:
@@ -129,7 +142,7 @@ def export_gguf(
             f"artifact (target_model_id={metadata.get('target_model_id')!r}); pass it with "
             "--model-hint (e.g. llama, qwen2, gemma3)"
         )
-    positions = metadata.get("positions", "all")
+    positions = choice["positions"] if choice is not None else metadata.get("positions", "all")
     if positions != "all":
         warnings.warn(
             f"the artifact records positions={positions!r}, but llama.cpp steers every token "

@@ -8,6 +8,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from expertsteer import __version__
 from expertsteer.artifacts import METRICS_FILE, load_json
 from expertsteer.errors import ExpertSteerError
 from expertsteer.models.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("expertsteer")
 
+PIPELINE_MODULES = {"lightning", "torchmetrics", "datasets", "jsonargparse", "matplotlib"}
+"""Top-level modules of the `pipeline` extra (the Lightning stages, tasks, figures)."""
 SMOKE_QUESTION = "What is the capital of France?"
 SMOKE_PROMPTS = [
     SMOKE_QUESTION,
@@ -212,6 +215,8 @@ def _run(args: argparse.Namespace) -> None:
 def _export_gguf(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from expertsteer.artifacts import STEERING_FILE
+    from expertsteer.method.vectors import load_steering
     from expertsteer.models.export import export_gguf
     from expertsteer.pipeline.experiment import METHODS
     from expertsteer.pipeline.stages import current_metrics, method_dir
@@ -221,7 +226,10 @@ def _export_gguf(args: argparse.Namespace) -> None:
         raise ExpertSteerError(f"unknown method '{args.method}'; choose from {list(METHODS)}")
     source = method_dir(run, args.method) if run.is_dir() else run
     alpha = args.alpha
-    if alpha is None and run.is_dir() and (run / METRICS_FILE).is_file():
+    steering_file = source / STEERING_FILE
+    recorded = steering_file.is_file() and load_steering(steering_file).choice is not None
+    if alpha is None and not recorded and run.is_dir() and (run / METRICS_FILE).is_file():
+        # A run evaluated before the vectors recorded their choice.
         entry = current_metrics(run, alpha_option=True)["methods"].get(args.method)
         alpha = None if entry is None else entry["alpha"]
         if alpha is not None:
@@ -276,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(run `expertsteer fit --help` for every option)."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "-v",
         "--verbose",
@@ -398,14 +407,22 @@ def _add_export_gguf(commands: Commands) -> None:
 def main(args: list[str] | None = None) -> None:
     """Run the `expertsteer` command line with `args` (default: `sys.argv[1:]`)."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in LIGHTNING_COMMANDS:
-        run_stage(args)
-        return
-    namespace = build_parser().parse_args(argv)
-    configure_logging(namespace.verbose)
-    if not namespace.verbose:
-        hide_library_bars()
     try:
-        namespace.handler(namespace)
-    except ExpertSteerError as error:
-        sys.exit(f"expertsteer: error: {error}")
+        if argv and argv[0] in LIGHTNING_COMMANDS:
+            run_stage(args)
+            return
+        namespace = build_parser().parse_args(argv)
+        configure_logging(namespace.verbose)
+        if not namespace.verbose:
+            hide_library_bars()
+        try:
+            namespace.handler(namespace)
+        except ExpertSteerError as error:
+            sys.exit(f"expertsteer: error: {error}")
+    except ModuleNotFoundError as error:
+        if error.name not in PIPELINE_MODULES:
+            raise
+        sys.exit(
+            f"expertsteer: error: this command needs '{error.name}', one of the pipeline's "
+            "dependencies: pip install 'expertsteer[pipeline]'"
+        )

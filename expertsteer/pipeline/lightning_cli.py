@@ -119,11 +119,14 @@ PLACEHOLDER_MODEL = "lightning.pytorch.demos.boring_classes.BoringModel"
 def hide_library_bars() -> None:
     """No per-file bars from datasets ("Generating train split") or transformers ("Loading
     weights") in a quiet stage: each step has its own bar."""
-    import datasets
     import transformers
 
-    datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    try:
+        import datasets
+    except ModuleNotFoundError:  # a core install (no pipeline extra) reads no datasets
+        return
+    datasets.disable_progress_bars()
 
 
 def parse_stage_config(config: dict[str, Any], build_model: bool = True) -> None:

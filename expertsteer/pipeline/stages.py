@@ -40,6 +40,7 @@ from expertsteer.method.align import TrainingConfig
 from expertsteer.method.pair import MIConfig, PairingConfig
 from expertsteer.method.rfm import VectorsConfig
 from expertsteer.method.translate import TranslateConfig
+from expertsteer.method.vectors import choice_path
 from expertsteer.models.zoo import AUTO_DTYPE
 from expertsteer.pipeline.experiment import (
     MAIN_METHOD,
@@ -404,8 +405,9 @@ def plan(experiment: Experiment, task: str) -> list[tuple[str, str, Path, str, b
 
 
 RESULT_FILES = (METRICS_FILE, REPORT_FILE, ALPHA_FIGURE, AUROC_FIGURE, NULL_FIGURE)
-"""What the evaluation writes for the vectors it scored: removed before any stage reruns, so
-that a failed or killed rerun never leaves results beside vectors they do not describe."""
+"""What the evaluation writes for the vectors it scored: removed before any stage reruns (with
+the dev choice recorded beside each method's vectors), so that a failed or killed rerun never
+leaves results or figures beside vectors they do not describe."""
 
 
 def run_task(experiment: Experiment, task: str, force: bool = False) -> Path:
@@ -424,6 +426,8 @@ def run_task(experiment: Experiment, task: str, force: bool = False) -> Path:
         if rerun:
             for name in RESULT_FILES:
                 (run_dir / name).unlink(missing_ok=True)
+            for steering in [run_dir / STEERING_FILE, *run_dir.glob(f"methods/*/{STEERING_FILE}")]:
+                choice_path(steering).unlink(missing_ok=True)
         _save_stages(run_dir, record)
         for number, (stage, command, path, digest, _) in enumerate(rows, 1):
             header = f"[{task} {number}/{len(rows)}] {stage}"

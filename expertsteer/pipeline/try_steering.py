@@ -6,9 +6,11 @@
     for unsteered, steered in steering.compare(["The film was"], max_new_tokens=32):
         print(unsteered, "|", steered)
 
-The strength and layers default to the ones chosen on dev (`metrics.json`, refused when it no
-longer describes the run's vectors); an explicit `alpha` steers the method's dev-chosen layers,
-or all its layers when the run has no current metrics.
+The strength, layers and positions default to the ones chosen on dev, which the evaluation
+records beside the vectors (`steering.choice.json`, `expertsteer.method.vectors.write_choice`;
+a run evaluated before that falls back to `metrics.json`, refused when it no longer describes
+the run's vectors); an explicit `alpha` steers the method's dev-chosen layers, or all its
+layers when nothing records a choice.
 """
 
 from __future__ import annotations
@@ -71,13 +73,21 @@ class RunSteering:
                 f"(methods with vectors there: {present or 'none'})"
             )
         steering = load_steering(path)
+        choice = steering.choice
+        if choice is None and (run / METRICS_FILE).is_file():
+            # A run evaluated before the vectors recorded their choice: read metrics.json.
+            choice = _dev_choice(run, method, required=alpha is None)
+        if alpha is None and choice is None:
+            raise ExpertSteerError(
+                f"{path} records no chosen alpha and {run} has no current {METRICS_FILE}; "
+                "give --alpha (a fraction of each layer's mean residual norm, e.g. 0.3)"
+            )
         layers, positions = None, "all"
-        entry = _dev_choice(run, method, required=alpha is None)
-        if entry is not None:
-            layers, positions = entry["layers"], entry["positions"]
+        if choice is not None:
+            layers, positions = choice["layers"], choice["positions"]
             if alpha is None:
-                alpha = float(entry["alpha"])
-                log.info("alpha %g on layers %s: chosen on dev (%s)", alpha, layers, METRICS_FILE)
+                alpha = float(choice["alpha"])
+                log.info("alpha %g on layers %s: chosen on dev", alpha, layers)
         if decoder is None:
             from expertsteer.models.zoo import load_model
 
@@ -94,8 +104,9 @@ class RunSteering:
 
 
 def _dev_choice(run: Path, method: str, required: bool) -> dict | None:
-    """alpha, layers and positions chosen on dev for `method`; None when not `required` and the
-    run has no current metrics."""
+    """alpha, layers and positions chosen on dev for `method` according to `metrics.json`
+    (runs evaluated before the vectors recorded their choice); None when not `required` and
+    the run has no current metrics."""
     if not required and not (run / METRICS_FILE).is_file():
         return None
     try:

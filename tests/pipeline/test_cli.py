@@ -32,6 +32,26 @@ def test_user_errors_exit_with_one_clear_line():
         main(["prepare", "nope"])
 
 
+def test_version_comes_from_the_package(capsys):
+    import expertsteer
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"expertsteer {expertsteer.__version__}"
+
+
+def test_a_missing_pipeline_module_names_the_extra(monkeypatch):
+    from expertsteer.pipeline import cli
+
+    def needs_matplotlib(args):
+        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+
+    monkeypatch.setattr(cli, "_report", needs_matplotlib)
+    with pytest.raises(SystemExit, match=r"expertsteer\[pipeline\]"):
+        main(["report", "runs/x"])
+
+
 def test_module_entry_point_prints_help():
     result = subprocess.run(
         [sys.executable, "-m", "expertsteer", "--help"], capture_output=True, text=True, check=True

@@ -22,7 +22,7 @@ from expertsteer.method.vectors import load_steering
 from expertsteer.models.export import read_control_vector
 from expertsteer.pipeline.cli import main
 from expertsteer.pipeline.experiment import METHODS, ExperimentError, load_experiment
-from expertsteer.pipeline.stages import plan, stage_configs
+from expertsteer.pipeline.stages import method_dir, plan, stage_configs
 from expertsteer.pipeline.try_steering import RunSteering
 
 
@@ -126,6 +126,22 @@ def test_run_writes_every_artifact_and_reuses_finished_stages(
     assert tried.alpha == 8.0 and tried.layers == metrics["methods"]["target_mean_diff"]["layers"]
     (plain, steered), *_ = tried.compare(["Tom has 3 apples and"], max_new_tokens=6)
     assert plain != steered
+
+    # The vectors describe themselves: each method's dev choice is recorded beside its vectors,
+    # so export-gguf and generate --steer need no metrics.json.
+    for method in METHODS:
+        recorded = load_steering(method_dir(run, method) / STEERING_FILE).choice
+        entry = metrics["methods"][method]
+        assert (recorded["alpha"], recorded["layers"]) == (entry["alpha"], entry["layers"])
+        assert recorded["positions"] == metrics["positions"]
+    kept = (run / "metrics.json").read_bytes()
+    (run / "metrics.json").unlink()
+    main(["export-gguf", str(run), "again.gguf", "--model-hint", "llama"])
+    torch.testing.assert_close(read_control_vector("again.gguf")[1][layer], directions[layer])
+    capsys.readouterr()
+    main(["generate", "--steer", str(run), "--prompt", "2 + 2 =", "--max-new-tokens", "3"])
+    assert f"steered (expertsteer, alpha {chosen:g}, layers [{layer}])" in capsys.readouterr().out
+    (run / "metrics.json").write_bytes(kept)
     # Artifacts get ordinary file permissions (0644 under umask 022), not mkstemp's 0600.
     umask = os.umask(0)
     os.umask(umask)
