@@ -165,10 +165,10 @@ def test_api_steers_the_plain_model_and_round_trips(concept, tmp_path):
     assert vector.layers == [1]  # a third of the way up 3 blocks
     prompts = ["Hello", "A longer prompt here"]
     plain = target.generate(prompts, max_new_tokens=4)
-    with vector.apply(target.model, alpha=50.0):
+    with vector.apply(target.model, alpha=20.0):
         steered = target.generate(prompts, max_new_tokens=4)
     assert steered != plain and target.generate(prompts, max_new_tokens=4) == plain
-    path = vector.with_choice(50.0).save(tmp_path / "v.safetensors")
+    path = vector.with_choice(20.0).save(tmp_path / "v.safetensors")
     with es.SteeringVectors.load(path).apply(target):
         assert target.generate(prompts, max_new_tokens=4) == steered
 

@@ -10,32 +10,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from expertsteer.method.vectors import ALPHA_LIMIT, TOO_STRONG
 from expertsteer.settings import check_choices, check_integer
 
 DEFAULT_ALPHAS = (-0.9, -0.3, -0.1, 0.1, 0.3, 0.9)
 """Signed: a direction's sign is chosen on dev like its size (both signs of every vector)."""
-ALPHA_LIMIT = 20.0
-"""Largest |alpha| accepted: alpha is a fraction of the mean residual norm, and far beyond a
-few norms the steered state is the vector alone (garbage text, then non-finite logits)."""
 LayerChoice = Literal["all", "dev"]
-_TOO_STRONG = (
-    "alpha is a fraction of the mean residual norm, and at such strengths the target only "
-    "emits the vector (garbage text, then non-finite logits); use strengths of a few norms at most"
-)
-
-
-def check_alpha(alpha: float, name: str = "alpha") -> float:
-    """`alpha` as a float if it is finite and within +-`ALPHA_LIMIT`, else a `ValueError`
-    naming `name` (every place a user gives one strength: generate, export, the API)."""
-    try:
-        value = float(alpha)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {alpha!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {alpha!r}")
-    if abs(value) > ALPHA_LIMIT:
-        raise ValueError(f"{name} {value:g} exceeds +-{ALPHA_LIMIT:g}: {_TOO_STRONG}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -69,7 +49,7 @@ class ChoiceConfig:
             )
         extreme = [a for a in alphas if abs(a) > ALPHA_LIMIT]
         if extreme:
-            raise ValueError(f"alphas {extreme} exceed +-{ALPHA_LIMIT:g}: {_TOO_STRONG}")
+            raise ValueError(f"alphas {extreme} exceed +-{ALPHA_LIMIT:g}: {TOO_STRONG}")
         object.__setattr__(self, "alphas", [float(a) for a in alphas])
         check_choices(self)
         check_integer("num_samples", self.num_samples, 0)

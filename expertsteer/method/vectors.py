@@ -302,12 +302,36 @@ def _hidden_size(model: torch.nn.Module) -> int | None:
     return None
 
 
+ALPHA_LIMIT = 20.0
+"""Largest |alpha| accepted: alpha is a fraction of the mean residual norm, and far beyond a
+few norms the steered state is the vector alone (garbage text, then non-finite logits)."""
+TOO_STRONG = (
+    "alpha is a fraction of the mean residual norm, and at such strengths the target only "
+    "emits the vector (garbage text, then non-finite logits); use strengths of a few norms at most"
+)
+
+
+def check_alpha(alpha: float, name: str = "alpha") -> float:
+    """`alpha` as a float if it is finite and within +-`ALPHA_LIMIT`, else a `ValueError`
+    naming `name` (every place a user gives one strength: generate, export, the API)."""
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {alpha!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {alpha!r}")
+    if abs(value) > ALPHA_LIMIT:
+        raise ValueError(f"{name} {value:g} exceeds +-{ALPHA_LIMIT:g}: {TOO_STRONG}")
+    return value
+
+
 def check_choice(
     alpha: float, layers: list[int] | None, positions: str, available: list[int]
 ) -> dict[str, Any]:
     """A validated choice `{"alpha", "layers", "positions"}` for vectors on `available`."""
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    alpha = check_alpha(alpha)
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     layers = list(available) if layers is None else [int(layer) for layer in layers]

@@ -50,8 +50,7 @@ import torch
 from expertsteer.artifacts import STEERING_FILE
 from expertsteer.cache import atomic_file
 from expertsteer.errors import ExpertSteerError
-from expertsteer.evaluation.choice import check_alpha
-from expertsteer.method.vectors import SteeringVectors, load_steering
+from expertsteer.method.vectors import SteeringVectors, check_alpha, load_steering
 from expertsteer.models.zoo import PACKAGED
 
 log = logging.getLogger(__name__)

@@ -252,7 +252,7 @@ def _report(args: argparse.Namespace) -> None:
 
 def _alpha(text: str) -> float:
     """An argparse type: a finite strength within the evaluation's bound."""
-    from expertsteer.evaluation.choice import check_alpha
+    from expertsteer.method.vectors import check_alpha
 
     try:
         return check_alpha(text)

@@ -21,9 +21,8 @@ from pathlib import Path
 
 from expertsteer.artifacts import METRICS_FILE, STEERING_FILE
 from expertsteer.errors import ExpertSteerError
-from expertsteer.evaluation.choice import check_alpha
 from expertsteer.method.steer import Intervention, steered_generate
-from expertsteer.method.vectors import load_steering
+from expertsteer.method.vectors import check_alpha, load_steering
 from expertsteer.models.causal_lm import CausalLM
 from expertsteer.pipeline.experiment import MAIN_METHOD, METHODS
 from expertsteer.pipeline.stages import current_metrics, method_dir

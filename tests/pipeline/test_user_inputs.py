@@ -148,3 +148,11 @@ def test_a_stale_report_does_not_offer_an_option_report_lacks(tmp_path):
     assert "--alpha" not in str(error.value)
     with pytest.raises(ExperimentError, match="--alpha"):
         current_metrics(tmp_path, alpha_option=True)
+
+
+def test_the_api_refuses_the_same_strengths_as_the_cli():
+    vectors = SteeringVectors({3: torch.ones(8) / 8**0.5}, {3: 50.0}, metadata={"method": "x"})
+    for alpha in (1e30, float("nan"), -21.0):
+        with pytest.raises(ValueError, match="exceeds|finite"):
+            vectors.resolve(alpha=alpha)
+    assert vectors.resolve(alpha=-20.0)[0] == -20.0
