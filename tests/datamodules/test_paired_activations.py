@@ -60,7 +60,8 @@ def test_fingerprint_changes_with_every_input_and_only_then(tiny_dirs, tmp_path)
         "dtype": dict(storage_dtype="float16"),
         "data": dict(seed=1),
         "sizes": dict(test_size=3),
-        "task": dict(task="sentiment_concept"),
+        # (a dev split of 4 concept texts holds one label here; 6 hold both)
+        "task": dict(task="sentiment_concept", dev_size=6),
         "template": dict(chat_template=False),
         "shards": dict(shard_size=5),
         "model": dict(target=str(tiny_dirs["expert"])),
