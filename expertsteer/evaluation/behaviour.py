@@ -112,15 +112,23 @@ class GumbelSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.width
+        rows = [row for row, seed in enumerate(self.seeds) if seed is not None]
+        if not rows:
+            return scores
+        noise = torch.stack(
+            [
+                torch.rand(
+                    scores.shape[-1],
+                    generator=torch.Generator().manual_seed(self.seeds[row] * 1009 + step),
+                    dtype=torch.float64,
+                )
+                for row in rows
+            ]
+        ).clamp(1e-12, 1 - 1e-12)
+        gumbel = -torch.log(-torch.log(noise)).to(scores.device)
         out = scores.clone()
-        for row, seed in enumerate(self.seeds):
-            if seed is None:
-                continue
-            generator = torch.Generator().manual_seed(seed * 1009 + step)
-            uniform = torch.rand(scores.shape[-1], generator=generator, dtype=torch.float64)
-            gumbel = -torch.log(-torch.log(uniform.clamp(1e-12, 1 - 1e-12)))
-            logp = torch.log_softmax(scores[row].double() / self.temperature, dim=-1)
-            out[row] = (logp + gumbel.to(logp.device)).to(scores.dtype)
+        logp = torch.log_softmax(scores[rows].double() / self.temperature, dim=-1)
+        out[rows] = (logp + gumbel).to(scores.dtype)
         return out
 
 
