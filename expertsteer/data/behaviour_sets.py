@@ -3,9 +3,9 @@
 * `sentiment_steer`: concept = SST-2 training sentences, positive (1) vs negative (0); prompts =
   openings of GSM8K test questions and PubMedQA abstracts (their first 5-8 words) that VADER
   scores exactly neutral.
-* `code_steer`: concept = Python code (1), the first lines of functions of the Python standard
-  library read with `inspect` (present on every machine; the set follows the Python version),
-  vs prose (0), GSM8K training questions and ARC-Easy training questions; prompts = the same
+* `code_steer`: concept = Python code (1), the first lines of the functions of the Python
+  standard library, parsed from its source files (present on every machine; the set follows the
+  Python version), vs prose (0), GSM8K and ARC-Easy training questions; prompts = the same
   neutral prose openings as `sentiment_steer`.
 
 Pools are pure functions of the files (and the Python version, for code): rows are deterministic.
@@ -13,8 +13,8 @@ Pools are pure functions of the files (and the Python version, for code): rows a
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import ast
+import importlib.util
 import json
 import random
 import re
@@ -107,28 +107,28 @@ def _clip_words(text: str, limit: int = CODE_CHARS) -> str:
 
 def stdlib_functions(limit: int | None = None) -> list[dict]:
     """Code rows `{id, text, label: 1}`: the first `CODE_LINES` lines (at most `CODE_CHARS`
-    characters) of every function defined in `STDLIB_MODULES`, sorted by module and name."""
+    characters) of every top-level function in the source files of `STDLIB_MODULES`, in file
+    order. The source is parsed, not imported, so the set depends on the Python version only."""
     rows = []
     for module_name in STDLIB_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
+        spec = importlib.util.find_spec(module_name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
             continue
-        for name, function in sorted(inspect.getmembers(module, inspect.isfunction)):
-            if function.__module__ != module.__name__:
+        source = Path(spec.origin).read_text(encoding="utf-8")
+        lines_of = source.splitlines()
+        for node in ast.parse(source).body:
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
-            try:
-                source = textwrap.dedent(inspect.getsource(function))
-            except (OSError, TypeError):
-                continue
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
+            body = textwrap.dedent("\n".join(lines_of[first : node.end_lineno]))
             lines, size = [], 0
-            for line in source.splitlines()[:CODE_LINES]:
+            for line in body.splitlines()[:CODE_LINES]:
                 if size + len(line) + 1 > CODE_CHARS:
                     break
                 lines.append(line)
                 size += len(line) + 1
             if len(lines) >= 3:
-                rows.append({"id": f"code/{module_name}.{name}", "text": "\n".join(lines)})
+                rows.append({"id": f"code/{module_name}.{node.name}", "text": "\n".join(lines)})
     return [{**row, "label": 1} for row in rows[:limit]]
 
 
@@ -187,17 +187,22 @@ def neutral_openings(sources: dict[str, list[str]], seed: int = 0) -> list[dict]
     return interleaved
 
 
-def _prompt_pool(spec: TaskSpec, root: Path) -> list[dict]:
+def _prompt_pool(spec: TaskSpec, root: Path, concept: list[dict]) -> list[dict]:
+    """Neutral openings of GSM8K test questions and PubMedQA abstracts, none of them inside a
+    concept text (GSM8K's train and test questions share phrasings)."""
     gsm8k, pubmedqa = resolve_paths(spec, spec.files["prompts"], root)
-    return neutral_openings(
+    openings = neutral_openings(
         {"gsm8k_test": _gsm8k_questions(spec, gsm8k), "pubmedqa": _pubmedqa_contexts(pubmedqa)}
     )
+    texts = "\n".join(row["text"] for row in concept)
+    return [row for row in openings if row["text"] not in texts]
 
 
 @pool_loader("sentiment_steer")
 def _sentiment_steer_pools(spec: TaskSpec, root: Path) -> dict[str, list[dict]]:
     (sst2,) = resolve_paths(spec, spec.files["concept"], root)
-    return {"concept": _sst2_sentences(sst2), "prompts": _prompt_pool(spec, root)}
+    concept = _sst2_sentences(sst2)
+    return {"concept": concept, "prompts": _prompt_pool(spec, root, concept)}
 
 
 @pool_loader("code_steer")
@@ -213,4 +218,5 @@ def _code_steer_pools(spec: TaskSpec, root: Path) -> dict[str, list[dict]]:
         for name, texts in prose_texts.items()
     ]
     prose = [row for group in zip(*per_source, strict=False) for row in group]
-    return {"concept": code + prose[: len(code)], "prompts": _prompt_pool(spec, root)}
+    concept = code + prose[: len(code)]
+    return {"concept": concept, "prompts": _prompt_pool(spec, root, concept)}

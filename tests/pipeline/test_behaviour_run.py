@@ -4,7 +4,6 @@ dev rule chooses before any test prompt is continued."""
 
 import json
 
-import pytest
 import yaml
 
 from expertsteer.evaluation.behaviour_report import TRADEOFF_FIGURE
