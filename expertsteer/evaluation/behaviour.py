@@ -176,9 +176,11 @@ def continue_prompts(
     seed: int = 0,
     temperature: float = 0.7,
     batch_size: int = 48,
+    min_new_tokens: int = 0,
 ) -> list[Continuation]:
     """Continuations of `rows`, `batch_size` rows per batched `generate` (KV cache on), each
-    scored under the unsteered target."""
+    scored under the unsteered target. `min_new_tokens` > 0 suppresses EOS until then (the
+    speed benchmark counts exact tokens)."""
     if not rows:
         return []
     out: list[Continuation] = []
@@ -206,6 +208,7 @@ def continue_prompts(
                 do_sample=False,
                 logits_processor=LogitsProcessorList([GumbelSampler(seeds, temperature, width)]),
                 pad_token_id=tokenizer.pad_token_id,
+                **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}),
             )
         finally:
             for handle in handles:
