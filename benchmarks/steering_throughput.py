@@ -15,6 +15,7 @@ method alike; medians are reported. `steering-vectors` is a benchmark-only depen
 
     .venv/bin/pip install --no-deps steering-vectors==0.12.2
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/steering_throughput.py [--repeats 5]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/steering_throughput.py --behaviour-only
 """
 
 from __future__ import annotations
@@ -82,8 +83,6 @@ def score(decoder: CausalLM, prompts: list[str], intervention: Intervention | No
 
 
 def main() -> None:
-    from steering_vectors import SteeringVector
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -94,6 +93,9 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=None, help="default: the middle block")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--configs", type=int, default=4, help="behaviour: steered configs")
+    parser.add_argument(
+        "--behaviour-only", action="store_true", help="only the behaviour generation"
+    )
     # On a CPU shared with other busy processes, two OpenMP threads ran a forward 4x slower
     # than one (threads spin at barriers while a sibling is descheduled).
     parser.add_argument("--threads", type=int, default=1)
@@ -108,6 +110,11 @@ def main() -> None:
     vector = torch.nn.functional.normalize(
         torch.randn(decoder.hidden_size, generator=torch.Generator().manual_seed(0)), dim=0
     )
+    if args.behaviour_only:
+        behaviour_generation(decoder, prompts, layer, scales[layer], vector, args)
+        return
+    from steering_vectors import SteeringVector
+
     ours = Intervention({layer: vector}, scales, alpha=args.alpha, positions="all")
     peer = SteeringVector({layer: args.alpha * scales[layer] * vector}, "decoder_block")
 
