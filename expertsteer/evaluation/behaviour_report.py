@@ -15,6 +15,7 @@ SAMPLE_COLUMNS = (
     "none",
     "prompt",
     "target_mean_diff",
+    "expertsteer",
     "expert_mean_diff_translate",
     "expertsteer_translate",
     "null/0",

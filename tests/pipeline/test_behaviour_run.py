@@ -131,3 +131,8 @@ def test_behaviour_run_writes_its_section_plot_and_report(tiny_dirs, tmp_path, m
     report = (run / REPORT_FILE).read_text()
     assert "| null median / p95 (K=3) |" in report and f"]({TRADEOFF_FIGURE})" in report
     assert len(section["samples"]) == 2 and "none" in section["samples"][0]["outputs"]
+    # The report rebuilds from metrics.json alone.
+    (run / REPORT_FILE).unlink()
+    (run / TRADEOFF_FIGURE).unlink()
+    main(["report", str(run)])
+    assert (run / REPORT_FILE).read_text() == report and (run / TRADEOFF_FIGURE).is_file()
