@@ -161,11 +161,15 @@ def concept_vs_perplexity(
     ax = figure.add_subplot()
     colours = colormaps["tab10"]
     for index, (name, points) in enumerate(curves.items()):
-        ordered = sorted(points, key=lambda p: p["alpha"])
+        # Through the unsteered point at alpha 0: one curve from the negative to the positive side.
+        origin = {"alpha": 0.0, "concept": none["concept"], "perplexity": none["perplexity"]}
+        ordered = sorted([*points, origin], key=lambda p: p["alpha"])
         xs = [p["perplexity"] for p in ordered]
         ys = [p["concept"] for p in ordered]
         ax.plot(xs, ys, marker="o", color=colours(index % 10), label=name)
         for p in ordered:
+            if p is origin:
+                continue
             ax.annotate(f"{p['alpha']:g}", (p["perplexity"], p["concept"]), fontsize=6)
     ax.scatter([none["perplexity"]], [none["concept"]], marker="*", s=150, color="black")
     ax.plot([], [], marker="*", linestyle="", color="black", label="none (unsteered)")
