@@ -27,7 +27,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 # The default experiment end to end: convert the packaged models once, then capture, align,
-# pair, fit every method's vectors, evaluate on dev/test and write runs/default/sst2/report.md.
+# pair, fit every method's vectors, evaluate on dev/test and write runs/default/<task>/report.md
+# (sentiment_steer: behaviour steering; sst2: accuracy).
 demo: install
 	$(DEMO_ENV) $(BIN)/expertsteer prepare smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
 	$(DEMO_ENV) $(BIN)/expertsteer run --config configs/experiments/default.yaml

@@ -4,13 +4,18 @@ Generation (batch of ARC-Easy prompts, greedy, exactly `--new-tokens` new tokens
 unsteered and steered through `expertsteer.method.steer` (nnsight), against plain transformers
 `generate` unsteered and steered by the `steering-vectors` library (forward hooks), with the same
 vector (a random unit direction at a middle block, alpha * s_j). Scoring: items/s of option
-log-likelihoods (4 options per ARC item) by `steered_logits`, unsteered and steered.
+log-likelihoods (4 options per ARC item) by `steered_logits`, unsteered and steered. Behaviour
+generation: tokens/s of `expertsteer.evaluation.behaviour.continue_prompts` (plain-text
+continuations with per-row additions, scored for perplexity) over a grid of `--configs` steered
+configurations x `--batch-size` prompts in shared batches, against the same prompts unsteered,
+as a ratio.
 
 Runs are interleaved and repeated so that load from other processes on a shared CPU hits every
 method alike; medians are reported. `steering-vectors` is a benchmark-only dependency:
 
     .venv/bin/pip install --no-deps steering-vectors==0.12.2
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/steering_throughput.py [--repeats 5]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/steering_throughput.py --behaviour-only
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from expertsteer.evaluation.behaviour import Row, continue_prompts
 from expertsteer.method.steer import (
     Intervention,
     mean_residual_norms,
@@ -77,8 +83,6 @@ def score(decoder: CausalLM, prompts: list[str], intervention: Intervention | No
 
 
 def main() -> None:
-    from steering_vectors import SteeringVector
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -88,6 +92,10 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--layer", type=int, default=None, help="default: the middle block")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--configs", type=int, default=4, help="behaviour: steered configs")
+    parser.add_argument(
+        "--behaviour-only", action="store_true", help="only the behaviour generation"
+    )
     # On a CPU shared with other busy processes, two OpenMP threads ran a forward 4x slower
     # than one (threads spin at barriers while a sibling is descheduled).
     parser.add_argument("--threads", type=int, default=1)
@@ -102,6 +110,11 @@ def main() -> None:
     vector = torch.nn.functional.normalize(
         torch.randn(decoder.hidden_size, generator=torch.Generator().manual_seed(0)), dim=0
     )
+    if args.behaviour_only:
+        behaviour_generation(decoder, prompts, layer, scales[layer], vector, args)
+        return
+    from steering_vectors import SteeringVector
+
     ours = Intervention({layer: vector}, scales, alpha=args.alpha, positions="all")
     peer = SteeringVector({layer: args.alpha * scales[layer] * vector}, "decoder_block")
 
@@ -172,6 +185,44 @@ def main() -> None:
     for name, seconds in score_s.items():
         print(f"| {name} | {seconds:.3f} | {args.items / seconds:.1f} |")
     print(f"\nscoring steering cost: {score_s['steered'] / score_s['unsteered'] - 1:+.1%}")
+    behaviour_generation(decoder, prompts, layer, scales[layer], vector, args)
+
+
+def behaviour_generation(
+    decoder: CausalLM,
+    prompts: list[str],
+    layer: int,
+    scale: float,
+    vector: torch.Tensor,
+    args: argparse.Namespace,
+) -> None:
+    """Steered against unsteered tokens/s of behaviour continuations: `--configs` alphas x the
+    batch's prompts in one call (rows carry their own additions), and the same rows unsteered."""
+    openings = [" ".join(p.split(": ", 1)[-1].split()[:8]) for p in prompts[: args.batch_size]]
+    alphas = [args.alpha * (k + 1) / args.configs for k in range(args.configs)]
+    steered = [
+        Row(str(k), text, {layer: a * scale * vector.double()})
+        for a in alphas
+        for k, text in enumerate(openings)
+    ]
+    plain = [Row(row.prompt_id, row.text) for row in steered]
+    size = len(steered)
+
+    def run(rows: list[Row]) -> list:
+        return continue_prompts(
+            decoder, rows, args.new_tokens, batch_size=size, min_new_tokens=args.new_tokens
+        )
+
+    times = interleaved({"unsteered": lambda: run(plain), "steered": lambda: run(steered)}, 3)
+    tokens = size * args.new_tokens
+    print(
+        f"\n| behaviour generation ({args.configs} configs x {len(openings)} prompts x "
+        f"{args.new_tokens} tokens, one batch, with perplexity) | s | tokens/s |"
+    )
+    print("|---|---|---|")
+    for name, seconds in times.items():
+        print(f"| {name} | {seconds:.3f} | {tokens / seconds:.1f} |")
+    print(f"\nsteered / unsteered tokens/s: {times['unsteered'] / times['steered']:.2f}")
 
 
 if __name__ == "__main__":

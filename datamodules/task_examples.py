@@ -13,7 +13,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from expertsteer.data.catalogue import resolve_task
-from expertsteer.data.splits import SplitSizes, make_splits
+from expertsteer.data.splits import SplitSizes, behaviour_prompts, make_splits
 from expertsteer.data.tasks import Example, Task, load_task
 
 EVAL_SPLITS = ("dev", "test")
@@ -64,9 +64,13 @@ class TaskExamplesDataModule(L.LightningDataModule):
         return self._task
 
     def splits(self) -> dict[str, list[Example]]:
-        """steer / dev / test examples (validated non-empty by `make_splits`)."""
+        """steer / dev / test examples (validated non-empty by `make_splits`); a behaviour
+        task's dev and test are its prompts only (its concept texts are fitting data)."""
         if self._splits is None:
-            self._splits = make_splits(self.task, self.sizes, self.hparams.seed)
+            splits = make_splits(self.task, self.sizes, self.hparams.seed)
+            if self.task.type == "behaviour":
+                splits = {name: behaviour_prompts(examples) for name, examples in splits.items()}
+            self._splits = splits
         return self._splits
 
     def setup(self, stage: str | None = None) -> None:

@@ -163,10 +163,14 @@ class SteeringModule(L.LightningModule):
         task = datamodule.task
         self.task_name, self.task_type = task.name, task.type
         hp = self.hparams
-        if task.type not in MODES_BY_TYPE:
+        if task.type == "behaviour":
+            # Scored by the BehaviourEvaluator callback: continuations, not answers.
+            if self.scoring.mode is not None:
+                raise ValueError(f"mode '{self.scoring.mode}' does not apply to behaviour tasks")
+        elif task.type not in MODES_BY_TYPE:
             raise ValueError(f"task '{task.name}' of type '{task.type}' has no answers to score")
         mode = self.scoring.mode
-        if mode is not None and mode not in MODES_BY_TYPE[task.type]:
+        if mode is not None and task.type != "behaviour" and mode not in MODES_BY_TYPE[task.type]:
             raise ValueError(
                 f"mode '{mode}' does not apply to {task.type} task '{task.name}'; choose one "
                 f"of {MODES_BY_TYPE[task.type]}"
@@ -326,7 +330,10 @@ class SteeringModule(L.LightningModule):
         self, batch: list[Example], batch_idx: int, dataloader_idx: int = 0
     ) -> dict[str, Any]:
         """The unsteered target (and the expert) on this batch; the steered grid runs in the
-        `SteeringEvaluator` callback, which receives these results as `outputs`."""
+        `SteeringEvaluator` callback, which receives these results as `outputs`. A behaviour
+        task scores nothing here: the `BehaviourEvaluator` continues its prompts."""
+        if self.task_type == "behaviour":
+            return {}
         with torch.inference_mode():
             outputs = {NONE: self.score(batch, key=NONE)}
             if self.expert_decoder is not None:

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from expertsteer.data import behaviour_sets  # noqa: F401 (registers the behaviour pool loaders)
 from expertsteer.data.generated import arithmetic_problems, sentiment_concept
 from expertsteer.data.tasks import (
     LETTERS,
@@ -413,11 +414,36 @@ def _llm_adapters(name: str, folder: str) -> TaskSpec:
 
 
 SENTIMENT3 = ["negative", "neutral", "positive"]
+OPENING_FILES = ["gsm8k/test.jsonl", "pubmedqa/ori_pqal.json"]
+"""Texts whose openings are the behaviour tasks' prompts (`behaviour_sets.neutral_openings`)."""
 MMLU_FOLDERS = {"test": "mmlu/test", "train": "mmlu/dev"}
+
+BEHAVIOUR_FIELDS = {"question": "text", "answer": "label", "id": "id"}
 
 BUILTIN: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
+        TaskSpec(
+            name="sentiment_steer",
+            type="behaviour",
+            pool_loader="sentiment_steer",
+            fields=BEHAVIOUR_FIELDS,
+            scorer="sentiment",
+            instruction="Write in a positive tone.",
+            files={"concept": "sst2/stsa.binary.train", "prompts": OPENING_FILES},
+        ),
+        TaskSpec(
+            name="code_steer",
+            type="behaviour",
+            pool_loader="code_steer",
+            fields=BEHAVIOUR_FIELDS,
+            scorer="python_code",
+            instruction="Answer in Python code.",
+            files={
+                "concept": ["gsm8k/train.jsonl", "arc/ARC-Easy/train.json"],
+                "prompts": OPENING_FILES,
+            },
+        ),
         TaskSpec(
             name="arithmetic",
             type="numeric",

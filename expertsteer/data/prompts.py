@@ -29,7 +29,7 @@ class Item:
 
 def render_prompt(task_type: str, example: Example) -> str:
     """The user-turn text of an example: passage, instruction, question, options, answer format."""
-    if task_type == "concept":
+    if task_type in ("concept", "behaviour"):
         return example.question
     parts = [example.context] if example.context else []
     question = (
@@ -75,8 +75,9 @@ def wrong_answer(task_type: str, example: Example, rng: random.Random) -> float 
 
 def steering_items(task: Task, examples: list[Example], seed: int = 0) -> list[Item]:
     """Labelled items for fitting steering vectors from `examples` of `task`."""
-    if task.type == "concept":
-        return [Item(e.id, e.question, "", int(e.answer)) for e in examples]
+    if task.type in ("concept", "behaviour"):
+        # A behaviour task's dev split also holds its (unlabelled) prompts: not fitting data.
+        return [Item(e.id, e.question, "", int(e.answer)) for e in examples if e.answer is not None]
     rng = random.Random(seed)
     items = []
     for example in examples:

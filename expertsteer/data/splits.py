@@ -100,6 +100,8 @@ def make_splits(task: Task, sizes: SplitSizes, seed: int = 0) -> dict[str, list[
     steer and dev. A split smaller than asked is logged (`split_shortfalls`); an empty one is an
     error naming its cause.
     """
+    if task.type == "behaviour":
+        return _behaviour_splits(task, sizes, seed)
     rng = random.Random(seed)
     if "test" in task.pools and len(task.pools) > 1:
         test_pool = list(task.pools["test"])
@@ -170,3 +172,38 @@ def split_shortfalls(name: str, splits: dict[str, list[Example]], sizes: SplitSi
         for split in SPLITS
         if len(splits[split]) < getattr(sizes, split)
     ]
+
+
+def _behaviour_splits(task: Task, sizes: SplitSizes, seed: int) -> dict[str, list[Example]]:
+    """A behaviour task's splits. Concept texts (labelled) fit the vectors: `steer` takes
+    `sizes.steer` of them and `dev` the next `sizes.dev` (the RFM's validation and the transfer
+    diagnostics). Prompts (unlabelled) are continued: `test` takes `sizes.test` of them and
+    `dev` the next `sizes.dev` (the choice of alpha and layers). So `dev` holds both kinds;
+    fitting reads its labelled texts, the behaviour evaluation its prompts."""
+    rng = random.Random(seed)
+    concept, prompts = list(task.pools["concept"]), list(task.pools["prompts"])
+    _log_duplicates(task.name, [concept, prompts])
+    rng.shuffle(concept)
+    rng.shuffle(prompts)
+    # Deduplicated after the shuffle, as every task's pools are (no text in two splits).
+    concept = _unique(concept, _conflicting_keys(concept))
+    prompts = _unique(prompts, set())
+    splits = {
+        "steer": concept[: sizes.steer],
+        "dev": concept[sizes.steer : sizes.steer + sizes.dev]
+        + prompts[sizes.test : sizes.test + sizes.dev],
+        "test": prompts[: sizes.test],
+    }
+    needed = {"concept": sizes.steer + sizes.dev, "prompts": sizes.test + sizes.dev}
+    for pool, count in needed.items():
+        if len(task.pools[pool]) < count:
+            raise TaskError(
+                f"task '{task.name}': pool '{pool}' has {len(task.pools[pool])} rows, the split "
+                f"sizes need {count}; lower the split sizes or add data"
+            )
+    return splits
+
+
+def behaviour_prompts(examples: list[Example]) -> list[Example]:
+    """The prompts (unlabelled examples) of a behaviour task's split."""
+    return [example for example in examples if example.answer is None]

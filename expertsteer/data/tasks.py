@@ -27,7 +27,9 @@ from expertsteer.errors import ExpertSteerError
 
 log = logging.getLogger(__name__)
 
-TASK_TYPES = ("choice", "yesno", "classification", "numeric", "concept")
+TASK_TYPES = ("choice", "yesno", "classification", "numeric", "concept", "behaviour")
+BEHAVIOUR_POOLS = ("concept", "prompts")
+"""Pools of a behaviour task: labelled concept texts (fitting) and unlabelled prompts (scoring)."""
 ANSWER_FORMATS = ("index", "index1", "letter", "text", "number", "label")
 LETTERS = "ABCDEFGHIJ"
 # A task name names a run directory: no separators, no leading dot (`..` would escape it).
@@ -101,7 +103,7 @@ class TaskSpec:
     name: str
     """Task name used in configs and reports."""
     type: str
-    """One of choice, yesno, classification, numeric, concept."""
+    """One of choice, yesno, classification, numeric, concept, behaviour."""
     files: dict[str, list[str]] = field(default_factory=dict)
     """Pool name (e.g. train, test) -> local files; relative paths resolve against data_root."""
     hub: dict[str, Any] | None = None
@@ -126,6 +128,11 @@ class TaskSpec:
     """Name of a built-in reader for files the datasets builders cannot read as rows."""
     loader_options: dict[str, Any] = field(default_factory=dict)
     """Parameters of the pool loader (e.g. MMLU subjects, generator count and seed)."""
+    scorer: str | None = None
+    """Behaviour tasks: how a continuation is scored for the concept (`sentiment`,
+    `python_code`, `keywords` or `callable`, see `expertsteer.evaluation.scorers`)."""
+    scorer_options: dict[str, Any] = field(default_factory=dict)
+    """Parameters of the scorer (keywords: `words`, `patterns`; callable: `function`)."""
     skip_unanswered: bool = False
     """Drop rows whose answer field is empty (counted in the log) instead of failing."""
     hub_fallback: TaskSpec | None = field(default=None, repr=False, compare=False)
@@ -155,7 +162,11 @@ class TaskSpec:
             )
         if self.type in ("yesno", "classification") and not self.labels:
             raise TaskError(f"task '{self.name}': a {self.type} task needs `labels`")
-        if self.label_values is not None and len(self.label_values) != len(self.labels or []):
+        if (
+            self.label_values is not None
+            and self.type != "behaviour"
+            and len(self.label_values) != len(self.labels or [])
+        ):
             raise TaskError(f"task '{self.name}': label_values and labels differ in length")
         self.files = {
             pool: [paths] if isinstance(paths, str) else list(paths)
@@ -163,6 +174,35 @@ class TaskSpec:
         }
         if not self.files and not self.hub and self.pool_loader is None:
             raise TaskError(f"task '{self.name}': give `files` or a `hub` dataset")
+        self._check_behaviour()
+
+    def _check_behaviour(self) -> None:
+        """A behaviour task names a usable scorer (a bad callable path fails here, before any
+        model loads) and reads its two pools; other tasks take no scorer."""
+        if self.type != "behaviour":
+            if self.scorer is not None:
+                raise TaskError(f"task '{self.name}': `scorer` applies to behaviour tasks only")
+            return
+        from expertsteer.evaluation.scorers import ScorerError, make_scorer
+
+        if self.scorer is None:
+            raise TaskError(
+                f"task '{self.name}': a behaviour task needs a `scorer` (sentiment, "
+                "python_code, keywords or callable)"
+            )
+        try:
+            make_scorer(self.scorer, self.scorer_options)
+        except ScorerError as error:
+            raise TaskError(f"task '{self.name}': {error}") from error
+        if self.files and self.pool_loader is None:
+            missing = [pool for pool in BEHAVIOUR_POOLS if pool not in self.files]
+            extra = sorted(set(self.files) - set(BEHAVIOUR_POOLS))
+            if missing or extra:
+                raise TaskError(
+                    f"task '{self.name}': a behaviour task reads exactly the pools "
+                    f"{list(BEHAVIOUR_POOLS)} (concept texts with a 0/1 label, prompts to "
+                    f"continue); got {sorted(self.files)}"
+                )
 
 
 @dataclass
@@ -493,6 +533,25 @@ def parse_row(row: dict, index: int, spec: TaskSpec) -> Example | None:
     )
 
 
+def parse_behaviour_row(row: dict, index: int, spec: TaskSpec, pool: str) -> Example:
+    """A behaviour task's row: a concept text with its 0/1 label (`label_values` maps other
+    values: [value of 0, value of 1]), or a prompt to continue (no label)."""
+    fields = spec.fields
+    text = _text(row, fields.question)
+    ident = str(_get(row, fields.id)) if fields.id else str(index)
+    if pool == "prompts":
+        return Example(id=ident, question=text, instruction=spec.instruction or "")
+    raw = _present(row, fields.answer)
+    values = spec.label_values if spec.label_values is not None else [0, 1]
+    matches = [k for k, value in enumerate(values) if value == raw or str(value) == str(raw)]
+    if len(values) != 2 or not matches:
+        raise ValueError(
+            f"concept label {raw!r} is not one of {values} (give label_values: "
+            "[<value of label 0>, <value of label 1>])"
+        )
+    return Example(id=ident, question=text, answer=matches[0], instruction=spec.instruction or "")
+
+
 def resolve_answer(raw: Any, choices: tuple[str, ...], spec: TaskSpec) -> int | float:
     """Turn a raw answer value into an option index (or a number for numeric tasks)."""
     if spec.type == "numeric" or spec.answer_format == "number":
@@ -540,7 +599,10 @@ def load_task(spec: TaskSpec, data_root: str | Path | None = None) -> Task:
         examples = []
         for index, (where, row) in enumerate(rows):
             try:
-                example = parser(row, index, spec)
+                if spec.type == "behaviour" and not spec.row_parser:
+                    example = parse_behaviour_row(row, index, spec, pool)
+                else:
+                    example = parser(row, index, spec)
             except MissingFieldError as error:
                 raise TaskError(
                     f"task '{spec.name}', {where}: field '{error.field}' is missing or empty "

@@ -149,7 +149,7 @@ def _task_texts(name: str, data_root: str) -> list[str]:
     texts = []
     for example in (e for pool in pools for e in pool):
         text = render_prompt(task.type, example)
-        if example.answer is not None and task.type != "concept":
+        if example.answer is not None and task.type not in ("concept", "behaviour"):
             text = f"{text}\n{answer_text(task.type, example, example.answer)}"
         texts.append(text)
     return texts

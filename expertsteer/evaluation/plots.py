@@ -144,3 +144,36 @@ def null_gains(
         ax.axvline(100 * gain, color=colours(index % 10), label=name)
     ax.set_yticks([])
     return _finish(figure, ax, "test gain over none (points)", "", title, path)
+
+
+def concept_vs_perplexity(
+    curves: dict[str, list[dict[str, float]]],
+    none: dict[str, float],
+    path: str | Path,
+    title: str,
+    concept_label: str = "concept score",
+) -> Path:
+    """The steering trade-off: dev concept score against dev perplexity across the alpha grid,
+    one line per method (`curves`: label -> points with alpha, concept, perplexity, each point
+    annotated with its alpha), and the unsteered target as a black star."""
+    figure = Figure(figsize=(7.5, 5.0))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    colours = colormaps["tab10"]
+    for index, (name, points) in enumerate(curves.items()):
+        # Through the unsteered point at alpha 0: one curve from the negative to the positive side.
+        origin = {"alpha": 0.0, "concept": none["concept"], "perplexity": none["perplexity"]}
+        ordered = sorted([*points, origin], key=lambda p: p["alpha"])
+        xs = [p["perplexity"] for p in ordered]
+        ys = [p["concept"] for p in ordered]
+        ax.plot(xs, ys, marker="o", color=colours(index % 10), label=name)
+        for p in ordered:
+            if p is origin:
+                continue
+            ax.annotate(f"{p['alpha']:g}", (p["perplexity"], p["concept"]), fontsize=6)
+    ax.scatter([none["perplexity"]], [none["concept"]], marker="*", s=150, color="black")
+    ax.plot([], [], marker="*", linestyle="", color="black", label="none (unsteered)")
+    ax.set_xscale("log")
+    return _finish(
+        figure, ax, "mean perplexity under the unsteered target (dev)", concept_label, title, path
+    )

@@ -20,7 +20,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("expertsteer")
 
-PIPELINE_MODULES = {"lightning", "torchmetrics", "datasets", "jsonargparse", "matplotlib"}
+PIPELINE_MODULES = {
+    "lightning",
+    "torchmetrics",
+    "datasets",
+    "jsonargparse",
+    "matplotlib",
+    "vaderSentiment",
+}
 """Top-level modules of the `pipeline` extra (the Lightning stages, tasks, figures)."""
 SMOKE_QUESTION = "What is the capital of France?"
 SMOKE_PROMPTS = [
@@ -111,7 +118,11 @@ def _check_task(path: str, data_root: str) -> None:
     from expertsteer.data.prompts import answer_text, render_prompt
     from expertsteer.data.tasks import load_task, spec_from_yaml
 
-    task = load_task(spec_from_yaml(path), data_root)
+    spec = spec_from_yaml(path)
+    task = load_task(spec, data_root)
+    if task.type == "behaviour":
+        _check_behaviour_task(task, spec.scorer)
+        return
     examples = task.all_examples()
     pools = ", ".join(f"{pool} {len(rows)}" for pool, rows in task.pools.items())
     dropped = sum(task.dropped.values())
@@ -156,6 +167,19 @@ def _check_duplicates(task: Task) -> None:
             print(f"  ... and {len(found.contradicting) - 10} more")
 
 
+def _check_behaviour_task(task, scorer: str) -> None:
+    """`tasks --check` of a behaviour task: its pools, concept label balance and prompts."""
+    concept, prompts = task.pools["concept"], task.pools["prompts"]
+    positive = sum(example.answer == 1 for example in concept)
+    print(
+        f"task '{task.name}' (behaviour, scorer {scorer}): {len(concept)} concept texts "
+        f"({positive} label 1, {len(concept) - positive} label 0), {len(prompts)} prompts"
+    )
+    for example in concept[:2] + prompts[:3]:
+        kind = "prompt" if example.answer is None else f"concept, label {example.answer}"
+        print(f"\n--- {example.id} ({kind})\n{example.question}")
+
+
 def _smoke_test(args: argparse.Namespace) -> None:
     from expertsteer.models.capture import capture
     from expertsteer.models.causal_lm import CausalLM
@@ -182,7 +206,7 @@ def _smoke_test(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from expertsteer.evaluation.report import REPORT_FILE, summary_table
+    from expertsteer.evaluation.report import REPORT_FILE
     from expertsteer.pipeline.experiment import load_experiment, split_plan
     from expertsteer.pipeline.stages import plan, run_experiment, validate_stage_configs
 
@@ -207,9 +231,20 @@ def _run(args: argparse.Namespace) -> None:
     for task, run_dir in run_dirs.items():
         metrics = load_json(run_dir / METRICS_FILE, "metrics")
         print(f"\n## {task} (test n={metrics['n_test']}, dev n={metrics['n_dev']})\n")
-        print(summary_table(metrics))
+        print(_table(metrics))
         print(f"\nreport: {run_dir / REPORT_FILE}")
     print(f"\nexperiment '{experiment.name}' finished in {time.perf_counter() - started:.0f} s")
+
+
+def _table(metrics: dict) -> str:
+    """The summary table of a run: the behaviour table for a behaviour task."""
+    if metrics.get("task_type") == "behaviour":
+        from expertsteer.evaluation.behaviour_report import behaviour_table
+
+        return behaviour_table(metrics)
+    from expertsteer.evaluation.report import summary_table
+
+    return summary_table(metrics)
 
 
 def _export_gguf(args: argparse.Namespace) -> None:
@@ -241,12 +276,17 @@ def _export_gguf(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from expertsteer.evaluation.report import summary_table, write_report
+    from expertsteer.evaluation.report import write_report
     from expertsteer.pipeline.stages import current_metrics
 
     metrics = current_metrics(Path(args.run_dir))
-    path = write_report(args.run_dir, metrics)
-    print(summary_table(metrics))
+    if metrics.get("task_type") == "behaviour":
+        from expertsteer.evaluation.behaviour_report import write_behaviour_report
+
+        path = write_behaviour_report(args.run_dir, metrics)
+    else:
+        path = write_report(args.run_dir, metrics)
+    print(_table(metrics))
     print(f"\nreport: {path}")
 
 

@@ -39,6 +39,7 @@ import yaml
 from expertsteer.cache import CACHE_ENV
 from expertsteer.data.token_pairs import CorpusConfig
 from expertsteer.errors import ExpertSteerError
+from expertsteer.evaluation.behaviour import BehaviourConfig
 from expertsteer.evaluation.choice import ChoiceConfig
 from expertsteer.evaluation.evaluate import ModelDtype, ScoringConfig
 from expertsteer.method.align import TrainingConfig
@@ -216,6 +217,9 @@ class Experiment:
     """Vector extraction (RFM and baselines), for every method."""
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     """The evaluation stage."""
+    behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)
+    """Behaviour tasks' continuations and dev rule (their alphas, null_k, layer_choice and
+    n_boot come from `evaluation`)."""
     trainer: dict[str, Any] = field(default_factory=lambda: {"accelerator": "cpu", "devices": 1})
     """Trainer settings of every stage (e.g. strategy: ddp, devices: 2)."""
     task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -21,6 +21,7 @@ STAGE_MODULES = (
     "lightning_modules.vectors",
     "lightning_modules.steer",
     "lightning_modules.evaluator",
+    "lightning_modules.behaviour",
 )
 
 

@@ -30,9 +30,11 @@ from expertsteer.artifacts import (
     save_json,
 )
 from expertsteer.cache import LockedError, file_lock, sha256_file
+from expertsteer.data.catalogue import resolve_task
 from expertsteer.data.tasks import resolve_data_root
 from expertsteer.data.token_pairs import CorpusConfig
 from expertsteer.errors import ExpertSteerError
+from expertsteer.evaluation.behaviour import BehaviourConfig
 from expertsteer.evaluation.choice import ChoiceConfig
 from expertsteer.evaluation.evaluate import ScoringConfig
 from expertsteer.evaluation.report import ALPHA_FIGURE, AUROC_FIGURE, NULL_FIGURE, REPORT_FILE
@@ -252,24 +254,33 @@ def _evaluation_stage(experiment: Experiment, task: str, run_dir: Path) -> Stage
         del scoring["max_batch_tokens"]
     if experiment.alignment.select == "dev":
         choice["layer_choice"] = "dev"
+    callback = {
+        "class_path": "SteeringEvaluator",
+        "init_args": {"choice": choice, "seed": experiment.seed},
+    }
+    behaviour = resolve_task(task).type == "behaviour"
+    if behaviour:
+        callback = {
+            "class_path": "BehaviourEvaluator",
+            "init_args": {
+                "choice": choice,
+                "behaviour": _init_args(experiment.behaviour, BehaviourConfig),
+                "seed": experiment.seed,
+            },
+        }
     config = {
         "seed_everything": experiment.seed,
         "trainer": _trainer(
             experiment,
             run_dir,
             "evaluate",
-            callbacks=[
-                {
-                    "class_path": "SteeringEvaluator",
-                    "init_args": {"choice": choice, "seed": experiment.seed},
-                }
-            ],
+            callbacks=[callback],
         ),
         "model": {
             "class_path": "SteeringModule",
             "init_args": {
                 "target": experiment.target,
-                "expert": experiment.expert if e.headroom else None,
+                "expert": experiment.expert if e.headroom and not behaviour else None,
                 "methods": {
                     m: str((method_dir(run_dir, m) / STEERING_FILE).relative_to(run_dir))
                     for m in experiment.methods

@@ -152,12 +152,15 @@ def test_experiment_configs_load_and_run_on_tiny_models(path, tiny_dirs, tmp_pat
         config["alignment"]["corpus"] = {**config["alignment"]["corpus"], "size": 40}
     config["rfm"] |= {"iterations": 2}
     config["evaluation"] |= {"alphas": [0.5], "num_samples": 1, "sample_tokens": 4}
+    if "behaviour" in config:
+        config["behaviour"] |= {"max_new_tokens": 3, "samples": 1}
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text(yaml.safe_dump(config))
     main(["run", "--config", str(tiny)])
     run = tmp_path / "runs" / config["name"] / task
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(config["methods"]) < set(metrics["methods"])
+    scored = metrics["behaviour"]["methods"] if "behaviour" in metrics else metrics["methods"]
+    assert set(config["methods"]) < set(scored)
     assert (run / REPORT_FILE).is_file()
 
 
