@@ -26,7 +26,8 @@ class ChoiceConfig:
     """Steering strengths tried on dev, as fractions of each layer's mean residual norm;
     signed (each direction's sign is chosen on dev too) and non-zero: a method is reported at
     its best non-zero strength, so "no gain" shows as no gain. The null's draws use the same
-    grid, and `none+bias` gets as many candidate offsets as there are alphas."""
+    grid, and `none+bias` gets as many candidate offsets as the largest search (alphas x layer
+    sets), besides every constant class."""
     layer_choice: LayerChoice = "all"
     """`all` steers every layer of a method's artifact together; `dev` also tries each layer
     alone and keeps the best on dev (with `select: dev` pairing)."""
