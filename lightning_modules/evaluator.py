@@ -226,16 +226,15 @@ class _Figures:
         """Whether every test item has the same gold class (no gain can be judged)."""
         return self.classes is not None and len(set(self.gold)) == 1
 
-    def balance(self, predictions: list[Any]) -> dict[str, Any]:
+    def balance(self, predictions: list[Any], habit: float) -> dict[str, Any]:
         """Where answers are classes: the paired macro-F1 difference to `none` (with its
-        p-value) and whether the predictions collapsed onto one answer."""
+        p-value) and whether the predictions (habit rate `habit`) collapsed onto one answer."""
         if self.classes is None:
             return {}
         steered = torch.tensor([-1 if p is None else int(p) for p in predictions])
         none = torch.tensor([-1 if p is None else int(p) for p in self.test_predictions(NONE)])
         gold = torch.tensor([int(g) for g in self.gold])
         difference, low, high, p = paired_macro_f1(steered, none, gold, self.classes, **self.boot)
-        habit = self.class_metrics(predictions)["habit_rate"]
         return {
             "vs_none_macro_f1": {"difference": difference, "low": low, "high": high},
             "p_vs_none_macro_f1": p,
@@ -553,6 +552,7 @@ class SteeringEvaluator(Callback):
         none_test = figures.none_test
         steered = figures.correct("test", method, alpha, layers)
         predictions = figures.test_predictions(method, alpha, layers)
+        class_metrics = figures.class_metrics(predictions)  # bootstrapped once
         curves = figures.dev_curves(method)
         entry = {
             "alpha": alpha,
@@ -566,8 +566,8 @@ class SteeringEvaluator(Callback):
             "p_vs_null": (
                 None if null is None else empirical_p(_gain(steered, none_test), null["gains"])
             ),
-            **figures.class_metrics(predictions),
-            **figures.balance(predictions),
+            **class_metrics,
+            **figures.balance(predictions, class_metrics["habit_rate"]),
             "gap_closed": (
                 None
                 if expert_acc is None

@@ -53,14 +53,13 @@ class Duplicates:
 
 def find_duplicates(examples: list[Example]) -> Duplicates:
     """Repeated and contradicting texts among `examples`."""
-    answers: dict[tuple, set] = {}
     counts: dict[tuple, int] = {}
     for example in examples:
-        key = text_key(example)
-        answers.setdefault(key, set()).add(example.answer)
-        counts[key] = counts.get(key, 0) + 1
-    conflicts = [key for key, seen in answers.items() if len(seen) > 1]
-    repeated = sum(n - 1 for key, n in counts.items() if len(answers[key]) == 1)
+        counts[text_key(example)] = counts.get(text_key(example), 0) + 1
+    # In order of first appearance (a set's order would change from run to run).
+    conflicting = _conflicting_keys(examples)
+    conflicts = [key for key in counts if key in conflicting]
+    repeated = sum(n - 1 for key, n in counts.items() if key not in conflicts)
     return Duplicates(
         repeated,
         [" / ".join(part for part in (key[0], key[1]) if part) for key in conflicts],
