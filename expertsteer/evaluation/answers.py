@@ -45,7 +45,7 @@ def generate_answers(
         else:
             texts.extend(
                 steering.steered_generate(
-                    decoder, chunk, intervention, max_new_tokens=max_new_tokens
+                    decoder, chunk, intervention.for_rows(group), max_new_tokens=max_new_tokens
                 )
             )
     return texts
