@@ -102,6 +102,8 @@ expert RFM method has a mean-difference twin under the same alignment objective.
 conditioned methods (yes/no and classification tasks) push each input by the expert's reading
 of it, along the mapped expert direction (recon, translate) or the target's own (`gate`);
 `target_conditioned` reads with the target itself (the control of what it already knows)."""
+FIXED_METHODS = [name for name, spec in METHODS.items() if spec.reader is None]
+"""The fixed-vector methods: the default method list (conditioned ones are asked by name)."""
 CONDITIONED_TASK_TYPES = ("yesno", "classification")
 MAIN_METHOD = "expertsteer"
 
@@ -218,7 +220,7 @@ class Experiment:
     """Split and fit seed."""
     position: Literal["last", "mean"] = "last"
     """Sequence-level state: last or mean."""
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(FIXED_METHODS))
     """Methods evaluated (see `METHODS`); `none` and the expert are always there."""
     splits: Splits = field(default_factory=Splits)
     """Examples per split."""
