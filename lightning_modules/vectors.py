@@ -355,7 +355,9 @@ class VectorsModule(L.LightningModule):
                 result = self.fitters[index].result()
                 rows = result.directions
             else:
-                result, rows = None, self.directions[index][None, :]
+                # Conditioned: already [K, d], one push direction per class label.
+                rows = self.directions[index]
+                result, rows = None, rows if rows.ndim == 2 else rows[None, :]
             fits.append(fit_record(pair, result))
             x, y = self._features("steer", pair)
             if self.hparams.reader is not None:
