@@ -72,6 +72,12 @@ class RunSteering:
                 f"(methods with vectors there: {present or 'none'})"
             )
         steering = load_steering(path)
+        if steering.metadata.get("conditioned"):
+            # Its push needs the reader run on each prompt first (not wired into generate yet).
+            raise ExpertSteerError(
+                f"method '{method}' is input-dependent (its push is read from each prompt); "
+                "`generate --steer` supports fixed-vector methods only for now"
+            )
         choice = steering.choice
         if choice is None and (run / METRICS_FILE).is_file():
             # A run evaluated before the vectors recorded their choice: read metrics.json.
