@@ -158,7 +158,8 @@ def _per_item_bias(cache: dict, item_keys: list[tuple], width: int) -> torch.Ten
 def _calibrating(intervention: Any | None) -> Any | None:
     """The intervention the calibration prompts are scored under: the items' own, or for a
     conditioned one (per-item coefficients) its fixed reference addition."""
-    return None if intervention is None else intervention.calibration()
+    fixed = getattr(intervention, "calibration", None)
+    return intervention if fixed is None else fixed()
 
 
 def content_free_biases(

@@ -156,9 +156,8 @@ def _forward_logits(
 def _for_batch(intervention: Any | None, batch: list[_Row]) -> Any | None:
     """The intervention of a forward batch: a conditioned one (per-item coefficients) keeps
     the coefficients of each row's item, in row order."""
-    if intervention is None:
-        return None
-    return intervention.for_rows([row.targets[0].item for row in batch])
+    select = getattr(intervention, "for_rows", None)
+    return intervention if select is None else select([row.targets[0].item for row in batch])
 
 
 def _check_options(prompts: list[str], options: list[list[str]], batch_size: int) -> None:
