@@ -44,7 +44,12 @@ from expertsteer.evaluation.evaluate import (
     evaluate,
     evaluate_grid,
 )
-from expertsteer.method.conditioned import READER_FILE, Reading, load_reading
+from expertsteer.method.conditioned import (
+    READER_FILE,
+    Reading,
+    conditioned_intervention,
+    load_reading,
+)
 from expertsteer.method.extractors import random_unit_vectors
 from expertsteer.method.steer import Intervention
 from expertsteer.method.vectors import SteeringVectors, load_steering
@@ -314,14 +319,15 @@ class SteeringModule(L.LightningModule):
             )
         if scores is None or c_max is None:
             raise ValueError(f"conditioned method '{method}' needs its reader's scores and c_max")
-        reading, steering = self.readings[method], self.steering[method]
-        return Intervention(
-            vectors={layer: steering.directions[layer] for layer in layers},
-            scales={layer: float(steering.norm_scale[layer]) for layer in layers},
-            alpha=alpha,
-            positions=self.scoring.positions,
-            coefficients=reading.coefficients(scores, c_max),
-            reference=reading.reference(c_max),
+        reading = self.readings[method]
+        return conditioned_intervention(
+            self.steering[method],
+            reading,
+            reading.coefficients(scores, c_max),
+            alpha,
+            self.scoring.positions,
+            layers,
+            c_max,
         )
 
     def score(

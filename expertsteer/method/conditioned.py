@@ -34,6 +34,8 @@ import torch
 
 from expertsteer.artifacts import ArtifactError, load_artifact, save_artifact
 from expertsteer.method.extractors import mean_difference
+from expertsteer.method.steer import Intervention
+from expertsteer.method.vectors import SteeringVectors
 
 READER_FILE = "reader.safetensors"
 KIND = "reader"
@@ -222,3 +224,25 @@ def shuffled_orders(count: int, k: int, seed: int) -> list[torch.Tensor]:
     `shuffled` control gives item n the coefficients of item order[n]."""
     generator = torch.Generator().manual_seed(seed)
     return [torch.randperm(count, generator=generator) for _ in range(k)]
+
+
+def conditioned_intervention(
+    steering: SteeringVectors,
+    reading: Reading,
+    coefficients: torch.Tensor,
+    alpha: float,
+    positions: str,
+    layers: list[int] | tuple[int, ...],
+    c_max: float,
+) -> Intervention:
+    """The per-row intervention of a conditioned method's vectors: row n of `coefficients`
+    (`[N, K]`, from `Reading.coefficients` at `c_max`) weighs the K push directions of each
+    steered layer; calibration prompts get the steer split's mean coefficient."""
+    return Intervention(
+        vectors={layer: steering.directions[layer] for layer in layers},
+        scales={layer: float(steering.norm_scale[layer]) for layer in layers},
+        alpha=alpha,
+        positions=positions,
+        coefficients=coefficients,
+        reference=reading.reference(c_max),
+    )

@@ -15,10 +15,12 @@ from expertsteer.evaluation.evaluate import ScoringConfig
 from expertsteer.method.conditioned import READER_FILE, load_reading
 from expertsteer.models.capture import capture
 from expertsteer.models.causal_lm import CausalLM
+from expertsteer.models.export import ExportError, export_gguf
 from expertsteer.models.zoo import load_model
 from expertsteer.pipeline.cli import main
 from expertsteer.pipeline.experiment import FIXED_METHODS, ExperimentError, load_experiment
 from expertsteer.pipeline.stages import method_dir, stage_configs
+from expertsteer.pipeline.try_steering import RunSteering
 from lightning_modules.steer import SteeringModule
 from tests.tiny_task import review_task
 
@@ -56,7 +58,9 @@ def _config(tiny_dirs, tmp_path, task: Path, methods: list[str]) -> dict:
     }
 
 
-def test_a_tiny_run_writes_the_conditioned_rows_and_their_controls(tiny_dirs, tmp_path):
+def test_a_tiny_run_writes_the_conditioned_rows_and_their_controls(
+    tiny_dirs, tmp_path, capsys
+):
     task = review_task(tmp_path, "reviews", [k % 2 for k in range(40)])
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump(_config(tiny_dirs, tmp_path, task, CONDITIONED)))
@@ -109,6 +113,25 @@ def test_a_tiny_run_writes_the_conditioned_rows_and_their_controls(tiny_dirs, tm
     layer = int(reading.metadata["layer"])
     states = capture(target, [render_prompt("classification", examples[0])], [layer], "last")
     torch.testing.assert_close(scores, reading.scores(states[layer]))
+
+    # `generate --steer RUN --method expert_conditioned` reads each prompt with the expert
+    # first: each prompt gets its own coefficient, the expert's reading at the dev choice.
+    prompts = ["warm and witty film", "a dull, lifeless mess"]
+    tried = RunSteering.load(run, "expert_conditioned")
+    entry = methods["expert_conditioned"]
+    assert (tried.alpha, tried.reader.c_max) == (entry["alpha"], entry["c_max"])
+    expert_reading = load_reading(method_dir(run, "expert_conditioned") / READER_FILE)
+    expert = CausalLM.from_loaded(load_model(str(tiny_dirs["expert"])))
+    expert_layer = int(expert_reading.metadata["layer"])
+    read = capture(expert, prompts, [expert_layer], "last")[expert_layer]
+    expected = expert_reading.coefficients(expert_reading.scores(read), entry["c_max"])
+    torch.testing.assert_close(tried.steered_by(prompts).coefficients, expected)
+    assert len(tried.compare(prompts, max_new_tokens=2)) == 2
+    main(["generate", "--steer", str(run), "--method", "expert_conditioned", "--prompt", "ok"])
+    assert "steered (expert_conditioned" in capsys.readouterr().out
+    with pytest.raises(ExportError, match="input-dependent"):
+        export_gguf(method_dir(run, "expert_conditioned"), tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
 
 
 def test_conditioned_settings_leave_fixed_runs_alone_and_need_classes(tiny_dirs, tmp_path):
