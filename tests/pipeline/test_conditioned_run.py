@@ -58,9 +58,7 @@ def _config(tiny_dirs, tmp_path, task: Path, methods: list[str]) -> dict:
     }
 
 
-def test_a_tiny_run_writes_the_conditioned_rows_and_their_controls(
-    tiny_dirs, tmp_path, capsys
-):
+def test_a_tiny_run_writes_the_conditioned_rows_and_their_controls(tiny_dirs, tmp_path, capsys):
     task = review_task(tmp_path, "reviews", [k % 2 for k in range(40)])
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump(_config(tiny_dirs, tmp_path, task, CONDITIONED)))
