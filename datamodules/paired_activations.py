@@ -44,7 +44,7 @@ from expertsteer.data.activations import (
     write_shard,
 )
 from expertsteer.data.catalogue import resolve_task
-from expertsteer.data.prompts import Item, prompt_items, steering_items
+from expertsteer.data.prompts import Item, class_items, prompt_items, steering_items
 from expertsteer.data.splits import SPLITS, SplitSizes, make_splits
 from expertsteer.data.tasks import TaskError, load_task
 from expertsteer.data.token_pairs import (
@@ -72,7 +72,7 @@ from expertsteer.models.zoo import (
 
 log = logging.getLogger(__name__)
 
-ITEM_KINDS = ("steering", "prompts")
+ITEM_KINDS = ("steering", "prompts", "classes")
 TRAIN_SOURCES = ("items", "tokens")
 
 
@@ -151,8 +151,9 @@ class PairedActivationDataModule(L.LightningDataModule):
             task: Built-in task name or path to a task YAML.
             data_root: Folder holding the benchmark files of built-in tasks (default:
                 `$EXPERTSTEER_DATA`, else `../shared/data/benchmarks`; absent files: the hub).
-            item_kind: `steering` (prompt + correct / wrong answer, or concept texts) or
-                `prompts` (prompt only, unlabelled).
+            item_kind: `steering` (prompt + correct / wrong answer, or concept texts),
+                `prompts` (prompt only, unlabelled) or `classes` (prompt only, labelled with
+                the item's gold class: conditioned steering).
             expert_layers: Expert blocks to capture (default: all).
             target_layers: Target blocks to capture (default: all).
             position: `last` prompt token or `mean` over prompt tokens.
@@ -261,6 +262,14 @@ class PairedActivationDataModule(L.LightningDataModule):
                         raise TaskError(
                             f"task '{task.name}', split '{name}': steering needs "
                             f"both labels 0 and 1, found {sorted(classes)}"
+                        )
+            elif hp.item_kind == "classes":
+                splits = {name: class_items(task, examples[name]) for name in self.captured}
+                for name, items in splits.items():
+                    if len({item.label for item in items}) < 2:
+                        raise TaskError(
+                            f"task '{task.name}', split '{name}': class items need at least "
+                            "two gold classes"
                         )
             else:
                 splits = {name: prompt_items(task, examples[name]) for name in self.captured}

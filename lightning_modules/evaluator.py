@@ -74,10 +74,11 @@ from expertsteer.evaluation.stats import (
     paired_macro_f1,
 )
 from expertsteer.evaluation.transfer import transfer_summary
+from expertsteer.method.conditioned import shuffled_orders
 from expertsteer.method.vectors import record_choices
 from expertsteer.models.zoo import resolve_dtype
 from expertsteer.settings import settings_of
-from lightning_modules.steer import EXPERT, NONE, SteeringModule
+from lightning_modules.steer import EXPERT, NONE, PROBES, SteeringModule
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,17 @@ P_VALUES = (
 )
 Key = tuple[str, str, float, tuple[int, ...]]
 """(split, method, alpha, target layers) of one scored configuration."""
+SHUFFLED = "shuffled"
+
+
+def variant(method: str, c_max: float) -> str:
+    """Name of a conditioned method's dev configurations at one clip bound."""
+    return f"{method}@c_max={c_max:g}"
+
+
+def shuffled_name(method: str, draw: int) -> str:
+    """Name of one permutation of a conditioned method's test coefficients."""
+    return f"{method}/{SHUFFLED}/{draw}"
 
 
 def _item_records(result: EvalResult) -> dict[str, dict[str, Any]]:
@@ -259,12 +271,13 @@ class _Figures:
 
 
 def _baseline_entries(figures: _Figures) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Entries of the unsteered target (`none`) and, where it was scored, the `expert`; and
-    their per-item test results."""
+    """Entries of the unsteered target (`none`) and, where they were scored, the `expert` and
+    the readers' own answers (`expert_probe`, `target_probe`); and their per-item test
+    results."""
     methods: dict[str, Any] = {}
     correct: dict[str, torch.Tensor] = {}
-    scored_expert = ("test", EXPERT, 0.0, ()) in figures.records
-    for name in [NONE] + ([EXPERT] if scored_expert else []):
+    scored = [n for n in (EXPERT, *PROBES.values()) if ("test", n, 0.0, ()) in figures.records]
+    for name in [NONE, *scored]:
         correct[name] = figures.correct("test", name)
         methods[name] = {
             "test": figures.summary(correct[name]),
@@ -312,6 +325,10 @@ class SteeringEvaluator(Callback):
         self.report = report
         self.records: dict[Key, dict[str, dict]] = {}
         self.chosen: dict[str, tuple[tuple[int, ...], float]] = {}
+        self.c_max: dict[str, float] = {}
+        self.test_scores: dict[str, dict[str, torch.Tensor]] = {}
+        self.test_ids: list[str] = []
+        self.orders: list[torch.Tensor] = []
         self.metrics: dict[str, Any] = {}
 
     # -- scoring -------------------------------------------------------------------------------
@@ -322,6 +339,7 @@ class SteeringEvaluator(Callback):
                 f"SteeringEvaluator needs a SteeringModule, got {type(pl_module).__name__}"
             )
         self.records, self.chosen, self.metrics = {}, {}, {}
+        self.c_max, self.test_scores, self.test_ids, self.orders = {}, {}, [], []
 
     def _store(self, split: str, method: str, alpha: float, layers: tuple, result: Any) -> None:
         self.records.setdefault((split, method, alpha, layers), {}).update(_item_records(result))
@@ -349,45 +367,140 @@ class SteeringEvaluator(Callback):
         split = ("dev", "test")[dataloader_idx]
         for name, result in outputs.items():
             self._store(split, name, 0.0, (), result)
+        scores = self._reader_scores(pl_module, split, batch)
+        self._store_probes(pl_module, split, batch, scores)
         configurations = {}
         for method in pl_module.steered_names:
-            if split == "dev":
-                grid = [
-                    (layers, alpha)
-                    for layers in pl_module.layer_sets(method, self.choice.layer_choice)
-                    for alpha in self.alphas
-                ]
-            else:
-                grid = [self.chosen[method]]
-            for layers, alpha in grid:
-                intervention = pl_module.intervention(method, alpha, layers)
-                configurations[(method, alpha, layers)] = intervention
+            for name, layers, alpha, c_max in self._grid(pl_module, split, method):
+                intervention = pl_module.intervention(
+                    method, alpha, layers, scores.get(method), c_max
+                )
+                configurations[(name, alpha, layers)] = intervention
+        if split == "test":
+            configurations |= self._shuffled(pl_module, batch)
         # Every configuration of the batch at once: they share the unsteered work.
         with torch.inference_mode():
             results = pl_module.score_grid(batch, configurations)
         for (method, alpha, layers), steered in results.items():
             self._store(split, method, alpha, layers, steered)
 
+    def _grid(
+        self, pl_module: SteeringModule, split: str, method: str
+    ) -> list[tuple[str, tuple[int, ...], float, float | None]]:
+        """(name, layers, alpha, c_max) of a steered configuration to score on `split`: on dev
+        the whole grid (a conditioned method's per clip bound, under `variant` names), on test
+        the dev choice."""
+        conditioned = method in pl_module.readings
+        if split == "test":
+            return [(method, *self.chosen[method], self.c_max.get(method))]
+        layer_sets = pl_module.layer_sets(method, self.choice.layer_choice)
+        bounds = self.choice.c_max if conditioned else [None]
+        return [
+            (method if c_max is None else variant(method, c_max), layers, alpha, c_max)
+            for c_max in bounds
+            for layers in layer_sets
+            for alpha in self.alphas
+        ]
+
+    def _reader_scores(
+        self, pl_module: SteeringModule, split: str, batch: list[Example]
+    ) -> dict[str, torch.Tensor]:
+        """Each conditioned method's reading of the batch (test: read once for every test item
+        at the dev choice, so that the shuffled control can permute them)."""
+        if not pl_module.readings:
+            return {}
+        if split == "dev":
+            return pl_module.reader_scores(batch)
+        return {
+            method: torch.stack([rows[example.id] for example in batch])
+            for method, rows in self.test_scores.items()
+        }
+
+    def _store_probes(
+        self,
+        pl_module: SteeringModule,
+        split: str,
+        batch: list[Example],
+        scores: dict[str, torch.Tensor],
+    ) -> None:
+        """Each reader's own answers (`expert_probe`, `target_probe`): the class it reads."""
+        for method, reading in pl_module.readings.items():
+            key = (split, PROBES[reading.metadata["reader"]], 0.0, ())
+            if any(example.id in self.records.get(key, {}) for example in batch):
+                continue  # another method with the same reader already answered
+            predictions = reading.predict(scores[method]).tolist()
+            self.records.setdefault(key, {}).update(
+                {
+                    example.id: {
+                        "correct": int(predicted) == int(example.answer),
+                        "prediction": int(predicted),
+                        "gold": int(example.answer),
+                    }
+                    for example, predicted in zip(batch, predictions, strict=True)
+                }
+            )
+
+    def _shuffled(self, pl_module: SteeringModule, batch: list[Example]) -> dict[Any, Any]:
+        """The `shuffled` control's configurations of a test batch: each conditioned method at
+        its dev choice, item n steered with the coefficients of item order[n] of the test
+        split (the same coefficients, their link to the input broken)."""
+        position = {item_id: n for n, item_id in enumerate(self.test_ids)}
+        configurations = {}
+        for method in pl_module.readings:
+            layers, alpha = self.chosen[method]
+            for draw, order in enumerate(self.orders):
+                sources = [self.test_ids[int(order[position[e.id]])] for e in batch]
+                rows = torch.stack([self.test_scores[method][source] for source in sources])
+                configurations[(shuffled_name(method, draw), alpha, layers)] = (
+                    pl_module.intervention(method, alpha, layers, rows, self.c_max[method])
+                )
+        return configurations
+
     def _choose(self, pl_module: SteeringModule) -> None:
-        """Each method's and null draw's (layers, alpha), from all ranks' dev items, by one
-        rule (`choose_setting`)."""
+        """Each method's and null draw's (layers, alpha) — and a conditioned method's c_max,
+        ties to the smaller — from all ranks' dev items, by one rule (`choose_setting`); then
+        the readings of every test item and the shuffled control's permutations."""
         dev = {key: items for key, items in _gather(self.records).items() if key[0] == "dev"}
         for method in pl_module.steered_names:
-            accuracies = {
-                (key[3], key[2]): sum(r["correct"] for r in items.values()) / len(items)
-                for key, items in dev.items()
-                if key[1] == method
-            }
-            layers, alpha = choose_setting(accuracies, pl_module.layer_sets(method, "dev"))
-            accuracy = accuracies[(layers, alpha)]
+            best = None
+            for name, c_max in self._dev_names(pl_module, method):
+                accuracies = {
+                    (key[3], key[2]): sum(r["correct"] for r in items.values()) / len(items)
+                    for key, items in dev.items()
+                    if key[1] == name
+                }
+                setting = choose_setting(accuracies, pl_module.layer_sets(method, "dev"))
+                if best is None or accuracies[setting] > best[0]:
+                    best = (accuracies[setting], setting, c_max)
+            accuracy, (layers, alpha), c_max = best
             self.chosen[method] = (layers, alpha)
+            if c_max is not None:
+                self.c_max[method] = c_max
             log.info(
-                "%s: alpha %g on layers %s chosen on dev (accuracy %.3f)",
+                "%s: alpha %g on layers %s%s chosen on dev (accuracy %.3f)",
                 method,
                 alpha,
                 list(layers),
+                "" if c_max is None else f", c_max {c_max:g},",
                 accuracy,
             )
+        if pl_module.readings:
+            examples = pl_module.trainer.datamodule.splits()["test"]
+            scores = pl_module.reader_scores(examples)
+            self.test_scores = {
+                method: {e.id: rows[n] for n, e in enumerate(examples)}
+                for method, rows in scores.items()
+            }
+            self.test_ids = sorted(e.id for e in examples)
+            self.orders = shuffled_orders(
+                len(self.test_ids), pl_module.scoring.shuffle_k, self.seed
+            )
+
+    def _dev_names(self, pl_module: SteeringModule, method: str) -> list[tuple[str, float | None]]:
+        """The names a method's dev configurations are stored under, with their c_max."""
+        if method not in pl_module.readings:
+            return [(method, None)]
+        return [(variant(method, c_max), c_max) for c_max in self.choice.c_max]
 
     # -- results -------------------------------------------------------------------------------
 
@@ -411,12 +524,21 @@ class SteeringEvaluator(Callback):
                 run_dir = Path(pl_module.hparams.run_dir)
                 save_json(run_dir / METRICS_FILE, self.metrics)
                 # The vectors describe themselves: apply / generate / export need no metrics.
+                fixed = [m for m in pl_module.hparams.methods if m not in pl_module.readings]
                 record_choices(
-                    {m: pl_module.method_path(m) for m in pl_module.hparams.methods},
+                    {m: pl_module.method_path(m) for m in fixed},
                     self.chosen,
                     pl_module.scoring.positions,
                     task=pl_module.task_name,
                 )
+                for method in pl_module.readings:
+                    record_choices(
+                        {method: pl_module.method_path(method)},
+                        {method: self.chosen[method]},
+                        pl_module.scoring.positions,
+                        task=pl_module.task_name,
+                        c_max=self.c_max[method],
+                    )
                 path = write_report(run_dir, self.metrics)
                 log.info("report written to %s", path)
         trainer.strategy.barrier()
@@ -442,6 +564,8 @@ class SteeringEvaluator(Callback):
             methods[method], correct[method] = self._method_entry(
                 pl_module, figures, method, null, correct.get(NONE_BIAS), expert_acc
             )
+        for method in pl_module.readings:
+            methods[method] |= self._conditioned_entry(pl_module, figures, method, correct)
         metrics: dict[str, Any] = {
             **self._run_settings(pl_module),
             "n_dev": len(figures.dev_ids),
@@ -491,6 +615,7 @@ class SteeringEvaluator(Callback):
         smaller search than a method."""
         layer_sets = [
             len(pl_module.layer_sets(name, self.choice.layer_choice))
+            * len(self._dev_names(pl_module, name))
             for name in pl_module.steered_names
         ]
         return len(self.alphas) * max(layer_sets, default=1)
@@ -553,7 +678,8 @@ class SteeringEvaluator(Callback):
         steered = figures.correct("test", method, alpha, layers)
         predictions = figures.test_predictions(method, alpha, layers)
         class_metrics = figures.class_metrics(predictions)  # bootstrapped once
-        curves = figures.dev_curves(method)
+        c_max = self.c_max.get(method)
+        curves = figures.dev_curves(method if c_max is None else variant(method, c_max))
         entry = {
             "alpha": alpha,
             "layers": list(layers),
@@ -577,6 +703,48 @@ class SteeringEvaluator(Callback):
             **_provenance(pl_module, method),
         }
         return entry, steered
+
+    def _conditioned_entry(
+        self,
+        pl_module: SteeringModule,
+        figures: _Figures,
+        method: str,
+        correct: dict[str, torch.Tensor],
+    ) -> dict[str, Any]:
+        """What a conditioned method adds to its entry: its clip bound and reader, its dev
+        curves per clip bound, the `shuffled` control (each permutation's test gain over none,
+        the empirical p-value) and the paired comparison with the target reading itself."""
+        reading = pl_module.readings[method]
+        layers, alpha = self.chosen[method]
+        none_test, steered = figures.none_test, correct[method]
+        gains = [
+            _gain(figures.correct("test", shuffled_name(method, k), alpha, layers), none_test)
+            for k in range(len(self.orders))
+        ]
+        reader = reading.metadata["reader"]
+        entry: dict[str, Any] = {
+            "c_max": self.c_max[method],
+            "reader": reader,
+            "reader_layer": reading.metadata.get("layer"),
+            "probe": PROBES[reader],
+            "dev_curves_by_c_max": {
+                f"{c:g}": figures.dev_curves(variant(method, c)) for c in self.choice.c_max
+            },
+            SHUFFLED: (
+                {"k": len(gains), "seed": self.seed, "gains": gains, **null_summary(gains)}
+                | {"smallest_p": smallest_null_p(len(gains))}
+                if gains
+                else None
+            ),
+            f"p_vs_{SHUFFLED}": empirical_p(_gain(steered, none_test), gains) if gains else None,
+        }
+        target_read = [m for m, r in pl_module.readings.items() if r.metadata["reader"] == "target"]
+        if reader == "expert" and target_read:
+            control = correct[target_read[0]]
+            entry["target_conditioned"] = target_read[0]
+            entry["vs_target_conditioned"] = figures.paired(steered, control)
+            entry["p_vs_target_conditioned"] = figures.p_value(steered, control)
+        return entry
 
     def _none_bias(
         self, figures: _Figures, budget: int
@@ -641,7 +809,12 @@ class SteeringEvaluator(Callback):
         outputs = {NONE: pl_module.generate(prompts, self.choice.sample_tokens)}
         for method in pl_module.hparams.methods:
             layers, alpha = self.chosen[method]
-            intervention = pl_module.intervention(method, alpha, layers)
+            scores = None
+            if method in self.test_scores:
+                scores = torch.stack([self.test_scores[method][e.id] for e in examples])
+            intervention = pl_module.intervention(
+                method, alpha, layers, scores, self.c_max.get(method)
+            )
             outputs[method] = pl_module.generate(prompts, self.choice.sample_tokens, intervention)
         if pl_module.expert_decoder is not None:
             outputs[EXPERT] = pl_module.generate(prompts, self.choice.sample_tokens, expert=True)

@@ -7,6 +7,10 @@ test once and writes the report. Every artifact is read and checked against the 
 models and task before any model loads, so a vector made for another model pair or task, or a
 layer the target does not have, fails at once.
 
+A conditioned method (`expertsteer.method.conditioned`) has a reader beside its vectors: the
+module reads each input with it (`reader_scores`: the expert's, or the target's own, last
+prompt token state at the reader's block) and builds a per-row intervention from the scores.
+
 With `scoring.null_k > 0` the module also holds the random null: `null_k` draws `null/0`,
 `null/1`, ..., each a random unit vector per target layer of a reference method (`expertsteer`
 by default, else the first method) with that method's norm scales s_j, so a draw steers the
@@ -27,6 +31,7 @@ import lightning as L
 import torch
 
 from expertsteer.artifacts import ArtifactError
+from expertsteer.data.prompts import render_prompt
 from expertsteer.data.tasks import Example
 from expertsteer.evaluation.answers import generate_answers
 from expertsteer.evaluation.branching import PrefixStore
@@ -39,10 +44,17 @@ from expertsteer.evaluation.evaluate import (
     evaluate,
     evaluate_grid,
 )
+from expertsteer.method.conditioned import (
+    READER_FILE,
+    Reading,
+    conditioned_intervention,
+    load_reading,
+)
 from expertsteer.method.extractors import random_unit_vectors
 from expertsteer.method.steer import Intervention
 from expertsteer.method.vectors import SteeringVectors, load_steering
 from expertsteer.models.batching import naming_out_of_memory
+from expertsteer.models.capture import capture
 from expertsteer.models.causal_lm import CausalLM
 from expertsteer.models.zoo import (
     DEFAULT_EXPERT,
@@ -60,6 +72,9 @@ NONE = "none"
 """The unsteered target, always evaluated."""
 EXPERT = "expert"
 """The expert model itself, unsteered (the headroom)."""
+PROBES = {"expert": "expert_probe", "target": "target_probe"}
+"""Reader -> name of its own answers' row (a conditioned method's reader as a classifier: the
+ceiling of what its reading can pass on)."""
 NULL_PREFIX = "null/"
 """Name prefix of the random null's draws (`null/0`, `null/1`, ...)."""
 MAIN_METHOD = "expertsteer"
@@ -119,7 +134,7 @@ class SteeringModule(L.LightningModule):
         self.save_hyperparameters()
         if not methods:
             raise ValueError("methods is empty: name at least one steering.safetensors to test")
-        reserved = {NONE, NONE_BIAS, EXPERT} & set(methods)
+        reserved = {NONE, NONE_BIAS, EXPERT, *PROBES.values()} & set(methods)
         reserved |= {name for name in methods if name.startswith(NULL_PREFIX)}
         if reserved:
             raise ValueError(f"method names {sorted(reserved)} are reserved; rename them")
@@ -128,6 +143,7 @@ class SteeringModule(L.LightningModule):
                 f"null_reference '{null_reference}' is not one of the methods {sorted(methods)}"
             )
         self.steering: dict[str, SteeringVectors] = {}
+        self.readings: dict[str, Reading] = {}
         self.null_names: list[str] = []
         self.calibration_cache: dict[Any, dict] = {}
         self.prefix_store = PrefixStore()
@@ -189,11 +205,61 @@ class SteeringModule(L.LightningModule):
                     f"'{made_for}', this evaluation is on '{task.name}'"
                 )
             self.steering[method] = steering
+            if steering.metadata.get("conditioned"):
+                self.readings[method] = self._reading(method, steering)
         null_k = self.scoring.null_k
         self.null_names = [f"{NULL_PREFIX}{draw}" for draw in range(null_k)]
         if null_k:
             draws = null_steering(self.steering[self.null_reference], null_k, hp.null_seed)
             self.steering.update(zip(self.null_names, draws, strict=True))
+
+    def _reading(self, method: str, steering: SteeringVectors) -> Reading:
+        """A conditioned method's reader (`reader.safetensors` beside its vectors), checked
+        against the model that will read: the expert, or the target itself."""
+        hp = self.hparams
+        reader = steering.metadata["conditioned"].get("reader")
+        model = hp.expert if reader == "expert" else hp.target
+        if model is None:
+            raise ValueError(
+                f"method '{method}' reads each input with the expert, but no expert is loaded "
+                "(evaluation.headroom: false); turn headroom on"
+            )
+        path = self.method_path(method).with_name(READER_FILE)
+        expect = {"model_id": model, "weights_sha256": weights_identity(model)}
+        reading = load_reading(path, expect)
+        if reading.metadata.get("position") != "last":
+            raise ArtifactError(
+                f"{path}: readers read the last prompt token; refit with position last"
+            )
+        return reading
+
+    @property
+    def conditioned_names(self) -> list[str]:
+        """The methods whose push is set per input by a reader."""
+        return list(self.readings)
+
+    def reader_scores(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """Each conditioned method's reading of `examples`: `[N, K]` scores (one capture per
+        reading model and block, however many methods share it)."""
+        prompts = [render_prompt(self.task_type, example) for example in examples]
+        states: dict[tuple[str, int], torch.Tensor] = {}
+        scores = {}
+        for method, reading in self.readings.items():
+            source, layer = reading.metadata["reader"], int(reading.metadata["layer"])
+            if (source, layer) not in states:
+                decoder = self.expert_decoder if source == "expert" else self.target_decoder
+                with self._out_of_memory("reading"):
+                    captured = capture(
+                        decoder,
+                        prompts,
+                        [layer],
+                        "last",
+                        batch_size=self.scoring.batch_size,
+                        max_tokens=self.scoring.max_batch_tokens,
+                    )
+                states[(source, layer)] = captured[layer]
+            scores[method] = reading.scores(states[(source, layer)]).cpu()
+        return scores
 
     @property
     def null_reference(self) -> str:
@@ -237,9 +303,31 @@ class SteeringModule(L.LightningModule):
             return [layers]
         return [layers] + [(layer,) for layer in layers]
 
-    def intervention(self, method: str, alpha: float, layers: tuple[int, ...]) -> Intervention:
-        return Intervention.from_steering(
-            self.steering[method], alpha, self.scoring.positions, list(layers)
+    def intervention(
+        self,
+        method: str,
+        alpha: float,
+        layers: tuple[int, ...],
+        scores: torch.Tensor | None = None,
+        c_max: float | None = None,
+    ) -> Intervention:
+        """A method's intervention; a conditioned method's from its reader's `scores` `[N, K]`
+        of the rows to steer, clipped at `c_max`."""
+        if method not in self.readings:
+            return Intervention.from_steering(
+                self.steering[method], alpha, self.scoring.positions, list(layers)
+            )
+        if scores is None or c_max is None:
+            raise ValueError(f"conditioned method '{method}' needs its reader's scores and c_max")
+        reading = self.readings[method]
+        return conditioned_intervention(
+            self.steering[method],
+            reading,
+            reading.coefficients(scores, c_max),
+            alpha,
+            self.scoring.positions,
+            layers,
+            c_max,
         )
 
     def score(
@@ -286,18 +374,26 @@ class SteeringModule(L.LightningModule):
                 key: self.score(examples, intervention, key=key)
                 for key, intervention in interventions.items()
             }
-        caches = {key: self.calibration_cache.setdefault((False, key), {}) for key in interventions}
-        with self._out_of_memory("grid scoring"):
-            return evaluate_grid(
-                self.target_decoder,
-                self.task_type,
-                examples,
-                interventions,
-                calibration_caches=caches,
-                **self._scoring_options(),
-                store=self.prefix_store,
-                config_batch=self.scoring.config_batch,
-            )
+        results = {}
+        # Conditioned configurations steer each row's prompt differently: no shared prefix.
+        fixed = {k: v for k, v in interventions.items() if not v.conditioned}
+        conditioned = {k: v for k, v in interventions.items() if v.conditioned}
+        for group, store in ((fixed, self.prefix_store), (conditioned, None)):
+            if not group:
+                continue
+            caches = {key: self.calibration_cache.setdefault((False, key), {}) for key in group}
+            with self._out_of_memory("grid scoring"):
+                results |= evaluate_grid(
+                    self.target_decoder,
+                    self.task_type,
+                    examples,
+                    group,
+                    calibration_caches=caches,
+                    **self._scoring_options(),
+                    store=store,
+                    config_batch=self.scoring.config_batch,
+                )
+        return {key: results[key] for key in interventions}
 
     def generate(
         self,

@@ -39,6 +39,15 @@ from expertsteer.evaluation.transfer import (
     transfer_verdict,
 )
 from expertsteer.method.align import AffineAutoencoders, load_alignment
+from expertsteer.method.conditioned import (
+    READER_FILE,
+    READERS,
+    Reading,
+    check_classes,
+    class_labels,
+    fit_reading,
+    save_reading,
+)
 from expertsteer.method.extractors import EXTRACTORS
 from expertsteer.method.fitting import VectorFit, fit_record
 from expertsteer.method.fitting import norm_scale as measured_norm_scale
@@ -58,11 +67,16 @@ log = logging.getLogger(__name__)
 Extractor = Literal[tuple(EXTRACTORS)]
 """The extractors of `expertsteer.method.extractors.EXTRACTORS`."""
 Source = Literal["expert", "target"]
+Reader = Literal[READERS]
+CONDITIONED_EXTRACTORS = ("mean_diff", "logistic")
+"""Extractors of conditioned push directions: one epoch, any class labels (`pca_diff` pairs
+rows as prompt + right / wrong answer, and the RFM runs per epoch)."""
 
 
 class VectorsModule(L.LightningModule):
     """Fits steering vectors for target layers from expert (or target) hidden states, by RFM
-    or by a baseline extractor."""
+    or by a baseline extractor; with `reader`, the push directions and reader of conditioned
+    steering."""
 
     def __init__(
         self,
@@ -74,6 +88,7 @@ class VectorsModule(L.LightningModule):
         rfm: VectorsConfig = VectorsConfig(),  # noqa: B008 (frozen: one shared default)
         seed: int = 0,
         output_dir: str | None = None,
+        reader: Reader | None = None,
     ) -> None:
         """
         Args:
@@ -89,6 +104,11 @@ class VectorsModule(L.LightningModule):
             seed: Seed of the `random` baseline.
             output_dir: Run directory for `steering.safetensors` (default: the trainer's
                 `default_root_dir`).
+            reader: Conditioned steering (`expertsteer.method.conditioned`; the data are
+                class items): whose states read each input, `expert` (at the first pair's
+                expert block) or `target` (at its target block); the vectors are then the
+                push directions (class 1, or one per class) and `reader.safetensors` is
+                written beside them. None: a fixed vector.
         """
         super().__init__()
         self.config = settings_of(VectorsConfig, rfm)
@@ -101,6 +121,13 @@ class VectorsModule(L.LightningModule):
             raise ValueError("give exactly one of `pairs_file` (pairs.json) or `pairs`")
         if pairs is not None and (not pairs or any(len(pair) != 2 for pair in pairs)):
             raise ValueError(f"pairs must be a non-empty list of [expert, target], got {pairs}")
+        if reader is not None:
+            check_choice("reader", reader, READERS)
+            if method not in CONDITIONED_EXTRACTORS:
+                raise ValueError(
+                    f"method '{method}' cannot fit conditioned push directions; choose one of "
+                    f"{CONDITIONED_EXTRACTORS}"
+                )
         if source == "expert" and alignment_file is None:
             raise ValueError(
                 f"source 'expert' needs `alignment_file` ({ALIGNMENT_FILE} of the alignment "
@@ -117,6 +144,7 @@ class VectorsModule(L.LightningModule):
         self.layer_pairs: list[tuple[int, int]] = []
         self.fitters: list[RFMFitter] = []
         self.directions: list[torch.Tensor] = []
+        self.classes = 2
 
     # -- data --------------------------------------------------------------------------------
 
@@ -196,6 +224,11 @@ class VectorsModule(L.LightningModule):
     def _start(self) -> None:
         hp = self.hparams
         data = [(self._features("steer", p), self._features("dev", p)) for p in self.layer_pairs]
+        if hp.reader is not None:
+            self.directions = [
+                self._push_rows(x, y, x_val, y_val) for (x, y), (x_val, y_val) in data
+            ]
+            return
         if hp.method != "rfm":
             fit = self.vector_fit
             self.directions = [
@@ -209,6 +242,20 @@ class VectorsModule(L.LightningModule):
             self.config, ridge=float(self.log_ridge.detach().exp()), bandwidth_scales=scales
         )
         self.fitters = [RFMFitter(x, y, xv, yv, config) for (x, y), (xv, yv) in data]
+
+    def _push_rows(
+        self, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor
+    ) -> torch.Tensor:
+        """Push directions [K, d] of class items: class 1 vs 0, or one-vs-rest per class."""
+        self.classes = int(y.max()) + 1
+        check_classes(y, self.classes, "the steer split")
+        fit = self.vector_fit
+        return torch.cat(
+            [
+                fit.directions(x, label, x_val, (y_val == (k if self.classes > 2 else 1)).long())[0]
+                for k, label in enumerate(class_labels(y, self.classes))
+            ]
+        )
 
     def _tune(self, data: list) -> None:
         """Tune the log bandwidth factors and log ridge (`tune_hyperparameters`: Adam on the
@@ -244,6 +291,11 @@ class VectorsModule(L.LightningModule):
         with torch.no_grad():
             if self.hparams.method == "rfm":
                 self._log_rfm_iteration()
+            elif self.hparams.reader is not None:
+                reading = self.reading()
+                states, labels = self._reader_states("dev")
+                accuracy = (reading.predict(reading.scores(states)) == labels).double().mean()
+                self.log("val/reader_accuracy", float(accuracy), sync_dist=True)
             else:
                 for index, (pair, direction) in enumerate(
                     zip(self.layer_pairs, self.directions, strict=True)
@@ -284,6 +336,9 @@ class VectorsModule(L.LightningModule):
             path = Path(self.hparams.output_dir or self.trainer.default_root_dir) / STEERING_FILE
             save_steering(path, steering)
             log.info("steering vectors for target layers %s -> %s", steering.layers, path)
+            if self.hparams.reader is not None:
+                reader = save_reading(path.with_name(READER_FILE), self.reading())
+                log.info("%s reading of each input -> %s", self.hparams.reader, reader)
         self.trainer.strategy.barrier()
 
     # -- results -------------------------------------------------------------------------------
@@ -300,10 +355,22 @@ class VectorsModule(L.LightningModule):
                 result = self.fitters[index].result()
                 rows = result.directions
             else:
-                result, rows = None, self.directions[index][None, :]
+                # Conditioned: already [K, d], one push direction per class label.
+                rows = self.directions[index]
+                result, rows = None, rows if rows.ndim == 2 else rows[None, :]
             fits.append(fit_record(pair, result))
             x, y = self._features("steer", pair)
-            mapped = fit.target_rows(pair, rows, x, y)
+            if self.hparams.reader is not None:
+                # One orientation per push direction: its own class against the others.
+                labels = class_labels(y, self.classes)
+                mapped = torch.cat(
+                    [
+                        fit.target_rows(pair, rows[k : k + 1], x, label)
+                        for k, label in enumerate(labels)
+                    ]
+                )
+            else:
+                mapped = fit.target_rows(pair, rows, x, y)
             j = pair[1]
             if j in vectors:
                 raise ValueError(f"target layer {j} appears in more than one pair")
@@ -335,7 +402,15 @@ class VectorsModule(L.LightningModule):
             },
             "fits": fits,
         }
-        if self.hparams.source == "expert":
+        if self.hparams.reader is not None:
+            metadata["conditioned"] = {
+                "reader": self.hparams.reader,
+                "reader_file": READER_FILE,
+                "classes": self.classes,
+                "directions": "class 1" if self.classes == 2 else "one per class (one-vs-rest)",
+                "concept": "the item's own gold class (prompt only, last prompt token)",
+            }
+        elif self.hparams.source == "expert":
             metadata["transfer"] = [
                 self.transfer_entry(pair, vectors[pair[1]]) for pair in self.layer_pairs
             ]
@@ -388,6 +463,38 @@ class VectorsModule(L.LightningModule):
         }
         log.info("transfer at pair %s: %s", pair, figures)
         return entry
+
+    def _reader_states(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw states [n, d] the reader reads (the first pair's expert block, or its target
+        block) and the class labels of a split."""
+        expert_key, target_key = self.trainer.datamodule.keys()
+        i, j = self.layer_pairs[0]
+        if self.hparams.reader == "expert":
+            return self._states(split, "expert", expert_key.layers.index(i))
+        return self._states(split, "target", target_key.layers.index(j))
+
+    def reading(self) -> Reading:
+        """The reader fitted on the steer split's class items, with its provenance."""
+        datamodule = self.trainer.datamodule
+        expert_key, target_key = datamodule.keys()
+        key, layer = (
+            (expert_key, self.layer_pairs[0][0])
+            if self.hparams.reader == "expert"
+            else (target_key, self.layer_pairs[0][1])
+        )
+        x, y = self._reader_states("steer")
+        metadata = {
+            "reader": self.hparams.reader,
+            "model_id": key.model_id,
+            "weights_sha256": key.weights_sha256,
+            "chat_template": key.chat_template,
+            "layer": layer,
+            "position": datamodule.hparams.position,
+            "capture_dtype": datamodule.model_dtype(),
+            "task": resolve_task(datamodule.hparams.task).name,
+            **model_identity(expert_key, target_key),
+        }
+        return fit_reading(x.cpu(), y.cpu(), self.classes, metadata=metadata)
 
     def _states(self, split: str, side: str, column: int) -> tuple[torch.Tensor, torch.Tensor]:
         """States [n, d] of `side` (expert or target) at captured layer `column` and labels [n]

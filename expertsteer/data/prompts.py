@@ -2,7 +2,8 @@
 
 Steering items for the RFM: prompt + correct answer (label 1) vs the same prompt + a wrong
 answer (label 0) — a wrong option for choice tasks, a perturbed number for numeric ones; for a
-concept set, the positive (1) and negative (0) texts themselves.
+concept set, the positive (1) and negative (0) texts themselves. Class items (conditioned
+steering): the bare prompt labelled with its own gold class.
 """
 
 from __future__ import annotations
@@ -93,3 +94,19 @@ def steering_items(task: Task, examples: list[Example], seed: int = 0) -> list[I
 def prompt_items(task: Task, examples: list[Example]) -> list[Item]:
     """Unlabelled prompt-only items (e.g. for layer pairing on prompts)."""
     return [Item(e.id, render_prompt(task.type, e), "", -1) for e in examples]
+
+
+CLASS_TASK_TYPES = ("yesno", "classification")
+"""Task types whose items have classes of their own (the concept of conditioned steering)."""
+
+
+def class_items(task: Task, examples: list[Example]) -> list[Item]:
+    """Prompt-only items labelled with their own gold class (option index): the concept of
+    input-dependent steering (`expertsteer.method.conditioned`), yes/no and classification
+    tasks only."""
+    if task.type not in CLASS_TASK_TYPES:
+        raise ValueError(
+            f"task '{task.name}' is a {task.type} task; class items (conditioned steering) need "
+            f"one of {CLASS_TASK_TYPES}"
+        )
+    return [Item(e.id, render_prompt(task.type, e), "", int(e.answer)) for e in examples]

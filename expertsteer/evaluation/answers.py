@@ -45,10 +45,16 @@ def generate_answers(
         else:
             texts.extend(
                 steering.steered_generate(
-                    decoder, chunk, intervention, max_new_tokens=max_new_tokens
+                    decoder, chunk, _rows(intervention, group), max_new_tokens=max_new_tokens
                 )
             )
     return texts
+
+
+def _rows(intervention: Any, group: list[int]) -> Any:
+    """The intervention of one generate call's prompts (a conditioned one keeps theirs)."""
+    select = getattr(intervention, "for_rows", None)
+    return intervention if select is None else select(group)
 
 
 # A number not glued to a word or a preceding dot: optional sign and dollar sign (either

@@ -47,7 +47,8 @@ class Branch:
     """One configuration, resolved for a decoder: what is added where, and where it branches."""
 
     additions: dict[int, torch.Tensor]
-    """Block -> alpha * s_j * v `[d]` in the model's dtype (empty: the unsteered model)."""
+    """Block -> alpha * s_j * v `[d]` (a conditioned configuration: `[R, 1, d]`, one per
+    row) in the model's dtype (empty: the unsteered model)."""
     positions: str
     """Steered positions (`steering.POSITIONS`)."""
     branch: int
@@ -242,6 +243,11 @@ def _trunk(
     return captured
 
 
+def _per_row(added: torch.Tensor, rows: int) -> torch.Tensor:
+    """An addition as `[rows, 1, d]`: a conditioned one already has a row per row."""
+    return added if added.ndim == 3 else added.view(1, 1, -1).expand(rows, 1, -1)
+
+
 def _branches(
     decoder: CausalLM,
     inputs: dict[str, torch.Tensor],
@@ -258,11 +264,12 @@ def _branches(
     token_weights = torch.cat(weights).unsqueeze(-1)
     hooks = {}
     for layer in sorted({layer for branch in group for layer in branch.additions}):
-        per_config = [
-            branch.additions.get(layer, torch.zeros_like(trunk[0, 0])).view(1, 1, -1)
-            for branch in group
-        ]
-        added = torch.cat([a.expand(rows, 1, -1) for a in per_config])
+        added = torch.cat(
+            [
+                _per_row(branch.additions.get(layer, torch.zeros_like(trunk[0, 0])), rows)
+                for branch in group
+            ]
+        )
         hooks[layer] = _adder(added, token_weights)
     cache = None if kvs is None else _cache(decoder, kvs, rows)
     start = trunk.repeat(count, 1, 1)
@@ -320,7 +327,10 @@ def grid_log_probs(
     if keep < 1 or config_batch < 1:
         raise ValueError(f"keep and config_batch must be >= 1, got {keep}, {config_batch}")
     branches = [branch_of(decoder, intervention) for intervention in interventions]
-    prefix = () if store is None else store.choose_prefix(rows, min(prompt_lengths) - 1)
+    # A conditioned configuration steers each row's copy of the prefix differently.
+    per_row = any(added.ndim == 3 for branch in branches for added in branch.additions.values())
+    shared = store is not None and not per_row
+    prefix = store.choose_prefix(rows, min(prompt_lengths) - 1) if shared else ()
     inputs, full_mask = _suffix_inputs(
         rows, len(prefix), decoder.tokenizer.pad_token_id, decoder.device
     )

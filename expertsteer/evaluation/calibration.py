@@ -19,7 +19,10 @@ over the options of an item:
 * `none`: b = 0 (raw scores; always reported beside the calibrated ones).
 
 The calibration prompts are scored under the same intervention as the items, so a vector that
-only shifts the preferred letter shifts b by the same amount and gains nothing.
+only shifts the preferred letter shifts b by the same amount and gains nothing. An
+input-dependent intervention (`expertsteer.method.conditioned`) calibrates under its reference
+coefficients (the steer split's mean push): the average push is removed, the per-input part
+stays.
 """
 
 from __future__ import annotations
@@ -152,6 +155,13 @@ def _per_item_bias(cache: dict, item_keys: list[tuple], width: int) -> torch.Ten
     return per_item
 
 
+def _calibrating(intervention: Any | None) -> Any | None:
+    """The intervention the calibration prompts are scored under: the items' own, or for a
+    conditioned one (per-item coefficients) its fixed reference addition."""
+    fixed = getattr(intervention, "calibration", None)
+    return intervention if fixed is None else fixed()
+
+
 def content_free_biases(
     decoder: CausalLM,
     task_type: str,
@@ -178,7 +188,13 @@ def content_free_biases(
         options = [list(opts) for cf_prompts, opts in missing for _ in cf_prompts]
         log.info("content-free calibration: %d templates x %d inputs", len(missing), len(inputs))
         scores = score_options(
-            decoder, prompts, options, intervention, batch_size, share_prompt, max_tokens
+            decoder,
+            prompts,
+            options,
+            _calibrating(intervention),
+            batch_size,
+            share_prompt,
+            max_tokens,
         )
         normalized = scores.normalized(normalize)
         for g, key in enumerate(missing):
@@ -216,9 +232,8 @@ def content_free_biases_grid(
             len(inputs),
             len(names),
         )
-        grid = score_options_grid(
-            decoder, prompts, options, [interventions[n] for n in names], **sharing
-        )
+        steering = [_calibrating(interventions[n]) for n in names]
+        grid = score_options_grid(decoder, prompts, options, steering, **sharing)
         for name, scores in zip(names, grid, strict=True):
             normalized = scores.normalized(normalize)
             for g, key in enumerate(missing):

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from expertsteer.method.conditioned import DEFAULT_C_MAX
 from expertsteer.method.vectors import ALPHA_LIMIT, TOO_STRONG
 from expertsteer.settings import check_choices, check_integer
 
@@ -31,6 +32,9 @@ class ChoiceConfig:
     layer_choice: LayerChoice = "all"
     """`all` steers every layer of a method's artifact together; `dev` also tries each layer
     alone and keeps the best on dev (with `select: dev` pairing)."""
+    c_max: list[float] = field(default_factory=lambda: list(DEFAULT_C_MAX))
+    """Clip bounds of a conditioned method's coefficients c(x), tried on dev with every alpha
+    and layer set (`expertsteer.method.conditioned`); fixed vectors ignore them."""
     num_samples: int = 3
     """Test prompts answered in free text with and without steering, for the report."""
     sample_tokens: int = 48
@@ -52,6 +56,17 @@ class ChoiceConfig:
         if extreme:
             raise ValueError(f"alphas {extreme} exceed +-{ALPHA_LIMIT:g}: {TOO_STRONG}")
         object.__setattr__(self, "alphas", [float(a) for a in alphas])
+        bounds = self.c_max
+        if (
+            not isinstance(bounds, list | tuple)
+            or not bounds
+            or any(
+                isinstance(c, bool) or not isinstance(c, int | float) or not 0 < c < math.inf
+                for c in bounds
+            )
+        ):
+            raise ValueError(f"c_max must be a non-empty list of positive numbers, got {bounds!r}")
+        object.__setattr__(self, "c_max", sorted({float(c) for c in bounds}))
         check_choices(self)
         check_integer("num_samples", self.num_samples, 0)
         check_integer("sample_tokens", self.sample_tokens, 1)

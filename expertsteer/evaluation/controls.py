@@ -14,6 +14,11 @@
   (option-scored tasks) it must also hold on a balanced view: the method is not `collapsed`
   (one answer for nearly every item while the gold labels are not that lopsided) and its
   macro-F1 is not significantly below `none`'s. A one-class test set allows no verdict.
+* conditioned methods (`expertsteer.method.conditioned`, whose entry names its `reader`) must
+  also beat `shuffled` (their own test coefficients permuted across items, K times: one-sided
+  empirical p < `LEVEL` and a gain above its 95th percentile) and, for an expert reader, the
+  target reading itself (`target_conditioned`, paired p < `LEVEL`); for them `shuffled` is
+  the null, and the random null counts where there is one.
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ LEVEL = 0.05
 NONE = "none"
 NONE_BIAS = "none+bias"
 EXPERT = "expert"
-CONTROLS = (NONE, NONE_BIAS, EXPERT)
+PROBES = ("expert_probe", "target_probe")
+"""The readers of conditioned methods answering by themselves: a ceiling, not a steered row."""
+CONTROLS = (NONE, NONE_BIAS, EXPERT, *PROBES)
 """Unsteered entries of `metrics["methods"]`; every other entry is a steered method."""
+SHUFFLED = "shuffled"
 COLLAPSE_HABIT = 0.95
 """A steered row is collapsed when it gives one answer to at least this share of test items..."""
 COLLAPSE_MAJORITY = 0.9
@@ -209,13 +217,27 @@ def helps(metrics: dict[str, Any], method: str) -> bool:
         return False
     entry = metrics["methods"][method]
     null = metrics.get("null")
-    if null is None or not null.get("gains"):
-        return False
     gain = entry["vs_none"]["difference"]
-    beats_null = entry.get("p_vs_null") is not None and entry["p_vs_null"] < LEVEL
-    beats_null = beats_null and gain > null["p95"]
+    if "reader" in entry:
+        if not _beats_draws(gain, entry.get(SHUFFLED), entry.get(f"p_vs_{SHUFFLED}")):
+            return False
+        if "vs_target_conditioned" in entry and not _significant_gain(entry, "target_conditioned"):
+            return False
+        beats_null = not (null and null.get("gains")) or _beats_draws(
+            gain, null, entry.get("p_vs_null")
+        )
+    else:
+        beats_null = _beats_draws(gain, null, entry.get("p_vs_null"))
     beats_bias = NONE_BIAS not in metrics["methods"] or _significant_gain(entry, "none_bias")
     return _significant_gain(entry, "none") and beats_bias and beats_null and _balanced(entry)
+
+
+def _beats_draws(gain: float, draws: dict[str, Any] | None, p: float | None) -> bool:
+    """A gain beyond a control of draws (the random null, or `shuffled`): p < LEVEL and above
+    the draws' 95th percentile; never without draws."""
+    if not draws or not draws.get("gains") or p is None:
+        return False
+    return p < LEVEL and gain > draws["p95"]
 
 
 def comparison_count(metrics: dict[str, Any]) -> int:
@@ -224,7 +246,11 @@ def comparison_count(metrics: dict[str, Any]) -> int:
     classes)."""
     per_method = 1 + (NONE_BIAS in metrics["methods"]) + bool((metrics.get("null") or {}).get("k"))
     per_method += _has_classes(metrics)
-    return per_method * len(steered_methods(metrics))
+    conditioned = [metrics["methods"][m] for m in steered_methods(metrics)]
+    extra = sum(
+        bool(e.get(SHUFFLED)) + ("vs_target_conditioned" in e) for e in conditioned if "reader" in e
+    )
+    return per_method * len(steered_methods(metrics)) + extra
 
 
 def collapsed_methods(metrics: dict[str, Any]) -> list[str]:
@@ -252,8 +278,11 @@ def conclusion(metrics: dict[str, Any]) -> str:
     )
     null = metrics.get("null") or {}
     k = int(null.get("k") or 0)
-    if k == 0:
+    shuffled = [m for m in steered_methods(metrics) if metrics["methods"][m].get(SHUFFLED)]
+    if k == 0 and not shuffled:
         return f"{task}: no null distribution (K = 0), so no method can be called a gain."
+    if shuffled:
+        controls += "; conditioned methods also shuffled (and the target's own reading)"
     winners = [m for m in steered_methods(metrics) if helps(metrics, m)]
     if winners:
         verb = "beats" if len(winners) == 1 else "beat"
@@ -263,7 +292,7 @@ def conclusion(metrics: dict[str, Any]) -> str:
     fallen = collapsed_methods(metrics)
     if fallen:
         line += f" Collapsed (one answer for nearly every test item): {', '.join(fallen)}."
-    if not winners and smallest_null_p(k) >= LEVEL:
+    if not winners and k and smallest_null_p(k) >= LEVEL:
         line += (
             f" With K = {k} null draws the smallest attainable p vs the null is "
             f"{smallest_null_p(k):.2f}: this run cannot show a gain over noise "

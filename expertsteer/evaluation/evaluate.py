@@ -111,6 +111,10 @@ class ScoringConfig:
     null_k: int = 0
     """Random null draws, each chosen on dev and scored on test like a method (0: no null, and
     no method can then be called a gain)."""
+    shuffle_k: int = 0
+    """`shuffled` control of each conditioned method (`expertsteer.method.conditioned`): its
+    test coefficients permuted across test items this many times, each permutation scored at
+    the method's dev choice (0: none, and no conditioned method can then be called a gain)."""
     share_forwards: bool = True
     """Score the steered grid from shared forwards (the prompts' common prefix once per
     configuration, the blocks below each configuration's first steered block once per batch;
@@ -132,6 +136,7 @@ class ScoringConfig:
         if self.chat_template is not None:
             check_bool("chat_template", self.chat_template)
         check_integer("null_k", self.null_k, 0)
+        check_integer("shuffle_k", self.shuffle_k, 0)
         check_bool("share_forwards", self.share_forwards)
         check_integer("config_batch", self.config_batch, 1)
 

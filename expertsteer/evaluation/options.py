@@ -153,6 +153,13 @@ def _forward_logits(
     return logits[:, -keep:]
 
 
+def _for_batch(intervention: Any | None, batch: list[_Row]) -> Any | None:
+    """The intervention of a forward batch: a conditioned one (per-item coefficients) keeps
+    the coefficients of each row's item, in row order."""
+    select = getattr(intervention, "for_rows", None)
+    return intervention if select is None else select([row.targets[0].item for row in batch])
+
+
 def _check_options(prompts: list[str], options: list[list[str]], batch_size: int) -> None:
     if len(options) != len(prompts):
         raise ValueError(
@@ -262,7 +269,8 @@ def score_options(
     for batch, encoding, prompt_lengths, keep in _batches(
         decoder, prompts, options, batch_size, share_prompt, max_tokens
     ):
-        logits = _forward_logits(decoder, encoding, intervention, prompt_lengths, keep)
+        steering = _for_batch(intervention, batch)
+        logits = _forward_logits(decoder, encoding, steering, prompt_lengths, keep)
         _accumulate(batch, logits, keep, scores)
     return _check_finite(decoder, scores)
 
@@ -298,8 +306,9 @@ def score_options_grid(
     ):
         mask = encoding["attention_mask"].bool()
         rows = [ids[real].tolist() for ids, real in zip(encoding["input_ids"], mask, strict=True)]
+        steering = [_for_batch(intervention, batch) for intervention in interventions]
         log_probs = branching.grid_log_probs(
-            decoder, rows, prompt_lengths.tolist(), list(interventions), keep, store, config_batch
+            decoder, rows, prompt_lengths.tolist(), steering, keep, store, config_batch
         )
         for scores, logits in zip(results, log_probs, strict=True):
             _accumulate(batch, logits, keep, scores)

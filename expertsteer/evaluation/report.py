@@ -20,6 +20,8 @@ from expertsteer.evaluation.controls import (
     CONTROLS,
     LEVEL,
     NONE_BIAS,
+    PROBES,
+    SHUFFLED,
     comparison_count,
     conclusion,
     steered_methods,
@@ -93,6 +95,16 @@ def describe(method: str, entry: dict[str, Any]) -> str:
         return f"target, unsteered, class offsets tuned on dev ({offsets})"
     if method == "expert":
         return "expert model itself"
+    if method in PROBES:
+        return f"the {method.split('_')[0]}'s reading (of conditioned steering) as a classifier"
+    if "reader" in entry:
+        push = "target's own direction" if entry.get("source") == "target" else "mapped expert"
+        objective = entry.get("alignment_objective")
+        push += f" direction ({objective})" if entry.get("source") == "expert" else ""
+        return (
+            f"push set per input by the {entry['reader']}'s reading at block "
+            f"{entry.get('reader_layer')} (c_max {entry['c_max']:g}), along the {push}"
+        )
     source = entry.get("source")
     where = "target states" if source == "target" else f"expert states ({entry.get('space')})"
     objective = entry.get("alignment_objective")
@@ -236,6 +248,45 @@ def controls_section(metrics: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def conditioned_section(metrics: dict[str, Any]) -> list[str]:
+    """Conditioned methods against their own controls: `shuffled` (the same coefficients
+    permuted across test items) and the target's own reading; the readers' accuracy."""
+    rows = [(m, e) for m, e in metrics["methods"].items() if "reader" in e]
+    if not rows:
+        return []
+    lines = [
+        "## Input-dependent steering: its own controls",
+        "",
+        "| method | reader | c_max | vs none (p) | vs none+bias (p) | shuffled gains, points: "
+        "median / p95 (K) | p vs shuffled | vs target_conditioned (p) | gap closed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, entry in rows:
+        shuffled = entry.get(SHUFFLED)
+        draws = (
+            "—"
+            if not shuffled
+            else f"{100 * shuffled['median']:+.1f} / {100 * shuffled['p95']:+.1f} ({shuffled['k']})"
+        )
+        gap = entry.get("gap_closed")
+        lines.append(
+            f"| {method} | {entry['reader']} (block {entry.get('reader_layer')}) | "
+            f"{entry['c_max']:g} | {_versus(entry, 'none')} | {_versus(entry, 'none_bias')} | "
+            f"{draws} | {_p(entry.get(f'p_vs_{SHUFFLED}'))} | "
+            f"{_versus(entry, 'target_conditioned')} | "
+            f"{'—' if gap is None else f'{100 * gap:+.0f}%'} |"
+        )
+    probes = [
+        f"`{name}` {_interval(metrics['methods'][name]['test'])}"
+        for name in PROBES
+        if name in metrics["methods"]
+    ]
+    if probes:
+        lines += ["", "Readers' own test accuracy (the ceiling of what a reading passes on): "]
+        lines[-1] += ", ".join(probes) + "."
+    return [*lines, ""]
+
+
 def _balanced_rule(metrics: dict[str, Any]) -> str:
     if "macro_f1" not in verdict_metrics(metrics):
         return ""
@@ -372,6 +423,7 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
     lines += ["## Controls and conclusion", "", *controls_section(metrics)]
     if "null" in figures:
         lines += [f"![random null]({figures['null']})", ""]
+    lines += conditioned_section(metrics)
     findings = _findings(metrics)
     if findings:
         lines += ["## ExpertSteer against each method (test, paired)", "", *findings, ""]

@@ -14,6 +14,9 @@ Which tokens receive the addition (`positions`):
   predicted from the unsteered prompt pass), `last_prompt` the last prompt token of the prompt
   pass only. Both views agree: a forward over prompt + generated text with the same positions
   reproduces the generation's steered states.
+
+A conditioned intervention (`Intervention.coefficients`, `expertsteer.method.conditioned`)
+adds a different multiple of its directions to each row: alpha * s_j * c(x) @ v_j.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import nnsight
@@ -61,6 +64,13 @@ class Intervention:
     """Steering strength as a fraction of s_j; 0 leaves the model unchanged."""
     positions: str = "all"
     """Which tokens are steered: one of `POSITIONS` (see the module docstring)."""
+    coefficients: torch.Tensor | None = None
+    """Input-dependent steering (`expertsteer.method.conditioned`): `[N, K]` weights, one row
+    per prompt row, of the K directions each `vectors[j]` then holds (`[K, d]`): row n gets
+    alpha * s_j * coefficients[n] @ vectors[j]. None: the same addition for every row."""
+    reference: torch.Tensor | None = None
+    """`[K]` coefficients of the calibration prompts (the steer split's mean coefficient), so
+    calibration removes the average push and keeps the input-dependent part; None: zeros."""
 
     def __post_init__(self) -> None:
         if self.positions not in POSITIONS:
@@ -75,9 +85,17 @@ class Intervention:
         if not math.isfinite(self.alpha):
             raise ValueError(f"alpha must be a finite number, got {self.alpha}")
         widths = set()
+        rank = 1 if self.coefficients is None else 2
+        self._check_coefficients()
         for layer, vector in self.vectors.items():
-            if not isinstance(vector, torch.Tensor) or vector.ndim != 1:
-                raise ValueError(f"steering vector of layer {layer} must be a 1-d tensor [d]")
+            if not isinstance(vector, torch.Tensor) or vector.ndim != rank:
+                shape = "a 1-d tensor [d]" if rank == 1 else "a 2-d tensor [K, d] (coefficients)"
+                raise ValueError(f"steering vector of layer {layer} must be {shape}")
+            if rank == 2 and vector.shape[0] != self.coefficients.shape[1]:
+                raise ValueError(
+                    f"layer {layer} has {vector.shape[0]} directions but the coefficients weigh "
+                    f"{self.coefficients.shape[1]}"
+                )
             if not torch.isfinite(vector).all():
                 raise ValueError(f"steering vector of layer {layer} has NaN or inf entries")
             scale = float(self.scales[layer])
@@ -86,9 +104,28 @@ class Intervention:
                     f"scale (mean residual norm) of layer {layer} must be a positive finite "
                     f"number, got {scale}"
                 )
-            widths.add(int(vector.shape[0]))
+            widths.add(int(vector.shape[-1]))
         if len(widths) != 1:
             raise ValueError(f"steering vectors must all have one width, got {sorted(widths)}")
+
+    def _check_coefficients(self) -> None:
+        for name in ("coefficients", "reference"):
+            value = getattr(self, name)
+            if value is not None and not torch.isfinite(value).all():
+                raise ValueError(f"{name} of a conditioned intervention have NaN or inf entries")
+        if self.coefficients is None:
+            if self.reference is not None:
+                raise ValueError("reference coefficients need per-row coefficients")
+            return
+        if self.coefficients.ndim != 2:
+            raise ValueError(
+                f"coefficients must be [N, K], got shape {tuple(self.coefficients.shape)}"
+            )
+        if self.reference is not None and self.reference.shape != self.coefficients.shape[1:]:
+            raise ValueError(
+                f"reference must be [K] = [{self.coefficients.shape[1]}], got shape "
+                f"{tuple(self.reference.shape)}"
+            )
 
     @classmethod
     def from_steering(
@@ -114,7 +151,41 @@ class Intervention:
 
     @property
     def width(self) -> int:
-        return int(next(iter(self.vectors.values())).shape[0])
+        return int(next(iter(self.vectors.values())).shape[-1])
+
+    @property
+    def conditioned(self) -> bool:
+        """Whether the addition differs per row (`coefficients`)."""
+        return self.coefficients is not None
+
+    def for_rows(self, rows: list[int] | torch.Tensor) -> Intervention:
+        """The intervention of a forward batch whose row b is row `rows[b]` of this one (the
+        same one when the addition is the same for every row)."""
+        if self.coefficients is None:
+            return self
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.coefficients.device)
+        return replace(self, coefficients=self.coefficients[index])
+
+    def calibration(self) -> Intervention:
+        """What the content-free calibration prompts get: this intervention, or for a
+        conditioned one the fixed addition of its `reference` coefficients (alpha 0 when they
+        are zero: then the calibration is unsteered)."""
+        if self.coefficients is None:
+            return self
+        reference = (
+            torch.zeros(self.coefficients.shape[1], dtype=torch.float64)
+            if self.reference is None
+            else self.reference.double()
+        )
+        return Intervention(
+            vectors={
+                layer: (reference.to(rows.device) @ rows.double()).to(rows.dtype)
+                for layer, rows in self.vectors.items()
+            },
+            scales=dict(self.scales),
+            alpha=self.alpha if bool(reference.any()) else 0.0,
+            positions=self.positions,
+        )
 
     @property
     def active(self) -> bool:
@@ -122,8 +193,9 @@ class Intervention:
         return self.alpha != 0.0
 
     def additions(self, decoder: CausalLM) -> dict[int, torch.Tensor]:
-        """alpha * s_j * v per resolved (non-negative) block, in the model's dtype and device,
-        sorted by layer (the order the forward reaches them). Checks layers and width first."""
+        """alpha * s_j * v `[d]` per resolved (non-negative) block (conditioned: one row per
+        prompt row, `[N, 1, d]`), in the model's dtype and device, sorted by layer (the order
+        the forward reaches them). Checks layers and width first."""
         if self.width != decoder.hidden_size:
             raise ValueError(
                 f"steering vectors have width {self.width} but '{decoder.name}' has hidden size "
@@ -137,7 +209,10 @@ class Intervention:
                 raise ValueError(
                     f"layers {layer} and {index} name the same block of '{decoder.name}'"
                 )
-            added = self.alpha * float(self.scales[layer]) * self.vectors[layer].double()
+            vector = self.vectors[layer].double()
+            if self.coefficients is not None:
+                vector = (self.coefficients.double().to(vector.device) @ vector).unsqueeze(1)
+            added = self.alpha * float(self.scales[layer]) * vector
             resolved[index] = added.to(decoder.device, dtype)
         return dict(sorted(resolved.items()))
 
@@ -211,6 +286,12 @@ def _plan(
     """
     if intervention is None:
         return {}, None
+    if intervention.conditioned and intervention.coefficients.shape[0] != mask.shape[0]:
+        rows = intervention.coefficients.shape[0]
+        raise ValueError(
+            f"the conditioned intervention has coefficients for {rows} rows but the batch has "
+            f"{mask.shape[0]}; select them with `for_rows`"
+        )
     token_mask = position_mask(mask, prompt_lengths, intervention.positions)
     additions = intervention.additions(decoder)
     weights = token_mask.to(_dtype(decoder)).unsqueeze(-1)

@@ -116,6 +116,12 @@ def export_gguf(
         raise ExportError(f"the output '{out_path}' is a directory; name a .gguf file")
     steering = load_steering(_steering_file(steering_path))
     metadata = steering.metadata
+    if metadata.get("conditioned"):
+        raise ExportError(
+            f"{steering_path}: an input-dependent method (its push is read from each prompt by "
+            f"its {metadata['conditioned'].get('reader', 'expert')} reader) has no fixed "
+            "control vector to export; use `expertsteer generate --steer RUN --method ...`"
+        )
     choice = steering.choice
     if alpha is None:
         if choice is None:

@@ -77,6 +77,9 @@ class MethodSpec:
     """Whose states: expert or target."""
     alignment: str | None = None
     """Alignment objective whose encoder maps expert states (expert methods only)."""
+    reader: str | None = None
+    """Conditioned steering (`expertsteer.method.conditioned`): whose states set each input's
+    push, `expert` or `target`; its vectors are fitted on class items. None: a fixed vector."""
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -89,9 +92,19 @@ METHODS: dict[str, MethodSpec] = {
     "expertsteer_translate": MethodSpec("rfm", "expert", "translate"),
     "expert_mean_diff_recon_translate": MethodSpec("mean_diff", "expert", "recon+translate"),
     "expertsteer_recon_translate": MethodSpec("rfm", "expert", "recon+translate"),
+    "expert_conditioned": MethodSpec("mean_diff", "expert", "recon", reader="expert"),
+    "expert_conditioned_translate": MethodSpec("mean_diff", "expert", "translate", reader="expert"),
+    "expert_conditioned_gate": MethodSpec("mean_diff", "target", reader="expert"),
+    "target_conditioned": MethodSpec("mean_diff", "target", reader="target"),
 }
 """The methods of the evaluation protocol: target-self and expert-derived vectors; every
-expert RFM method has a mean-difference twin under the same alignment objective."""
+expert RFM method has a mean-difference twin under the same alignment objective. The
+conditioned methods (yes/no and classification tasks) push each input by the expert's reading
+of it, along the mapped expert direction (recon, translate) or the target's own (`gate`);
+`target_conditioned` reads with the target itself (the control of what it already knows)."""
+FIXED_METHODS = [name for name, spec in METHODS.items() if spec.reader is None]
+"""The fixed-vector methods: the default method list (conditioned ones are asked by name)."""
+CONDITIONED_TASK_TYPES = ("yesno", "classification")
 MAIN_METHOD = "expertsteer"
 
 
@@ -207,7 +220,7 @@ class Experiment:
     """Split and fit seed."""
     position: Literal["last", "mean"] = "last"
     """Sequence-level state: last or mean."""
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(FIXED_METHODS))
     """Methods evaluated (see `METHODS`); `none` and the expert are always there."""
     splits: Splits = field(default_factory=Splits)
     """Examples per split."""
@@ -353,6 +366,7 @@ def check(experiment: Experiment) -> None:
     run_dirs: dict[Path, str] = {}
     for task in experiment.tasks:
         settings = experiment.for_task(task)
+        _check_conditioned(settings, task)
         _check_data(settings, task)
         _check_corpus(settings)
         _check_accelerator(settings.trainer)
@@ -365,6 +379,29 @@ def check(experiment: Experiment) -> None:
         run_dirs[run_dir] = task
         _check_writable(run_dir, "output_root")
     _check_writable(_cache_root(), f"the cache (set {CACHE_ENV} to move it)")
+
+
+def _check_conditioned(settings: Experiment, task: str) -> None:
+    """Conditioned methods need a task whose items have classes, and the expert reader needs
+    the expert loaded in the evaluation."""
+    from expertsteer.data.catalogue import resolve_task
+
+    conditioned = [m for m in settings.methods if METHODS[m].reader]
+    if not conditioned:
+        return
+    task_type = resolve_task(task).type
+    if task_type not in CONDITIONED_TASK_TYPES:
+        raise ExperimentError(
+            f"methods {conditioned} read the item's class, but task '{task}' is a {task_type} "
+            f"task; conditioned steering needs one of {CONDITIONED_TASK_TYPES} (use "
+            "task_overrides to leave them out for this task)"
+        )
+    expert_read = [m for m in conditioned if METHODS[m].reader == "expert"]
+    if expert_read and not settings.evaluation.headroom:
+        raise ExperimentError(
+            f"methods {expert_read} read each input with the expert during the evaluation; "
+            "set evaluation.headroom: true"
+        )
 
 
 def _check_data(settings: Experiment, task: str) -> None:

@@ -39,6 +39,7 @@ from expertsteer.evaluation.choice import ChoiceConfig
 from expertsteer.evaluation.evaluate import ScoringConfig
 from expertsteer.evaluation.report import ALPHA_FIGURE, AUROC_FIGURE, NULL_FIGURE, REPORT_FILE
 from expertsteer.method.align import TrainingConfig
+from expertsteer.method.conditioned import READER_FILE
 from expertsteer.method.pair import MIConfig, PairingConfig
 from expertsteer.method.rfm import VectorsConfig
 from expertsteer.method.translate import TranslateConfig
@@ -227,6 +228,8 @@ def _vectors_stage(experiment: Experiment, task: str, run_dir: Path, method: str
     if spec.alignment:
         model["alignment_file"] = str(alignment_dir(run_dir, spec.alignment) / ALIGNMENT_FILE)
         upstream.append(ALIGNMENT_STAGES[spec.alignment])
+    if spec.reader:
+        model["reader"] = spec.reader
     epochs = r.iterations + 1 if spec.extractor == "rfm" else 1
     config = {
         "seed_everything": experiment.seed,
@@ -238,7 +241,7 @@ def _vectors_stage(experiment: Experiment, task: str, run_dir: Path, method: str
             enable_checkpointing=False,
         ),
         "model": {"class_path": "VectorsModule", "init_args": model},
-        "data": _activations(experiment, task, "steering"),
+        "data": _activations(experiment, task, "classes" if spec.reader else "steering"),
     }
     return "fit", config, sorted(set(upstream))
 
@@ -252,6 +255,9 @@ def _evaluation_stage(experiment: Experiment, task: str, run_dir: Path) -> Stage
     if scoring["max_batch_tokens"] is None:
         # Written only when set, as the capture's budget: earlier runs keep their fingerprints.
         del scoring["max_batch_tokens"]
+    if not any(METHODS[m].reader for m in experiment.methods):
+        # Settings of conditioned methods only: runs without them keep their fingerprints.
+        del scoring["shuffle_k"], choice["c_max"]
     if experiment.alignment.select == "dev":
         choice["layer_choice"] = "dev"
     callback = {
@@ -315,7 +321,11 @@ def stage_outputs(experiment: Experiment, task: str, stage: str) -> list[Path]:
     if stage in objectives:
         return [alignment_dir(run_dir, objectives[stage]) / ALIGNMENT_FILE]
     if stage.startswith("vectors_"):
-        return [method_dir(run_dir, stage.removeprefix("vectors_")) / STEERING_FILE]
+        method = stage.removeprefix("vectors_")
+        written = [method_dir(run_dir, method) / STEERING_FILE]
+        if METHODS[method].reader:
+            written.append(method_dir(run_dir, method) / READER_FILE)
+        return written
     return [run_dir / METRICS_FILE]
 
 

@@ -11,16 +11,30 @@ records beside the vectors (`steering.choice.json`, `expertsteer.method.vectors.
 a run evaluated before that falls back to `metrics.json`, refused when it no longer describes
 the run's vectors); an explicit `alpha` steers the method's dev-chosen layers, or all its
 layers when nothing records a choice.
+
+A conditioned method (`expert_conditioned*`, `target_conditioned`;
+`expertsteer.method.conditioned`) first reads each prompt with its reader (the expert, or the
+target itself) at the reader's block and pushes each prompt by its own coefficient c(x),
+clipped at the c_max chosen on dev. Its reader was fitted on the task's rendered prompts, so
+give prompts in the task's format (`expertsteer tasks --check` shows it) for a meaningful c(x).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from expertsteer.artifacts import METRICS_FILE, STEERING_FILE
+import torch
+
+from expertsteer.artifacts import METRICS_FILE, STEERING_FILE, ArtifactError
 from expertsteer.errors import ExpertSteerError
+from expertsteer.method.conditioned import (
+    READER_FILE,
+    Reading,
+    conditioned_intervention,
+    load_reading,
+)
 from expertsteer.method.steer import Intervention, steered_generate
 from expertsteer.method.vectors import check_alpha, load_steering
 from expertsteer.models.causal_lm import CausalLM
@@ -28,6 +42,26 @@ from expertsteer.pipeline.experiment import MAIN_METHOD, METHODS
 from expertsteer.pipeline.stages import current_metrics, method_dir
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptReader:
+    """A conditioned method's reader: reads each prompt and gives its push coefficients."""
+
+    reading: Reading
+    """The read-out fitted on the steer split (`reader.safetensors`)."""
+    decoder: CausalLM
+    """The model that reads (the expert, or the target itself)."""
+    c_max: float
+    """Clip bound of the coefficients, chosen on dev."""
+
+    def coefficients(self, prompts: list[str]) -> torch.Tensor:
+        """`[N, K]` push coefficients of `prompts`: one forward of the reader per prompt."""
+        from expertsteer.models.capture import capture
+
+        layer = int(self.reading.metadata["layer"])
+        states = capture(self.decoder, prompts, [layer], "last")[layer]
+        return self.reading.coefficients(self.reading.scores(states), self.c_max)
 
 
 @dataclass
@@ -42,6 +76,9 @@ class RunSteering:
     """Method whose vectors steer."""
     alpha: float
     """Strength (a fraction of the mean residual norm of each steered block)."""
+    reader: PromptReader | None = None
+    """A conditioned method's reader (None: the same push for every prompt); `intervention`
+    then holds the steer split's mean coefficient, and `compare` reads each prompt's own."""
 
     @property
     def layers(self) -> list[int]:
@@ -87,19 +124,66 @@ class RunSteering:
             if alpha is None:
                 alpha = float(choice["alpha"])
                 log.info("alpha %g on layers %s: chosen on dev", alpha, layers)
+        conditioned = steering.metadata.get("conditioned")
+        reading = None
+        if conditioned:
+            # Checked before any model loads: the reader file, and the clip bound chosen on dev.
+            reading = _reading(path.with_name(READER_FILE), method)
+            if choice is None or choice.get("c_max") is None:
+                raise ExpertSteerError(
+                    f"{path} records no c_max chosen on dev: evaluate the run first "
+                    "(`expertsteer run`) so that the input-dependent method has its choice"
+                )
         if decoder is None:
-            from expertsteer.models.zoo import load_model
-
             target = steering.metadata["target_model_id"]
-            decoder = CausalLM.from_loaded(load_model(target))
-        intervention = Intervention.from_steering(steering, alpha, positions, layers)
-        return cls(decoder, intervention, method, float(alpha))
+            decoder = _decoder(target)
+        reader = None
+        if reading is not None:
+            same = conditioned.get("reader") == "target"
+            model = decoder if same else _decoder(reading.metadata["model_id"])
+            reader = PromptReader(reading, model, float(choice["c_max"]))
+            layers = layers if layers is not None else steering.layers
+            reference = reading.reference(reader.c_max)
+            intervention = conditioned_intervention(
+                steering, reading, reference[None], float(alpha), positions, layers, reader.c_max
+            )
+        else:
+            intervention = Intervention.from_steering(steering, alpha, positions, layers)
+        return cls(decoder, intervention, method, float(alpha), reader)
+
+    def steered_by(self, prompts: list[str]) -> Intervention:
+        """The intervention of `prompts`: the fixed one, or each prompt's own push."""
+        if self.reader is None:
+            return self.intervention
+        coefficients = self.reader.coefficients(prompts)
+        for prompt, row in zip(prompts, coefficients.tolist(), strict=True):
+            log.info("c(x) = %s for %r", [round(c, 3) for c in row], prompt[:60])
+        return replace(self.intervention, coefficients=coefficients)
 
     def compare(self, prompts: list[str], max_new_tokens: int = 48) -> list[tuple[str, str]]:
         """(unsteered, steered) greedy continuation of each prompt."""
         plain = steered_generate(self.decoder, prompts, None, max_new_tokens)
-        steered = steered_generate(self.decoder, prompts, self.intervention, max_new_tokens)
+        intervention = self.steered_by(prompts)
+        steered = steered_generate(self.decoder, prompts, intervention, max_new_tokens)
         return list(zip(plain, steered, strict=True))
+
+
+def _decoder(model_id: str) -> CausalLM:
+    from expertsteer.models.zoo import load_model
+
+    return CausalLM.from_loaded(load_model(model_id))
+
+
+def _reading(path: Path, method: str) -> Reading:
+    if not path.is_file():
+        raise ExpertSteerError(
+            f"{path} does not exist: method '{method}' is input-dependent and needs its "
+            "reader beside its vectors (rerun its vectors stage)"
+        )
+    try:
+        return load_reading(path)
+    except ArtifactError as error:
+        raise ExpertSteerError(str(error)) from None
 
 
 def _dev_choice(run: Path, method: str, required: bool) -> dict | None:

@@ -21,7 +21,7 @@ from expertsteer.evaluation.report import ALPHA_FIGURE, NULL_FIGURE, REPORT_FILE
 from expertsteer.method.vectors import load_steering
 from expertsteer.models.export import read_control_vector
 from expertsteer.pipeline.cli import main
-from expertsteer.pipeline.experiment import METHODS, ExperimentError, load_experiment
+from expertsteer.pipeline.experiment import FIXED_METHODS, ExperimentError, load_experiment
 from expertsteer.pipeline.stages import method_dir, plan, stage_configs
 from expertsteer.pipeline.try_steering import RunSteering
 
@@ -78,8 +78,8 @@ def test_run_writes_every_artifact_and_reuses_finished_stages(
     assert (run / "translate" / ALIGNMENT_FILE).is_file()
     assert (run / "recon_translate" / ALIGNMENT_FILE).is_file()
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics["methods"]) == {"none", "expert", *METHODS}
-    for method in METHODS:
+    assert set(metrics["methods"]) == {"none", "expert", *FIXED_METHODS}
+    for method in FIXED_METHODS:
         entry = metrics["methods"][method]
         assert entry["alpha"] in (0.5, 2.0)
         assert entry["test"]["n"] == 8 and 0.0 <= entry["test"]["accuracy"] <= 1.0
@@ -129,7 +129,7 @@ def test_run_writes_every_artifact_and_reuses_finished_stages(
 
     # The vectors describe themselves: each method's dev choice is recorded beside its vectors,
     # so export-gguf and generate --steer need no metrics.json.
-    for method in METHODS:
+    for method in FIXED_METHODS:
         recorded = load_steering(method_dir(run, method) / STEERING_FILE).choice
         entry = metrics["methods"][method]
         assert (recorded["alpha"], recorded["layers"]) == (entry["alpha"], entry["layers"])
@@ -155,7 +155,7 @@ def test_run_writes_every_artifact_and_reuses_finished_stages(
         _tiny_experiment(tiny_dirs, tmp_path, output_root="runs", rfm={"ridge": 0.01}),
         "changed.yaml",
     )
-    assert _rerun(changed) == {f"vectors_{m}" for m in METHODS} | {"evaluate"}
+    assert _rerun(changed) == {f"vectors_{m}" for m in FIXED_METHODS} | {"evaluate"}
     alphas = _write(
         tmp_path,
         _tiny_experiment(tiny_dirs, tmp_path, output_root="runs", evaluation={"alphas": [1.0]}),
