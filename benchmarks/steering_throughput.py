@@ -8,7 +8,10 @@ log-likelihoods (4 options per ARC item) by `steered_logits`, unsteered and stee
 generation: tokens/s of `expertsteer.evaluation.behaviour.continue_prompts` (plain-text
 continuations with per-row additions, scored for perplexity) over a grid of `--configs` steered
 configurations x `--batch-size` prompts in shared batches, against the same prompts unsteered,
-as a ratio.
+as a ratio. Input-dependent steering (`--conditioned-only`, also run by default): the same
+items scored with a per-item push (`Intervention.coefficients`) plus what it costs to read each
+item with the expert first (`expertsteer.models.capture.capture` at `--reader-layer`, the
+paired expert block of the run), against the unsteered target scoring the items.
 
 Runs are interleaved and repeated so that load from other processes on a shared CPU hits every
 method alike; medians are reported. `steering-vectors` is a benchmark-only dependency:
@@ -16,6 +19,8 @@ method alike; medians are reported. `steering-vectors` is a benchmark-only depen
     .venv/bin/pip install --no-deps steering-vectors==0.12.2
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/steering_throughput.py [--repeats 5]
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/steering_throughput.py --behaviour-only
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/steering_throughput.py --conditioned-only \\
+        --reader-layer 12
 """
 
 from __future__ import annotations
@@ -64,14 +69,19 @@ def interleaved(methods: dict[str, Callable[[], object]], repeats: int) -> dict[
 
 
 def score(decoder: CausalLM, prompts: list[str], intervention: Intervention | None, batch: int):
-    """Summed log-likelihood of each option text after each prompt: [items, options]."""
+    """Summed log-likelihood of each option text after each prompt: [items, options]. A
+    conditioned intervention has one coefficient row per prompt."""
     rows = [(prompt, option) for prompt in prompts for option in OPTIONS]
     totals = []
     for start in range(0, len(rows), batch):
         questions, answers = zip(*rows[start : start + batch], strict=True)
         encoding = decoder.encode(list(questions), list(answers))
         lengths = prompt_lengths(decoder, list(questions), list(answers))
-        log_probs = steered_logits(decoder, encoding, intervention, lengths)
+        steering = intervention
+        if intervention is not None and intervention.conditioned:
+            items = [k // len(OPTIONS) for k in range(start, start + len(questions))]
+            steering = intervention.for_rows(items)
+        log_probs = steered_logits(decoder, encoding, steering, lengths)
         ids = encoding["input_ids"]
         picked = log_probs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
         real = encoding["attention_mask"].sum(-1, keepdim=True)
@@ -96,6 +106,13 @@ def main() -> None:
     parser.add_argument(
         "--behaviour-only", action="store_true", help="only the behaviour generation"
     )
+    parser.add_argument(
+        "--conditioned-only", action="store_true", help="only input-dependent steering's cost"
+    )
+    parser.add_argument("--expert", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument(
+        "--reader-layer", type=int, default=None, help="expert block read (default: middle)"
+    )
     # On a CPU shared with other busy processes, two OpenMP threads ran a forward 4x slower
     # than one (threads spin at barriers while a sibling is descheduled).
     parser.add_argument("--threads", type=int, default=1)
@@ -112,6 +129,9 @@ def main() -> None:
     )
     if args.behaviour_only:
         behaviour_generation(decoder, prompts, layer, scales[layer], vector, args)
+        return
+    if args.conditioned_only:
+        conditioned_scoring(decoder, prompts[: args.items], layer, scales, vector, args)
         return
     from steering_vectors import SteeringVector
 
@@ -186,6 +206,52 @@ def main() -> None:
         print(f"| {name} | {seconds:.3f} | {args.items / seconds:.1f} |")
     print(f"\nscoring steering cost: {score_s['steered'] / score_s['unsteered'] - 1:+.1%}")
     behaviour_generation(decoder, prompts, layer, scales[layer], vector, args)
+    conditioned_scoring(decoder, items, layer, scales, vector, args)
+
+
+def conditioned_scoring(
+    decoder: CausalLM,
+    items: list[str],
+    layer: int,
+    scales: dict[int, float],
+    vector: torch.Tensor,
+    args: argparse.Namespace,
+) -> None:
+    """Per item: the expert's reading (a forward up to `--reader-layer`, last prompt token)
+    and option scoring with a per-item push, against unsteered and fixed-vector scoring."""
+    from expertsteer.models.capture import capture
+
+    expert = CausalLM.from_loaded(load_model(args.expert))
+    reader = expert.num_layers // 2 if args.reader_layer is None else args.reader_layer
+    coefficients = torch.linspace(-1.0, 1.0, len(items), dtype=torch.float64)[:, None]
+    fixed = Intervention({layer: vector}, scales, alpha=args.alpha, positions="all")
+    conditioned = Intervention(
+        {layer: vector[None]}, scales, args.alpha, "all", coefficients=coefficients
+    )
+    runs = {
+        "target, unsteered": lambda: score(decoder, items, None, args.batch_size),
+        "target, fixed vector": lambda: score(decoder, items, fixed, args.batch_size),
+        "target, per-item push": lambda: score(decoder, items, conditioned, args.batch_size),
+        "expert reading": lambda: capture(
+            expert, items, [reader], "last", batch_size=args.batch_size
+        ),
+    }
+    seconds = interleaved(runs, args.repeats)
+    n = len(items)
+    print(
+        f"\n| input-dependent steering ({n} items x {len(OPTIONS)} options, batch "
+        f"{args.batch_size}; expert {args.expert} read at block {reader} of "
+        f"{expert.num_layers}) | s/item | vs unsteered |"
+    )
+    print("|---|---|---|")
+    base = seconds["target, unsteered"]
+    for name, value in seconds.items():
+        print(f"| {name} | {value / n:.4f} | {value / base:.2f}x |")
+    total = seconds["expert reading"] + seconds["target, per-item push"]
+    print(
+        f"\nexpert_conditioned per item (reading + per-item push) / unsteered target scoring: "
+        f"{total / base:.2f}x (extra {(total - base) / n:.4f} s per item)"
+    )
 
 
 def behaviour_generation(
