@@ -93,8 +93,12 @@ def main() -> None:
     settings = load_experiment(args.config)
     dtype = settings.evaluation.model_dtype
     expert, target = _decoder(settings.expert, dtype), _decoder(settings.target, dtype)
-    rows = [headroom(expert, target, task, settings, args.cost) for task in args.tasks]
-    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    rows = []
+    for task in args.tasks:
+        rows.append(headroom(expert, target, task, settings, args.cost))
+        # Written after every task: a long run that stops keeps what it measured.
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        print(json.dumps(rows[-1]), flush=True)
     print("| task | n | target acc % | expert acc % | expert - target, points [95% CI] | p |")
     print("|---|---|---|---|---|---|")
     for row in rows:
