@@ -446,7 +446,7 @@ class SteeringEvaluator(Callback):
         split (the same coefficients, their link to the input broken)."""
         position = {item_id: n for n, item_id in enumerate(self.test_ids)}
         configurations = {}
-        for method in pl_module.readings:
+        for method in _shuffled_methods(pl_module):
             layers, alpha = self.chosen[method]
             for draw, order in enumerate(self.orders):
                 sources = [self.test_ids[int(order[position[e.id]])] for e in batch]
@@ -717,9 +717,10 @@ class SteeringEvaluator(Callback):
         reading = pl_module.readings[method]
         layers, alpha = self.chosen[method]
         none_test, steered = figures.none_test, correct[method]
+        shuffled = method in _shuffled_methods(pl_module)
         gains = [
             _gain(figures.correct("test", shuffled_name(method, k), alpha, layers), none_test)
-            for k in range(len(self.orders))
+            for k in range(len(self.orders) if shuffled else 0)
         ]
         reader = reading.metadata["reader"]
         entry: dict[str, Any] = {
@@ -827,6 +828,13 @@ class SteeringEvaluator(Callback):
             }
             for k, (example, prompt) in enumerate(zip(examples, prompts, strict=True))
         ]
+
+
+def _shuffled_methods(pl_module: SteeringModule) -> list[str]:
+    """The conditioned methods that get the `shuffled` control: those an expert reads. The
+    target's own reading (`target_conditioned`) is itself a control, not a candidate gain, and
+    its K permutations would cost as much again as every other test configuration."""
+    return [m for m, r in pl_module.readings.items() if r.metadata["reader"] == "expert"]
 
 
 def _dropped_rows(pl_module: L.LightningModule) -> dict[str, int]:

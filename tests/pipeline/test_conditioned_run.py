@@ -72,8 +72,13 @@ def test_a_tiny_run_writes_the_conditioned_rows_and_their_controls(tiny_dirs, tm
     for method in CONDITIONED:
         entry = methods[method]
         assert entry["c_max"] in (1.0, 2.0) and entry["alpha"] in (-1.0, 1.0)
-        assert entry["shuffled"]["k"] == 3 and len(entry["shuffled"]["gains"]) == 3
-        assert entry["p_vs_shuffled"] >= 1 / 4
+        if method == "target_conditioned":
+            # A control itself: no shuffled draws of its own, and never a gain.
+            assert entry["shuffled"] is None and entry["p_vs_shuffled"] is None
+            assert method not in metrics["conclusion"]["helps"]
+        else:
+            assert entry["shuffled"]["k"] == 3 and len(entry["shuffled"]["gains"]) == 3
+            assert entry["p_vs_shuffled"] >= 1 / 4
         assert set(entry["dev_curves_by_c_max"]) == {"1", "2"}
         assert entry["test"]["n"] == 8
         reading = load_reading(method_dir(run, method) / READER_FILE)
