@@ -74,11 +74,11 @@ from expertsteer.evaluation.stats import (
     paired_macro_f1,
 )
 from expertsteer.evaluation.transfer import transfer_summary
-from expertsteer.method.conditioned import shuffled_orders
+from expertsteer.method.conditioned import PROBES, SHUFFLED, shuffled_orders
 from expertsteer.method.vectors import record_choices
 from expertsteer.models.zoo import resolve_dtype
 from expertsteer.settings import settings_of
-from lightning_modules.steer import EXPERT, NONE, PROBES, SteeringModule
+from lightning_modules.steer import EXPERT, NONE, SteeringModule
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,6 @@ P_VALUES = (
 )
 Key = tuple[str, str, float, tuple[int, ...]]
 """(split, method, alpha, target layers) of one scored configuration."""
-SHUFFLED = "shuffled"
 
 
 def variant(method: str, c_max: float) -> str:
@@ -328,6 +327,7 @@ class SteeringEvaluator(Callback):
         self.c_max: dict[str, float] = {}
         self.test_scores: dict[str, dict[str, torch.Tensor]] = {}
         self.test_ids: list[str] = []
+        self.test_position: dict[str, int] = {}
         self.orders: list[torch.Tensor] = []
         self.metrics: dict[str, Any] = {}
 
@@ -444,7 +444,7 @@ class SteeringEvaluator(Callback):
         """The `shuffled` control's configurations of a test batch: each conditioned method at
         its dev choice, item n steered with the coefficients of item order[n] of the test
         split (the same coefficients, their link to the input broken)."""
-        position = {item_id: n for n, item_id in enumerate(self.test_ids)}
+        position = self.test_position
         configurations = {}
         for method in _shuffled_methods(pl_module):
             layers, alpha = self.chosen[method]
@@ -492,6 +492,7 @@ class SteeringEvaluator(Callback):
                 for method, rows in scores.items()
             }
             self.test_ids = sorted(e.id for e in examples)
+            self.test_position = {item_id: n for n, item_id in enumerate(self.test_ids)}
             self.orders = shuffled_orders(
                 len(self.test_ids), pl_module.scoring.shuffle_k, self.seed
             )

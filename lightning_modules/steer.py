@@ -45,6 +45,7 @@ from expertsteer.evaluation.evaluate import (
     evaluate_grid,
 )
 from expertsteer.method.conditioned import (
+    PROBES,
     READER_FILE,
     Reading,
     conditioned_intervention,
@@ -72,9 +73,6 @@ NONE = "none"
 """The unsteered target, always evaluated."""
 EXPERT = "expert"
 """The expert model itself, unsteered (the headroom)."""
-PROBES = {"expert": "expert_probe", "target": "target_probe"}
-"""Reader -> name of its own answers' row (a conditioned method's reader as a classifier: the
-ceiling of what its reading can pass on)."""
 NULL_PREFIX = "null/"
 """Name prefix of the random null's draws (`null/0`, `null/1`, ...)."""
 MAIN_METHOD = "expertsteer"

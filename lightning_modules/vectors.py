@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -464,24 +464,23 @@ class VectorsModule(L.LightningModule):
         log.info("transfer at pair %s: %s", pair, figures)
         return entry
 
-    def _reader_states(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw states [n, d] the reader reads (the first pair's expert block, or its target
-        block) and the class labels of a split."""
+    def _reader_block(self) -> tuple[Any, int]:
+        """The reader's capture key and block: the first pair's expert block, or its target
+        block."""
         expert_key, target_key = self.trainer.datamodule.keys()
         i, j = self.layer_pairs[0]
-        if self.hparams.reader == "expert":
-            return self._states(split, "expert", expert_key.layers.index(i))
-        return self._states(split, "target", target_key.layers.index(j))
+        return (expert_key, i) if self.hparams.reader == "expert" else (target_key, j)
+
+    def _reader_states(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw states [n, d] the reader reads and the class labels of a split."""
+        key, layer = self._reader_block()
+        return self._states(split, self.hparams.reader, key.layers.index(layer))
 
     def reading(self) -> Reading:
         """The reader fitted on the steer split's class items, with its provenance."""
         datamodule = self.trainer.datamodule
         expert_key, target_key = datamodule.keys()
-        key, layer = (
-            (expert_key, self.layer_pairs[0][0])
-            if self.hparams.reader == "expert"
-            else (target_key, self.layer_pairs[0][1])
-        )
+        key, layer = self._reader_block()
         x, y = self._reader_states("steer")
         metadata = {
             "reader": self.hparams.reader,

@@ -30,16 +30,18 @@ from typing import Any
 
 import torch
 
+from expertsteer.method.conditioned import PROBES as READER_PROBES
+from expertsteer.method.conditioned import SHUFFLED
+
 LEVEL = 0.05
 """Significance level of every comparison (unadjusted; the report gives the count)."""
 NONE = "none"
 NONE_BIAS = "none+bias"
 EXPERT = "expert"
-PROBES = ("expert_probe", "target_probe")
+PROBES = tuple(READER_PROBES.values())
 """The readers of conditioned methods answering by themselves: a ceiling, not a steered row."""
 CONTROLS = (NONE, NONE_BIAS, EXPERT, *PROBES)
 """Unsteered entries of `metrics["methods"]`; every other entry is a steered method."""
-SHUFFLED = "shuffled"
 COLLAPSE_HABIT = 0.95
 """A steered row is collapsed when it gives one answer to at least this share of test items..."""
 COLLAPSE_MAJORITY = 0.9

@@ -42,6 +42,11 @@ KIND = "reader"
 READERS = ("expert", "target")
 """Whose states a conditioned method reads: the expert's (at the pair's expert block) or the
 target's own (at the steered block: the `target_conditioned` control)."""
+PROBES = {reader: f"{reader}_probe" for reader in READERS}
+"""Reader -> name of its own answers' row in the evaluation (the ceiling of what its reading
+can pass on)."""
+SHUFFLED = "shuffled"
+"""The control of a conditioned method: its test coefficients permuted across items."""
 DEFAULT_C_MAX = (1.0, 2.0)
 """Clip bounds of the coefficients tried on dev (1: at most the class means' push)."""
 
