@@ -394,7 +394,7 @@ class SteeringEvaluator(Callback):
         if split == "test":
             return [(method, *self.chosen[method], self.c_max.get(method))]
         layer_sets = pl_module.layer_sets(method, self.choice.layer_choice)
-        bounds = self.choice.c_max if conditioned else [None]
+        bounds = self._bounds(pl_module, method) if conditioned else [None]
         return [
             (method if c_max is None else variant(method, c_max), layers, alpha, c_max)
             for c_max in bounds
@@ -501,7 +501,12 @@ class SteeringEvaluator(Callback):
         """The names a method's dev configurations are stored under, with their c_max."""
         if method not in pl_module.readings:
             return [(method, None)]
-        return [(variant(method, c_max), c_max) for c_max in self.choice.c_max]
+        return [(variant(method, c_max), c_max) for c_max in self._bounds(pl_module, method)]
+
+    def _bounds(self, pl_module: SteeringModule, method: str) -> list[float]:
+        """A conditioned method's clip bounds that give distinct coefficients (more than two
+        classes: bounds >= 1 all clip nothing, so one of them is scored)."""
+        return pl_module.readings[method].distinct_bounds(self.choice.c_max)
 
     # -- results -------------------------------------------------------------------------------
 
@@ -730,7 +735,8 @@ class SteeringEvaluator(Callback):
             "reader_layer": reading.metadata.get("layer"),
             "probe": PROBES[reader],
             "dev_curves_by_c_max": {
-                f"{c:g}": figures.dev_curves(variant(method, c)) for c in self.choice.c_max
+                f"{c:g}": figures.dev_curves(variant(method, c))
+                for c in self._bounds(pl_module, method)
             },
             SHUFFLED: (
                 {"k": len(gains), "seed": self.seed, "gains": gains, **null_summary(gains)}

@@ -30,9 +30,11 @@ def text_task(directory: Path, rows: list[dict], name: str = "reviews") -> Path:
     return path
 
 
-def review_task(directory: Path, name: str, labels: list[int]) -> Path:
-    """A two-label review task (`<name>.yaml` over `<name>.jsonl` in `directory`), one row per
-    label."""
+def review_task(
+    directory: Path, name: str, labels: list[int], names: tuple[str, ...] = ("bad", "good")
+) -> Path:
+    """A review task labelled `names` (default two labels; `<name>.yaml` over `<name>.jsonl`
+    in `directory`), one row per label."""
     rows = [
         {"text": f"{WORDS[i % 8]} and {WORDS[(3 * i + 1) % 8]} film {i}", "label": label}
         for i, label in enumerate(labels)
@@ -42,7 +44,7 @@ def review_task(directory: Path, name: str, labels: list[int]) -> Path:
     spec = {
         "name": name,
         "type": "classification",
-        "labels": ["bad", "good"],
+        "labels": list(names),
         "instruction": "Rate this review.",
         "files": {"all": data.name},
         "fields": {"question": "text", "answer": "label"},

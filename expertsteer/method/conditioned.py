@@ -26,6 +26,7 @@ midpoint / half-distance or mean probabilities: everything needed to read a new 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,16 @@ class Reading:
         else:
             raw = torch.softmax(scores, dim=-1) - self.mean_probs.double().to(scores.device)
         return raw.clamp(-c_max, c_max)
+
+    def distinct_bounds(self, c_max: Sequence[float]) -> list[float]:
+        """The clip bounds of `c_max` that give different coefficients. More than two classes:
+        a coefficient is a probability minus its steer mean, inside [-1, 1], so every bound
+        >= 1 clips nothing and only the smallest of them is kept."""
+        if self.classes == 2:
+            return list(c_max)
+        inside = sorted({float(c) for c in c_max if c < 1})
+        above = [float(c) for c in c_max if c >= 1]
+        return inside + ([min(above)] if above else [])
 
     def reference(self, c_max: float) -> torch.Tensor:
         """`[K]` the steer split's mean coefficient (what calibration prompts are steered with)."""

@@ -75,6 +75,15 @@ def test_many_classes_read_by_a_probe_whose_push_has_zero_steer_mean(tmp_path):
     assert torch.allclose(coefficients.sum(-1), torch.zeros(150, dtype=torch.float64), atol=1e-9)
     saved = load_reading(save_reading(tmp_path / "reader.safetensors", reading))
     torch.testing.assert_close(saved.scores(x), reading.scores(x))
+    # Coefficients lie in [-1, 1]: every clip bound >= 1 gives the same push, so the dev grid
+    # scores one of them; a bound below 1 does clip.
+    scores = reading.scores(x)
+    torch.testing.assert_close(reading.coefficients(scores, 1.0), reading.coefficients(scores, 5.0))
+    assert reading.coefficients(scores, 0.25).abs().max() == pytest.approx(0.25)
+    assert reading.distinct_bounds([2.0, 0.5, 1.0]) == [0.5, 1.0]
+    assert reading.distinct_bounds([2.0, 3.0]) == [2.0]
+    two = fit_reading(*_two_classes()[:2], classes=2)
+    assert two.distinct_bounds([2.0, 1.0]) == [2.0, 1.0]
     with pytest.raises(ValueError, match="class"):
         fit_reading(x[y != 2], y[y != 2], classes=3)
 

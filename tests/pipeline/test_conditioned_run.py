@@ -137,6 +137,25 @@ def test_a_tiny_run_writes_the_conditioned_rows_and_their_controls(tiny_dirs, tm
     assert not (tmp_path / "out.gguf").exists()
 
 
+def test_three_classes_read_by_a_probe_score_each_distinct_clip_bound_once(tiny_dirs, tmp_path):
+    task = review_task(tmp_path, "moods", [k % 3 for k in range(54)], ("bad", "fair", "good"))
+    config = _config(tiny_dirs, tmp_path, task, ["target_conditioned", "expert_conditioned_gate"])
+    config["evaluation"]["c_max"] = [2.0, 0.5, 1.0]
+    path = tmp_path / "experiment_moods.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["run", "--config", str(path)])
+    run = tmp_path / "runs" / "conditioned" / "moods"
+    methods = json.loads((run / "metrics.json").read_text())["methods"]
+    for method in ("target_conditioned", "expert_conditioned_gate"):
+        entry = methods[method]
+        assert load_reading(method_dir(run, method) / READER_FILE).classes == 3
+        # Probabilities minus their steer mean lie in [-1, 1]: bounds 1 and 2 give one push,
+        # scored once; 0.5 clips and is scored on its own.
+        assert set(entry["dev_curves_by_c_max"]) == {"0.5", "1"}
+        assert entry["c_max"] in (0.5, 1.0) and entry["test"]["n"] == 8
+    assert methods["expert_conditioned_gate"]["shuffled"]["k"] == 3
+
+
 def test_conditioned_settings_leave_fixed_runs_alone_and_need_classes(tiny_dirs, tmp_path):
     task = review_task(tmp_path, "reviews", [k % 2 for k in range(40)])
     config = _config(tiny_dirs, tmp_path, task, list(FIXED_METHODS))
