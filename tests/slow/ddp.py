@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,3 +35,20 @@ def cpu_trainer(devices: str | int, **settings) -> L.Trainer:
         enable_checkpointing=False,
         **settings,
     )
+
+
+def run_experiment(tmp_path: Path, config: dict, task: str) -> Path:
+    """`expertsteer run` of `config` in a fresh process (one thread, its own cache under
+    `tmp_path`); the run directory of `task`."""
+    name = config["name"]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "EXPERTSTEER_CACHE": str(tmp_path / f"cache_{name}"),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "expertsteer", "run", "--config", str(path)]
+    subprocess.run(command, check=True, env=env, cwd=ROOT, timeout=900)
+    return Path(config["output_root"]) / name / task

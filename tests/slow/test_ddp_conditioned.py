@@ -9,17 +9,15 @@ differently shuffled shards under DDP): the target-self reader and the `gate` va
 expert reads, the target's own direction pushes)."""
 
 import json
-import os
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from expertsteer.method.conditioned import READER_FILE, load_reading
 from expertsteer.pipeline.stages import method_dir
-from tests.slow.ddp import ROOT
+from tests.pipeline.test_conditioned_run import _config
+from tests.slow.ddp import run_experiment
 from tests.tiny import tiny_pair
 from tests.tiny_task import review_task
 
@@ -28,45 +26,20 @@ pytestmark = pytest.mark.slow
 METHODS = ["target_conditioned", "expert_conditioned_gate"]
 
 
-def _run(tmp_path, models, task, name: str, trainer: dict) -> dict:
-    config = {
-        "name": name,
-        "output_root": str(tmp_path / "runs"),
-        "expert": str(models["expert"]),
-        "target": str(models["target"]),
-        "tasks": [str(task)],
-        "methods": METHODS,
-        # 9 test items: two ranks pad one duplicate, which must not enter the metrics.
-        "splits": {"steer": 16, "dev": 8, "test": 9},
-        "alignment": {"max_epochs": 2, "window": [0.4, 1.0]},
-        "evaluation": {
-            "alphas": [-1.0, 1.0],
-            "c_max": [1.0, 2.0],
-            "null_k": 0,
-            "shuffle_k": 4,
-            "num_samples": 1,
-            "sample_tokens": 2,
-        },
-        "trainer": {"accelerator": "cpu", "enable_progress_bar": False, **trainer},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "EXPERTSTEER_CACHE": str(tmp_path / f"cache_{name}"),
-        "OMP_NUM_THREADS": "1",
-    }
-    command = [sys.executable, "-m", "expertsteer", "run", "--config", str(path)]
-    subprocess.run(command, check=True, env=env, cwd=ROOT, timeout=900)
-    return {"dir": tmp_path / "runs" / name / task.stem}
+def _run(tmp_path, models, task, name: str, trainer: dict) -> Path:
+    config = _config(models, tmp_path, task, METHODS)
+    # 9 test items: two ranks pad one duplicate, which must not enter the metrics.
+    config |= {"name": name, "splits": {"steer": 16, "dev": 8, "test": 9}}
+    config["evaluation"] |= {"shuffle_k": 4, "sample_tokens": 2}
+    config["trainer"] = {"accelerator": "cpu", "enable_progress_bar": False, **trainer}
+    return run_experiment(tmp_path, config, task.stem)
 
 
 def test_two_process_conditioned_run_matches_one_process(tmp_path):
     models = tiny_pair(tmp_path / "models")
     task = review_task(tmp_path, "reviews", [k % 2 for k in range(48)])
-    single = _run(tmp_path, models, task, "single", {"devices": 1})["dir"]
-    ddp = _run(tmp_path, models, task, "ddp", {"devices": 2, "strategy": "ddp"})["dir"]
+    single = _run(tmp_path, models, task, "single", {"devices": 1})
+    ddp = _run(tmp_path, models, task, "ddp", {"devices": 2, "strategy": "ddp"})
 
     metrics = [json.loads((run / "metrics.json").read_text()) for run in (single, ddp)]
     assert metrics[0]["n_test"] == metrics[1]["n_test"] == 9

@@ -4,19 +4,15 @@ one-process run: same pairs, identical target-side vectors, expert-side vectors 
 alignment's tolerance, the same dev / test accuracies."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
 
 from expertsteer.artifacts import PAIRS_FILE, STEERING_FILE
 from expertsteer.method.vectors import load_steering
 from expertsteer.pipeline.experiment import FIXED_METHODS, METHODS
 from expertsteer.pipeline.stages import method_dir
-from tests.slow.ddp import ROOT
+from tests.slow.ddp import run_experiment
 from tests.tiny import tiny_pair
 
 pytestmark = pytest.mark.slow
@@ -36,17 +32,7 @@ def _run(tmp_path, models, name: str, trainer: dict, batch_size: int):
         "evaluation": {"alphas": [0.5, 2.0], "max_new_tokens": 4, "num_samples": 1},
         "trainer": {"accelerator": "cpu", "enable_progress_bar": False, **trainer},
     }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "EXPERTSTEER_CACHE": str(tmp_path / f"cache_{name}"),
-        "OMP_NUM_THREADS": "1",
-    }
-    command = [sys.executable, "-m", "expertsteer", "run", "--config", str(path)]
-    subprocess.run(command, check=True, env=env, cwd=ROOT, timeout=900)
-    return tmp_path / "runs" / name / "arithmetic"
+    return run_experiment(tmp_path, config, "arithmetic")
 
 
 def test_two_process_run_matches_one_process(tmp_path):
