@@ -40,12 +40,16 @@ from expertsteer.evaluation.transfer import (
 )
 from expertsteer.method.align import AffineAutoencoders, load_alignment
 from expertsteer.method.conditioned import (
+    READER_BLOCKS,
     READER_FILE,
+    READER_FOLDS,
     READERS,
     Reading,
+    best_block,
     check_classes,
     class_labels,
     fit_reading,
+    reader_block_accuracies,
     save_reading,
 )
 from expertsteer.method.extractors import EXTRACTORS
@@ -68,6 +72,7 @@ Extractor = Literal[tuple(EXTRACTORS)]
 """The extractors of `expertsteer.method.extractors.EXTRACTORS`."""
 Source = Literal["expert", "target"]
 Reader = Literal[READERS]
+ReaderBlock = Literal[READER_BLOCKS]
 CONDITIONED_EXTRACTORS = ("mean_diff", "logistic")
 """Extractors of conditioned push directions: one epoch, any class labels (`pca_diff` pairs
 rows as prompt + right / wrong answer, and the RFM runs per epoch)."""
@@ -89,6 +94,7 @@ class VectorsModule(L.LightningModule):
         seed: int = 0,
         output_dir: str | None = None,
         reader: Reader | None = None,
+        reader_block: ReaderBlock = "paired",
     ) -> None:
         """
         Args:
@@ -109,6 +115,9 @@ class VectorsModule(L.LightningModule):
                 expert block) or `target` (at its target block); the vectors are then the
                 push directions (class 1, or one per class) and `reader.safetensors` is
                 written beside them. None: a fixed vector.
+            reader_block: Where the reader reads: `paired` (the block named above) or `best`
+                (the block of the reader's model whose reading classifies the steer split
+                best in stratified cross-validation; dev and test are not used).
         """
         super().__init__()
         self.config = settings_of(VectorsConfig, rfm)
@@ -121,6 +130,7 @@ class VectorsModule(L.LightningModule):
             raise ValueError("give exactly one of `pairs_file` (pairs.json) or `pairs`")
         if pairs is not None and (not pairs or any(len(pair) != 2 for pair in pairs)):
             raise ValueError(f"pairs must be a non-empty list of [expert, target], got {pairs}")
+        check_choice("reader_block", reader_block, READER_BLOCKS)
         if reader is not None:
             check_choice("reader", reader, READERS)
             if method not in CONDITIONED_EXTRACTORS:
@@ -144,6 +154,8 @@ class VectorsModule(L.LightningModule):
         self.layer_pairs: list[tuple[int, int]] = []
         self.fitters: list[RFMFitter] = []
         self.directions: list[torch.Tensor] = []
+        self.block_accuracies: dict[int, float] | None = None
+        """Cross-validated reading accuracy per block (`reader_block: best`, once computed)."""
         self.classes = 2
 
     # -- data --------------------------------------------------------------------------------
@@ -466,10 +478,32 @@ class VectorsModule(L.LightningModule):
 
     def _reader_block(self) -> tuple[Any, int]:
         """The reader's capture key and block: the first pair's expert block, or its target
-        block."""
+        block; with `reader_block: best` the block of the reader's model chosen by
+        cross-validation on the steer split (computed once)."""
         expert_key, target_key = self.trainer.datamodule.keys()
         i, j = self.layer_pairs[0]
-        return (expert_key, i) if self.hparams.reader == "expert" else (target_key, j)
+        key, paired = (expert_key, i) if self.hparams.reader == "expert" else (target_key, j)
+        if self.hparams.reader_block == "paired":
+            return key, paired
+        if self.block_accuracies is None:
+            tensors = self.trainer.datamodule.split_tensors("steer")
+            states = tensors[self.hparams.reader]
+            self.block_accuracies = reader_block_accuracies(
+                {layer: states[:, n] for n, layer in enumerate(key.layers)},
+                tensors["label"],
+                self.classes,
+                seed=self.hparams.seed,
+            )
+            log.info(
+                "%s reader: block %d by %d-fold cross-validation on steer (paired block %d); "
+                "accuracy per block %s",
+                self.hparams.reader,
+                best_block(self.block_accuracies),
+                READER_FOLDS,
+                paired,
+                {layer: round(a, 3) for layer, a in self.block_accuracies.items()},
+            )
+        return key, best_block(self.block_accuracies)
 
     def _reader_states(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw states [n, d] the reader reads and the class labels of a split."""
@@ -488,6 +522,12 @@ class VectorsModule(L.LightningModule):
             "weights_sha256": key.weights_sha256,
             "chat_template": key.chat_template,
             "layer": layer,
+            "block_choice": self.hparams.reader_block,
+            **(
+                {"cv_accuracy": {str(b): a for b, a in self.block_accuracies.items()}}
+                if self.block_accuracies is not None
+                else {}
+            ),
             "position": datamodule.hparams.position,
             "capture_dtype": datamodule.model_dtype(),
             "task": resolve_task(datamodule.hparams.task).name,

@@ -15,7 +15,9 @@ on the steer split's *class items* (each item's prompt, labelled with its own go
 The target then gets alpha * s_j * c(x) @ V_j at block j (`Intervention.coefficients`), with
 V_j the push directions (`class_labels`: the class-1 direction, or one-vs-rest per class).
 The reader is the expert at its paired block (`expert_conditioned*`) or, as the control of
-what the target already knows, the target at block j (`target_conditioned`). The content-free
+what the target already knows, the target at block j (`target_conditioned`); with
+`reader_block: best` each reads at the block of its own model whose reading classifies the
+steer split best in cross-validation (`reader_block_accuracies`). The content-free
 calibration prompts are steered with `Reading.reference`, the steer split's mean coefficient,
 so calibration removes the average push and leaves the per-input part.
 
@@ -50,6 +52,12 @@ SHUFFLED = "shuffled"
 """The control of a conditioned method: its test coefficients permuted across items."""
 DEFAULT_C_MAX = (1.0, 2.0)
 """Clip bounds of the coefficients tried on dev (1: at most the class means' push)."""
+READER_BLOCKS = ("paired", "best")
+"""Where a reader reads: `paired` (the expert at the pair's expert block i, the target at its
+block j) or `best` (the block of the reader's model whose reading classifies the steer split
+best in stratified cross-validation: `reader_block_accuracies`; dev and test are not used)."""
+READER_FOLDS = 5
+"""Folds of that cross-validation."""
 
 
 def class_labels(y: torch.Tensor, classes: int) -> list[torch.Tensor]:
@@ -170,6 +178,60 @@ def fit_reading(
         mean_probs=torch.softmax(scores, dim=-1).mean(0),
         metadata=dict(metadata or {}),
     )
+
+
+def stratified_folds(y: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """`[n]` fold index of each item: each class's items, in a seeded order, dealt round-robin
+    over `folds` folds (every fold gets each class's share, up to one item)."""
+    if folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
+    generator = torch.Generator().manual_seed(seed)
+    fold = torch.empty(len(y), dtype=torch.long)
+    for k in sorted(set(y.long().tolist())):
+        members = torch.nonzero(y.long() == k).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        fold[members] = torch.arange(len(members)) % folds
+    return fold
+
+
+def reader_block_accuracies(
+    states: dict[int, torch.Tensor],
+    y: torch.Tensor,
+    classes: int,
+    folds: int = READER_FOLDS,
+    seed: int = 0,
+) -> dict[int, float]:
+    """Cross-validated accuracy of a reading at each block: `states` maps block -> `[n, d]`
+    states of the steer split's class items, `y [n]` their classes. Each fold is read by a
+    `fit_reading` of the other folds (the same folds at every block)."""
+    check_classes(y, classes, "the reader's fitting data")
+    smallest = min(int((y.long() == k).sum()) for k in range(classes))
+    if smallest < folds:
+        raise ValueError(
+            f"choosing the reader's block by {folds}-fold cross-validation needs at least "
+            f"{folds} steer items of every class, got {smallest}; enlarge the steer split or "
+            "use reader_block: paired"
+        )
+    fold = stratified_folds(y, folds, seed)
+    accuracies = {}
+    for block, x in sorted(states.items()):
+        correct = 0
+        try:
+            for k in range(folds):
+                held = fold == k
+                reading = fit_reading(x[~held], y[~held], classes)
+                correct += int((reading.predict(reading.scores(x[held])) == y[held].long()).sum())
+        except ValueError:  # the classes' states coincide at this block: nothing to read
+            correct = 0
+        accuracies[block] = correct / len(y)
+    if not any(accuracies.values()):
+        raise ValueError("no block's states separate the classes of the steer split")
+    return accuracies
+
+
+def best_block(accuracies: dict[int, float]) -> int:
+    """The block of the highest accuracy; ties go to the shallowest (the cheapest to read)."""
+    return min(accuracies, key=lambda block: (-accuracies[block], block))
 
 
 def _softmax_probe(

@@ -43,12 +43,13 @@ from expertsteer.evaluation.behaviour import BehaviourConfig
 from expertsteer.evaluation.choice import ChoiceConfig
 from expertsteer.evaluation.evaluate import ModelDtype, ScoringConfig
 from expertsteer.method.align import TrainingConfig
+from expertsteer.method.conditioned import READER_BLOCKS, READER_FOLDS
 from expertsteer.method.pair import Estimator, MIConfig, PairingConfig
 from expertsteer.method.rfm import VectorsConfig
 from expertsteer.method.translate import TranslateConfig
 from expertsteer.models.batching import check_budget
 from expertsteer.models.zoo import DEFAULT_EXPERT, DEFAULT_TARGET
-from expertsteer.settings import check_bool, check_choices, check_integer
+from expertsteer.settings import check_bool, check_choice, check_choices, check_integer
 
 log = logging.getLogger(__name__)
 
@@ -191,12 +192,18 @@ class EvalSettings(ChoiceConfig, ScoringConfig):
     experiment's default (the stage's is 0)."""
     headroom: bool = True
     """Score the expert too."""
+    reader_block: str = "paired"
+    """Where conditioned methods read each input (`expertsteer.method.conditioned`):
+    `paired` (the expert at the pair's expert block, the target at its steered block) or
+    `best` (each reader's model at the block whose reading classifies the steer split best in
+    5-fold cross-validation)."""
 
     def __post_init__(self) -> None:
         with _options("evaluation."):
             ChoiceConfig.__post_init__(self)
             ScoringConfig.__post_init__(self)
             check_bool("headroom", self.headroom)
+            check_choice("reader_block", self.reader_block, READER_BLOCKS)
 
 
 @dataclass
@@ -389,7 +396,19 @@ def _check_conditioned(settings: Experiment, task: str) -> None:
     conditioned = [m for m in settings.methods if METHODS[m].reader]
     if not conditioned:
         return
-    task_type = resolve_task(task).type
+    spec = resolve_task(task)
+    task_type = spec.type
+    classes = len(spec.labels) if spec.labels else 2
+    least = 2 * READER_FOLDS * classes
+    if settings.evaluation.reader_block == "best" and settings.splits.steer < least:
+        # Checked again on the steer split itself; this catches the plainly too small before
+        # the capture (room for uneven classes).
+        raise ExperimentError(
+            f"evaluation.reader_block: best chooses each reader's block by {READER_FOLDS}-fold "
+            f"cross-validation on the steer split: {settings.splits.steer} steer items are too "
+            f"few for task '{task}' ({classes} classes; give at least {least}) "
+            "or use reader_block: paired"
+        )
     if task_type not in CONDITIONED_TASK_TYPES:
         raise ExperimentError(
             f"methods {conditioned} read the item's class, but task '{task}' is a {task_type} "

@@ -230,6 +230,9 @@ def _vectors_stage(experiment: Experiment, task: str, run_dir: Path, method: str
         upstream.append(ALIGNMENT_STAGES[spec.alignment])
     if spec.reader:
         model["reader"] = spec.reader
+        if experiment.evaluation.reader_block != "paired":
+            # Written only when not the default: earlier conditioned runs keep their stages.
+            model["reader_block"] = experiment.evaluation.reader_block
     epochs = r.iterations + 1 if spec.extractor == "rfm" else 1
     config = {
         "seed_everything": experiment.seed,

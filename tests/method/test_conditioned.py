@@ -9,10 +9,13 @@ from expertsteer.evaluation.evaluate import evaluate, evaluate_grid
 from expertsteer.evaluation.options import score_options
 from expertsteer.method.conditioned import (
     Reading,
+    best_block,
     fit_reading,
     load_reading,
+    reader_block_accuracies,
     save_reading,
     shuffled_orders,
+    stratified_folds,
 )
 from expertsteer.method.steer import Intervention, steered_generate, steered_logits
 from expertsteer.models.causal_lm import CausalLM
@@ -209,3 +212,23 @@ def test_reading_from_a_file_refuses_a_damaged_one(tmp_path):
     assert isinstance(loaded, Reading) and loaded.metadata["layer"] == 1
     with pytest.raises(Exception, match="reader"):
         load_reading(path, {"reader": "target"})
+
+
+def test_the_reader_block_is_the_one_whose_reading_classifies_the_steer_split_best():
+    x, y, _ = _two_classes(n=60)
+    generator = torch.Generator().manual_seed(4)
+    noise = torch.randn(60, 6, generator=generator, dtype=torch.float64)
+    # Block 3 carries the classes, block 1 nothing, block 7 the same as block 3.
+    states = {1: noise, 3: x, 7: x.clone()}
+    accuracies = reader_block_accuracies(states, y, classes=2, folds=5, seed=0)
+    assert accuracies[3] == accuracies[7] > 0.95 and accuracies[1] < 0.8
+    assert best_block(accuracies) == 3  # a tie goes to the shallower, cheaper block
+    # Folds are stratified (each class dealt evenly) and seeded.
+    folds = stratified_folds(y, 5, seed=0)
+    for k in range(5):
+        assert int((y[folds == k] == 1).sum()) == int((y == 1).sum()) // 5
+    assert torch.equal(folds, stratified_folds(y, 5, seed=0))
+    with pytest.raises(ValueError, match="at least 5 steer items of every class"):
+        reader_block_accuracies({0: x[:8]}, torch.tensor([0, 1, 0, 1, 0, 1, 0, 0]), 2)
+    with pytest.raises(ValueError, match="separate the classes"):
+        reader_block_accuracies({0: torch.zeros(60, 6, dtype=torch.float64)}, y, 2)

@@ -12,7 +12,7 @@ import yaml
 
 from expertsteer.data.tasks import Example
 from expertsteer.evaluation.evaluate import ScoringConfig
-from expertsteer.method.conditioned import READER_FILE, load_reading
+from expertsteer.method.conditioned import READER_FILE, best_block, load_reading
 from expertsteer.models.capture import capture
 from expertsteer.models.causal_lm import CausalLM
 from expertsteer.models.export import ExportError, export_gguf
@@ -138,9 +138,10 @@ def test_a_tiny_run_writes_the_conditioned_rows_and_their_controls(tiny_dirs, tm
 
 
 def test_three_classes_read_by_a_probe_score_each_distinct_clip_bound_once(tiny_dirs, tmp_path):
-    task = review_task(tmp_path, "moods", [k % 3 for k in range(54)], ("bad", "fair", "good"))
+    task = review_task(tmp_path, "moods", [k % 3 for k in range(60)], ("bad", "fair", "good"))
     config = _config(tiny_dirs, tmp_path, task, ["target_conditioned", "expert_conditioned_gate"])
-    config["evaluation"]["c_max"] = [2.0, 0.5, 1.0]
+    config["evaluation"] |= {"c_max": [2.0, 0.5, 1.0], "reader_block": "best"}
+    config["splits"]["steer"] = 36  # 5-fold cross-validation: >= 5 steer items per class
     path = tmp_path / "experiment_moods.yaml"
     path.write_text(yaml.safe_dump(config))
     main(["run", "--config", str(path)])
@@ -148,7 +149,13 @@ def test_three_classes_read_by_a_probe_score_each_distinct_clip_bound_once(tiny_
     methods = json.loads((run / "metrics.json").read_text())["methods"]
     for method in ("target_conditioned", "expert_conditioned_gate"):
         entry = methods[method]
-        assert load_reading(method_dir(run, method) / READER_FILE).classes == 3
+        reading = load_reading(method_dir(run, method) / READER_FILE)
+        assert reading.classes == 3
+        # Each reader reads at the block of its model that cross-validates best on steer.
+        accuracies = {int(b): a for b, a in reading.metadata["cv_accuracy"].items()}
+        assert reading.metadata["block_choice"] == "best"
+        assert entry["reader_layer"] == reading.metadata["layer"] == best_block(accuracies)
+        assert len(accuracies) == (4 if entry["reader"] == "expert" else 3)
         # Probabilities minus their steer mean lie in [-1, 1]: bounds 1 and 2 give one push,
         # scored once; 0.5 clips and is scored on its own.
         assert set(entry["dev_curves_by_c_max"]) == {"0.5", "1"}
@@ -168,6 +175,11 @@ def test_conditioned_settings_leave_fixed_runs_alone_and_need_classes(tiny_dirs,
     assert "shuffle_k" not in text and "c_max" not in text and "reader" not in text
     assert "item_kind: classes" not in text
     config["methods"] = ["expert_conditioned"]
+    config["evaluation"]["reader_block"] = "best"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ExperimentError, match="16 steer items are too few"):
+        load_experiment(path)
+    config["evaluation"]["reader_block"] = "paired"
     config["tasks"] = ["arithmetic"]
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ExperimentError, match="conditioned steering needs"):
