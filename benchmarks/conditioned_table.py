@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from expertsteer.evaluation.controls import CONTROLS, conclusion, helps
+
 PLAIN = ("none", "none+bias", "expert", "expert_probe", "target_probe")
 CONDITIONED = (
     "target_conditioned",
@@ -89,8 +91,9 @@ def summary(run: Path) -> dict[str, Any]:
         "n_test": metrics["n_test"],
         "headroom": metrics.get("headroom"),
         "environment": metrics.get("environment"),
-        "conclusion": metrics["conclusion"]["text"],
-        "helps": metrics["conclusion"]["helps"],
+        # Recomputed by this checkout's rules (a run's stored text is its code's at the time).
+        "conclusion": conclusion(metrics),
+        "helps": [m for m in metrics["methods"] if m not in CONTROLS and helps(metrics, m)],
         "rows": rows,
     }
 

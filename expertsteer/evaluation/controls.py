@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from expertsteer.method.conditioned import PROBES as READER_PROBES
-from expertsteer.method.conditioned import SHUFFLED
+from expertsteer.method.conditioned import SHUFFLED, TARGET_READING
 
 LEVEL = 0.05
 """Significance level of every comparison (unadjusted; the report gives the count)."""
@@ -223,15 +223,20 @@ def helps(metrics: dict[str, Any], method: str) -> bool:
     if "reader" in entry:
         if not _beats_draws(gain, entry.get(SHUFFLED), entry.get(f"p_vs_{SHUFFLED}")):
             return False
-        if "vs_target_conditioned" in entry and not _significant_gain(entry, "target_conditioned"):
+        if f"vs_{TARGET_READING}" in entry and not _significant_gain(entry, TARGET_READING):
             return False
         beats_null = not (null and null.get("gains")) or _beats_draws(
             gain, null, entry.get("p_vs_null")
         )
     else:
         beats_null = _beats_draws(gain, null, entry.get("p_vs_null"))
+    return beats_null and _beats_plain_controls(metrics, entry)
+
+
+def _beats_plain_controls(metrics: dict[str, Any], entry: dict[str, Any]) -> bool:
+    """Beats none and none+bias (where it applies) at p < LEVEL, balanced."""
     beats_bias = NONE_BIAS not in metrics["methods"] or _significant_gain(entry, "none_bias")
-    return _significant_gain(entry, "none") and beats_bias and beats_null and _balanced(entry)
+    return _significant_gain(entry, "none") and beats_bias and _balanced(entry)
 
 
 def _beats_draws(gain: float, draws: dict[str, Any] | None, p: float | None) -> bool:
@@ -291,6 +296,13 @@ def conclusion(metrics: dict[str, Any]) -> str:
         line = f"{task}: {', '.join(winners)} {verb} {controls} (p < {LEVEL:g} each){balanced}."
     else:
         line = f"{task}: no steered method beats {controls} (p < {LEVEL:g} each){balanced}."
+    own = metrics["methods"].get(TARGET_READING)
+    if own is not None and _beats_plain_controls(metrics, own):
+        # A control, never a gain of the expert's; said so that "no method" is not misread.
+        line += (
+            f" The control {TARGET_READING} (the target steered by its own reading: what the "
+            f"target already knows) beats none and none+bias (p < {LEVEL:g} each{balanced})."
+        )
     fallen = collapsed_methods(metrics)
     if fallen:
         line += f" Collapsed (one answer for nearly every test item): {', '.join(fallen)}."

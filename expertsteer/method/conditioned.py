@@ -50,6 +50,8 @@ PROBES = {reader: f"{reader}_probe" for reader in READERS}
 can pass on)."""
 SHUFFLED = "shuffled"
 """The control of a conditioned method: its test coefficients permuted across items."""
+TARGET_READING = "target_conditioned"
+"""The control method in which the target reads itself (what it already knows)."""
 DEFAULT_C_MAX = (1.0, 2.0)
 """Clip bounds of the coefficients tried on dev (1: at most the class means' push)."""
 READER_BLOCKS = ("paired", "best")

@@ -175,6 +175,20 @@ def test_a_collapsed_method_that_beats_none_on_accuracy_is_not_a_gain():
     assert "**collapsed**" not in next(r for r in table.splitlines() if r.startswith("| honest"))
 
 
+def test_the_target_reading_itself_is_named_when_it_beats_none_but_is_never_a_gain():
+    metrics = _collapse_metrics()
+    del metrics["methods"]["honest"]
+    own = _entry(0.087, 0.001, 0.08, 0.001, 0.53, False) | {"reader": "target", "shuffled": None}
+    expert_read = _entry(-0.05, 0.25, -0.02, 0.4, 0.6, False) | {"reader": "expert"}
+    metrics["methods"] |= {"target_conditioned": own, "expert_conditioned": expert_read}
+    assert not helps(metrics, "target_conditioned")  # a control: no shuffled draws, no gain
+    line = conclusion(metrics)
+    assert line.startswith("held_out: no steered method beats")
+    assert "The control target_conditioned (the target steered by its own reading" in line
+    own["p_vs_none_bias"] = 0.2  # not beyond the threshold control: not mentioned
+    assert "The control target_conditioned" not in conclusion(metrics)
+
+
 def test_a_one_class_test_set_allows_no_verdict():
     metrics = _collapse_metrics()
     metrics["one_class_test"] = True
