@@ -130,6 +130,10 @@ def test_stage_configs_run_end_to_end_on_tiny_models(tiny_dirs, tmp_path):
 EXPERIMENTS = sorted(CONFIGS.glob("experiments/*.yaml"))
 
 
+def _reads_at_best_block(config: dict) -> bool:
+    return (config.get("evaluation") or {}).get("reader_block") == "best"
+
+
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_experiment_configs_load_and_run_on_tiny_models(path, tiny_dirs, tmp_path):
     """Each shipped experiment, with tiny models and sizes, runs every stage on its first
@@ -143,7 +147,8 @@ def test_experiment_configs_load_and_run_on_tiny_models(path, tiny_dirs, tmp_pat
         "output_root": str(tmp_path / "runs"),
         "expert": str(tiny_dirs["expert"]),
         "target": str(tiny_dirs["target"]),
-        "splits": {"steer": 16, "dev": 8, "test": 8},
+        # reader_block: best cross-validates readers in 5 folds: >= 20 steer items (2 classes).
+        "splits": {"steer": 24 if _reads_at_best_block(config) else 16, "dev": 8, "test": 8},
         "task_overrides": {},
         "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
     }
