@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from expertsteer.evaluation.controls import CONTROLS, conclusion, helps
+from expertsteer.evaluation.report import _difference, _interval, _p
 
 PLAIN = ("none", "none+bias", "expert", "expert_probe", "target_probe")
 CONDITIONED = (
@@ -27,23 +28,11 @@ CONDITIONED = (
 )
 
 
-def _points(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:+.1f}"
-
-
-def _interval(entry: dict[str, Any] | None) -> str:
-    if not entry:
+def _vs(row: dict[str, Any], control: str) -> str:
+    """Paired difference to a control with its p-value, or — where there is none."""
+    if f"vs_{control}" not in row:
         return "—"
-    return f"{_points(entry['difference'])} [{_points(entry['low'])}, {_points(entry['high'])}]"
-
-
-def _p(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
-
-
-def _accuracy(row: dict[str, Any]) -> str:
-    test = row["accuracy"]
-    return f"{100 * test['accuracy']:.1f} [{100 * test['low']:.1f}, {100 * test['high']:.1f}]"
+    return f"{_difference(row[f'vs_{control}'])} ({_p(row.get(f'p_vs_{control}'))})"
 
 
 def summary(run: Path) -> dict[str, Any]:
@@ -102,7 +91,7 @@ def markdown(table: dict[str, Any]) -> str:
     """One task's table as markdown."""
     lines = [
         f"### {table['task']} (dev {table['n_dev']}, test {table['n_test']}; expert − target "
-        f"{_interval(table['headroom'])})",
+        f"{_difference(table['headroom'])})",
         "",
         "| method | acc % [95% CI] | macro-F1 | vs none (p) | vs none+bias (p) | shuffled "
         "median / p95 (K) | p vs shuffled | vs target_conditioned (p) | gap closed | alpha, "
@@ -118,33 +107,16 @@ def markdown(table: dict[str, Any]) -> str:
         setting = f"{row['alpha']:+g}, {row['c_max']:g}, {row['layers']}" if "c_max" in row else "—"
         if name == "none+bias" and row.get("constant") is not None:
             setting = f"always class {row['constant']}"
+        draws = (
+            f"{100 * shuffled['median']:+.1f} / {100 * shuffled['p95']:+.1f} ({shuffled['k']})"
+            if shuffled
+            else "—"
+        )
         lines.append(
-            f"| {name} | {_accuracy(row)} | {row['macro_f1']:.2f} | "
-            + (
-                f"{_interval(row['vs_none'])} ({_p(row.get('p_vs_none'))})"
-                if "vs_none" in row
-                else "—"
-            )
-            + " | "
-            + (
-                f"{_interval(row['vs_none_bias'])} ({_p(row.get('p_vs_none_bias'))})"
-                if "vs_none_bias" in row
-                else "—"
-            )
-            + " | "
-            + (
-                f"{_points(shuffled['median'])} / {_points(shuffled['p95'])} ({shuffled['k']})"
-                if shuffled
-                else "—"
-            )
-            + f" | {_p(row.get('p_vs_shuffled'))} | "
-            + (
-                f"{_interval(row['vs_target_conditioned'])} "
-                f"({_p(row.get('p_vs_target_conditioned'))})"
-                if "vs_target_conditioned" in row
-                else "—"
-            )
-            + f" | {'—' if gap is None else f'{100 * gap:+.0f}%'} | {setting} |"
+            f"| {name} | {_interval(row['accuracy'])} | {row['macro_f1']:.2f} | "
+            f"{_vs(row, 'none')} | {_vs(row, 'none_bias')} | {draws} | "
+            f"{_p(row.get('p_vs_shuffled'))} | {_vs(row, 'target_conditioned')} | "
+            f"{'—' if gap is None else f'{100 * gap:+.0f}%'} | {setting} |"
         )
     lines += ["", f"Conclusion: {table['conclusion']}", ""]
     return "\n".join(lines)
